@@ -1,0 +1,35 @@
+//! # to-device-crypto
+//!
+//! Decrypts Matrix Olm (`m.olm.v1.curve25519-aes-sha2`) to-device events with vodozemac and
+//! reports **every** decryption failure, with one precise reason, as a PostHog-ready analytics
+//! `Error` event.
+//!
+//! - [`OlmMachine`] decrypts one event ([`OlmMachine::decrypt_to_device_event`]) or a `/sync`
+//!   batch ([`OlmMachine::receive_to_device_events`]) and publishes one
+//!   [`ToDeviceDecryptionFailure`] per failed event on
+//!   [`OlmMachine::to_device_decryption_failure_stream`].
+//! - [`FailureReason`] is the failure taxonomy; [`AnalyticsEvent`] is the PostHog payload. Both
+//!   live in [`analytics`], which does not depend on the machine, so other SDKs can adopt them.
+//! - [`store`] holds the [`CryptoStore`] trait, an in-memory store and the encrypted SQLite store.
+//!
+//! Where things happen: events are *parsed* in [`olm::envelope`], *decrypted* in
+//! [`olm::sessions`], their plaintext *checked* in [`olm::plaintext`], failures *classified* in
+//! [`error`] and [`analytics::taxonomy`], *reported* in [`reporting`], and state *stored* in
+//! [`store`]. The UniFFI adapter for Swift and Kotlin is [`ffi`].
+
+pub mod analytics;
+pub mod error;
+pub mod json;
+pub mod machine;
+pub mod olm;
+pub mod reporting;
+pub mod simulator;
+pub mod store;
+
+pub use analytics::{AnalyticsEvent, FailureReason};
+pub use error::{DecryptionError, EncryptionError, KeysError, OpenError, StoreError};
+pub use machine::{
+    DecryptedToDeviceEvent, FailedToDeviceEvent, KeysQueryOutcome, OlmMachine, ToDeviceOutcome,
+};
+pub use reporting::{FailureStream, MissedFailures, ToDeviceDecryptionFailure};
+pub use store::{CryptoStore, MemoryStore, SqliteStore, StoreKey};

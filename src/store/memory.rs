@@ -1,0 +1,120 @@
+//! An in-memory [`CryptoStore`] for tests, benchmarks and the demo.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+
+use super::{Changes, CryptoStore, StoredAccount, StoredDevice, StoredSession};
+use crate::error::StoreError;
+use crate::olm::envelope::MessageHash;
+
+#[derive(Clone, Debug, Default)]
+struct Contents {
+    account: Option<StoredAccount>,
+    sessions: HashMap<String, HashMap<String, StoredSession>>,
+    message_hashes: HashSet<MessageHash>,
+    devices: HashMap<(String, String), StoredDevice>,
+    claimed_one_time_keys: HashSet<String>,
+}
+
+/// A store that keeps everything in memory. Cloning a snapshot of it (see
+/// [`MemoryStore::snapshot`]) simulates restoring an old backup.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    contents: Mutex<Contents>,
+    fail_next_save: AtomicBool,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A new store holding a copy of this store's current contents.
+    pub fn snapshot(&self) -> Self {
+        Self {
+            contents: Mutex::new(self.lock().clone()),
+            fail_next_save: AtomicBool::new(false),
+        }
+    }
+
+    /// Makes the next [`CryptoStore::save_changes`] fail without committing anything, to test
+    /// that a failed commit leaves no trace.
+    pub fn fail_next_save(&self) {
+        self.fail_next_save.store(true, Ordering::SeqCst);
+    }
+
+    /// How many sessions are stored.
+    pub fn session_count(&self) -> usize {
+        self.lock().sessions.values().map(HashMap::len).sum()
+    }
+
+    /// How many message hashes are stored.
+    pub fn message_hash_count(&self) -> usize {
+        self.lock().message_hashes.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Contents> {
+        // A panic while holding this lock cannot leave the contents half-updated (every update
+        // below is a sequence of infallible inserts), so a poisoned lock is safe to reuse.
+        self.contents.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl CryptoStore for MemoryStore {
+    async fn load_account(&self) -> Result<Option<StoredAccount>, StoreError> {
+        Ok(self.lock().account.clone())
+    }
+
+    async fn load_sessions(&self, sender_key: &str) -> Result<Vec<StoredSession>, StoreError> {
+        Ok(self
+            .lock()
+            .sessions
+            .get(sender_key)
+            .map(|sessions| sessions.values().cloned().collect())
+            .unwrap_or_default())
+    }
+
+    async fn load_devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
+        Ok(self.lock().devices.values().cloned().collect())
+    }
+
+    async fn contains_message_hash(&self, hash: &MessageHash) -> Result<bool, StoreError> {
+        Ok(self.lock().message_hashes.contains(hash))
+    }
+
+    async fn is_one_time_key_claimed(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().claimed_one_time_keys.contains(key))
+    }
+
+    async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
+        if self.fail_next_save.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Simulated("save_changes failed".to_owned()));
+        }
+        let mut contents = self.lock();
+        if let Some(account) = changes.account {
+            contents.account = Some(account);
+        }
+        for session in changes.sessions {
+            contents
+                .sessions
+                .entry(session.sender_key.clone())
+                .or_default()
+                .insert(session.session_id.clone(), session);
+        }
+        contents.message_hashes.extend(changes.message_hashes);
+        for device in changes.devices {
+            contents
+                .devices
+                .insert((device.user_id.clone(), device.device_id.clone()), device);
+        }
+        contents
+            .claimed_one_time_keys
+            .extend(changes.claimed_one_time_keys);
+        Ok(())
+    }
+}

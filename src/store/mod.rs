@@ -1,0 +1,101 @@
+//! Where Olm state is stored: the [`CryptoStore`] trait, an in-memory store for tests and an
+//! encrypted SQLite store, the default for real use.
+//!
+//! The machine keeps a cache of what it needs and hands the store one [`Changes`] per batch, which
+//! the store must commit atomically: all of it or nothing.
+
+use async_trait::async_trait;
+
+use crate::error::StoreError;
+use crate::olm::envelope::MessageHash;
+
+pub mod cipher;
+pub mod memory;
+pub mod sqlite;
+
+pub use cipher::StoreKey;
+pub use memory::MemoryStore;
+pub use sqlite::{SqliteStore, Synchronous};
+
+/// Our account as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAccount {
+    /// Our user id.
+    pub user_id: String,
+    /// Our device id.
+    pub device_id: String,
+    /// The serialized vodozemac `AccountPickle` (secret: stores must protect it).
+    pub pickle: String,
+    /// Whether our device keys were uploaded.
+    pub device_keys_published: bool,
+}
+
+/// One Olm session as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredSession {
+    /// The other device's Curve25519 key, unpadded base64.
+    pub sender_key: String,
+    /// The session id.
+    pub session_id: String,
+    /// The serialized vodozemac `SessionPickle` (secret: stores must protect it).
+    pub pickle: String,
+    /// When the session was last used (ms since the Unix epoch).
+    pub last_used: u64,
+}
+
+/// Another device's keys as stored: the signed `DeviceKeys` JSON text, verified again on load.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredDevice {
+    /// The owner's user id.
+    pub user_id: String,
+    /// The device id.
+    pub device_id: String,
+    /// The signed device-keys object.
+    pub json: String,
+}
+
+/// Everything one batch changed, committed atomically by [`CryptoStore::save_changes`].
+#[derive(Clone, Debug, Default)]
+pub struct Changes {
+    /// The account, when it changed (one-time key used or generated, keys published).
+    pub account: Option<StoredAccount>,
+    /// New and updated sessions.
+    pub sessions: Vec<StoredSession>,
+    /// Hashes of newly decrypted messages (replay detection).
+    pub message_hashes: Vec<MessageHash>,
+    /// Device-keys objects learned from `/keys/query`.
+    pub devices: Vec<StoredDevice>,
+    /// Other devices' one-time keys we used to create outbound sessions.
+    pub claimed_one_time_keys: Vec<String>,
+}
+
+impl Changes {
+    /// Whether there is nothing to commit.
+    pub fn is_empty(&self) -> bool {
+        self.account.is_none()
+            && self.sessions.is_empty()
+            && self.message_hashes.is_empty()
+            && self.devices.is_empty()
+            && self.claimed_one_time_keys.is_empty()
+    }
+}
+
+/// The persistence the Olm machine needs.
+///
+/// Implementations must make [`save_changes`](CryptoStore::save_changes) atomic and must protect
+/// pickles, which hold private keys.
+#[async_trait]
+pub trait CryptoStore: Send + Sync + std::fmt::Debug {
+    /// Our account, if one was stored.
+    async fn load_account(&self) -> Result<Option<StoredAccount>, StoreError>;
+    /// Every session with the device whose Curve25519 key is `sender_key`.
+    async fn load_sessions(&self, sender_key: &str) -> Result<Vec<StoredSession>, StoreError>;
+    /// Every stored device.
+    async fn load_devices(&self) -> Result<Vec<StoredDevice>, StoreError>;
+    /// Whether a message with this hash was already decrypted.
+    async fn contains_message_hash(&self, hash: &MessageHash) -> Result<bool, StoreError>;
+    /// Whether we already used this one-time key of another device.
+    async fn is_one_time_key_claimed(&self, key: &str) -> Result<bool, StoreError>;
+    /// Commits `changes` atomically.
+    async fn save_changes(&self, changes: Changes) -> Result<(), StoreError>;
+}

@@ -1,0 +1,338 @@
+//! The embedded SQLite store: one file, WAL journal, every secret encrypted with the store key.
+//!
+//! Durability: `synchronous=NORMAL` by default — in WAL mode a committed batch survives a process
+//! kill (the case on mobile), and a power loss may roll back the last few commits but never
+//! corrupts the file. [`Synchronous::Full`] also survives power loss, at the cost of one fsync per
+//! commit.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::cipher::StoreKey;
+use super::{Changes, CryptoStore, StoredAccount, StoredDevice, StoredSession};
+use crate::error::StoreError;
+use crate::olm::envelope::MessageHash;
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+const KEY_CHECK_PLAINTEXT: &[u8] = b"to-device-crypto store key check";
+
+/// SQLite's `synchronous` setting for the store.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Synchronous {
+    /// Survives a process kill; a power loss may lose the last commits. The default.
+    #[default]
+    Normal,
+    /// Also survives power loss: fsync on every commit.
+    Full,
+}
+
+/// A [`CryptoStore`] in one SQLite file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    connection: Mutex<Connection>,
+    key: StoreKey,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (or creates) the store at `path`, encrypted with `key`.
+    ///
+    /// A wrong key fails with [`StoreError::WrongStoreKey`] before anything is written; a store
+    /// written by a newer version fails with [`StoreError::NewerSchema`].
+    pub fn open(
+        path: impl AsRef<Path>,
+        key: StoreKey,
+        synchronous: Synchronous,
+    ) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let connection = Connection::open(&path).map_err(describe_open_error)?;
+        connection.busy_timeout(std::time::Duration::from_secs(10))?;
+        let version: i64 = connection
+            .query_row("PRAGMA user_version", [], |row| row.get(0))
+            .map_err(describe_open_error)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        if version > 0 {
+            check_key(&connection, &key)?;
+        }
+        connection.pragma_update(None, "journal_mode", "WAL")?;
+        connection.pragma_update(
+            None,
+            "synchronous",
+            match synchronous {
+                Synchronous::Normal => "NORMAL",
+                Synchronous::Full => "FULL",
+            },
+        )?;
+        if version == 0 {
+            create_schema(&connection, &key)?;
+        }
+        Ok(Self {
+            connection: Mutex::new(connection),
+            key,
+            path,
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // SQLite rolls back an unfinished transaction when its guard is dropped during a panic,
+        // so a poisoned connection is still consistent.
+        self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn seal(&self, plaintext: &str, context: &str) -> Result<Vec<u8>, StoreError> {
+        self.key.encrypt(plaintext.as_bytes(), context.as_bytes())
+    }
+
+    fn open_sealed(
+        &self,
+        data: &[u8],
+        context: &str,
+        what: &'static str,
+    ) -> Result<String, StoreError> {
+        let bytes = self
+            .key
+            .decrypt(data, context.as_bytes())
+            .ok_or_else(|| StoreError::Corrupted {
+                what,
+                detail: "the value does not decrypt with the store key".to_owned(),
+            })?;
+        String::from_utf8(bytes).map_err(|e| StoreError::Corrupted {
+            what,
+            detail: e.to_string(),
+        })
+    }
+}
+
+fn describe_open_error(error: rusqlite::Error) -> StoreError {
+    match error.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::NotADatabase) => StoreError::Corrupted {
+            what: "database file",
+            detail: "the file is not a SQLite database (corrupted or not a store)".to_owned(),
+        },
+        _ => StoreError::Sqlite(error),
+    }
+}
+
+fn check_key(connection: &Connection, key: &StoreKey) -> Result<(), StoreError> {
+    let check: Option<Vec<u8>> = connection
+        .query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |row| {
+            row.get(0)
+        })
+        .optional()?;
+    let check = check.ok_or_else(|| StoreError::Corrupted {
+        what: "key check",
+        detail: "the store has no key check value".to_owned(),
+    })?;
+    match key.decrypt(&check, b"key_check") {
+        Some(plaintext) if plaintext == KEY_CHECK_PLAINTEXT => Ok(()),
+        _ => Err(StoreError::WrongStoreKey),
+    }
+}
+
+fn create_schema(connection: &Connection, key: &StoreKey) -> Result<(), StoreError> {
+    let check = key.encrypt(KEY_CHECK_PLAINTEXT, b"key_check")?;
+    connection.execute_batch(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);
+         CREATE TABLE account (
+             id INTEGER PRIMARY KEY CHECK (id = 0),
+             user_id TEXT NOT NULL,
+             device_id TEXT NOT NULL,
+             pickle BLOB NOT NULL,
+             device_keys_published INTEGER NOT NULL);
+         CREATE TABLE sessions (
+             sender_key TEXT NOT NULL,
+             session_id TEXT NOT NULL,
+             pickle BLOB NOT NULL,
+             last_used INTEGER NOT NULL,
+             PRIMARY KEY (sender_key, session_id)) WITHOUT ROWID;
+         CREATE TABLE devices (
+             user_id TEXT NOT NULL,
+             device_id TEXT NOT NULL,
+             json TEXT NOT NULL,
+             PRIMARY KEY (user_id, device_id)) WITHOUT ROWID;
+         CREATE TABLE message_hashes (hash BLOB PRIMARY KEY NOT NULL) WITHOUT ROWID;
+         CREATE TABLE claimed_one_time_keys (key TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID;",
+    )?;
+    let result = connection
+        .execute(
+            "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
+            params![check],
+        )
+        .and_then(|_| connection.pragma_update(None, "user_version", SCHEMA_VERSION))
+        .and_then(|_| connection.execute_batch("COMMIT"));
+    if let Err(error) = result {
+        let _ = connection.execute_batch("ROLLBACK");
+        return Err(error.into());
+    }
+    Ok(())
+}
+
+fn session_context(sender_key: &str, session_id: &str) -> String {
+    format!("session:{sender_key}:{session_id}")
+}
+
+#[async_trait]
+impl CryptoStore for SqliteStore {
+    async fn load_account(&self) -> Result<Option<StoredAccount>, StoreError> {
+        let row = self
+            .lock()
+            .query_row(
+                "SELECT user_id, device_id, pickle, device_keys_published FROM account WHERE id = 0",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, bool>(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(|(user_id, device_id, pickle, published)| {
+            Ok(StoredAccount {
+                pickle: self.open_sealed(&pickle, "account", "account pickle")?,
+                user_id,
+                device_id,
+                device_keys_published: published,
+            })
+        })
+        .transpose()
+    }
+
+    async fn load_sessions(&self, sender_key: &str) -> Result<Vec<StoredSession>, StoreError> {
+        let rows: Vec<(String, Vec<u8>, i64)> = {
+            let connection = self.lock();
+            let mut statement = connection.prepare_cached(
+                "SELECT session_id, pickle, last_used FROM sessions WHERE sender_key = ?1",
+            )?;
+            let rows = statement
+                .query_map(params![sender_key], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            rows
+        };
+        rows.into_iter()
+            .map(|(session_id, pickle, last_used)| {
+                Ok(StoredSession {
+                    pickle: self.open_sealed(
+                        &pickle,
+                        &session_context(sender_key, &session_id),
+                        "session pickle",
+                    )?,
+                    sender_key: sender_key.to_owned(),
+                    session_id,
+                    last_used: u64::try_from(last_used).unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    async fn load_devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare_cached("SELECT user_id, device_id, json FROM devices")?;
+        let devices = statement
+            .query_map([], |row| {
+                Ok(StoredDevice {
+                    user_id: row.get(0)?,
+                    device_id: row.get(1)?,
+                    json: row.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(devices)
+    }
+
+    async fn contains_message_hash(&self, hash: &MessageHash) -> Result<bool, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare_cached("SELECT 1 FROM message_hashes WHERE hash = ?1")?;
+        Ok(statement.exists(params![&hash.0[..]])?)
+    }
+
+    async fn is_one_time_key_claimed(&self, key: &str) -> Result<bool, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare_cached("SELECT 1 FROM claimed_one_time_keys WHERE key = ?1")?;
+        Ok(statement.exists(params![key])?)
+    }
+
+    async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        // Encrypt before taking the lock: the connection is held only for the SQL itself.
+        let account = changes
+            .account
+            .as_ref()
+            .map(|account| self.seal(&account.pickle, "account").map(|p| (account, p)))
+            .transpose()?;
+        let sessions = changes
+            .sessions
+            .iter()
+            .map(|s| {
+                self.seal(&s.pickle, &session_context(&s.sender_key, &s.session_id))
+                    .map(|p| (s, p))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut connection = self.lock();
+        let transaction = connection.transaction()?;
+        if let Some((account, pickle)) = account {
+            transaction.execute(
+                "INSERT OR REPLACE INTO account (id, user_id, device_id, pickle, device_keys_published)
+                 VALUES (0, ?1, ?2, ?3, ?4)",
+                params![account.user_id, account.device_id, pickle, account.device_keys_published],
+            )?;
+        }
+        {
+            let mut statement = transaction.prepare_cached(
+                "INSERT OR REPLACE INTO sessions (sender_key, session_id, pickle, last_used)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (session, pickle) in &sessions {
+                statement.execute(params![
+                    session.sender_key,
+                    session.session_id,
+                    pickle,
+                    i64::try_from(session.last_used).unwrap_or(i64::MAX)
+                ])?;
+            }
+            let mut statement = transaction
+                .prepare_cached("INSERT OR IGNORE INTO message_hashes (hash) VALUES (?1)")?;
+            for hash in &changes.message_hashes {
+                statement.execute(params![&hash.0[..]])?;
+            }
+            let mut statement =
+                transaction.prepare_cached("INSERT OR REPLACE INTO devices (user_id, device_id, json) VALUES (?1, ?2, ?3)")?;
+            for device in &changes.devices {
+                statement.execute(params![device.user_id, device.device_id, device.json])?;
+            }
+            let mut statement = transaction
+                .prepare_cached("INSERT OR IGNORE INTO claimed_one_time_keys (key) VALUES (?1)")?;
+            for key in &changes.claimed_one_time_keys {
+                statement.execute(params![key])?;
+            }
+        }
+        transaction.commit()?;
+        Ok(())
+    }
+}

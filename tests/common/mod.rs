@@ -1,0 +1,92 @@
+//! Shared helpers for the integration tests: machines, simulated peers and schema validation.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use to_device_crypto::olm::device_keys::{parse_keys_upload_body, PublishedKeys};
+use to_device_crypto::simulator::{Recipient, SimulatedDevice};
+use to_device_crypto::{MemoryStore, OlmMachine};
+
+pub const BOB: &str = "@bob:example.org";
+pub const ALICE: &str = "@alice:example.org";
+pub const CAROL: &str = "@carol:example.net";
+
+/// Bob's machine on a shared memory store, with 10 published one-time keys.
+pub async fn bob_with_store() -> (OlmMachine, Arc<MemoryStore>, PublishedKeys) {
+    let store = Arc::new(MemoryStore::new());
+    let bob = OlmMachine::open(BOB, "BOBPHONE", store.clone()).await.unwrap();
+    let keys = publish(&bob, 10).await;
+    (bob, store, keys)
+}
+
+/// Generates and publishes `count` one-time keys; returns them as a claimer sees them.
+pub async fn publish(machine: &OlmMachine, count: usize) -> PublishedKeys {
+    machine.generate_one_time_keys(count).await.unwrap();
+    let mut body = machine.keys_for_upload().await.unwrap();
+    machine.mark_keys_as_published().await.unwrap();
+    if body.get("device_keys").is_none() {
+        body["device_keys"] = machine.device_keys().await;
+    }
+    let mut keys = parse_keys_upload_body(&body).unwrap();
+    // Once published, device keys are no longer in the body: keep a full object for claimers.
+    keys.one_time_keys.retain(|k| !k.fallback);
+    keys
+}
+
+pub fn recipient(machine: &OlmMachine) -> Recipient {
+    let keys = machine.identity_keys();
+    Recipient {
+        user_id: machine.user_id().to_owned(),
+        curve25519: keys.curve25519,
+        ed25519: keys.ed25519,
+    }
+}
+
+/// A peer with a session to Bob whose messages are now normal (type 1): it sent a pre-key
+/// message, Bob decrypted it and replied.
+pub async fn established_peer(
+    bob: &OlmMachine,
+    keys: &PublishedKeys,
+    user: &str,
+    device: &str,
+    one_time_key_index: usize,
+) -> (SimulatedDevice, Recipient) {
+    let mut peer = SimulatedDevice::new(user, device);
+    let to_bob = peer.create_session(keys, Some(keys.one_time_keys[one_time_key_index].key));
+    let first = peer.encrypt(&to_bob, "m.dummy", json!({}));
+    bob.decrypt_to_device_event(&first.to_string()).await.unwrap();
+    let reply = bob
+        .encrypt(&peer.published_keys(), "m.dummy", &[json!({})])
+        .await
+        .unwrap();
+    peer.decrypt(&reply[0]).expect("the reply decrypts");
+    (peer, to_bob)
+}
+
+pub fn message_type(event: &Value) -> u64 {
+    event["content"]["ciphertext"]
+        .as_object()
+        .unwrap()
+        .values()
+        .next()
+        .unwrap()["type"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The committed payload schema, compiled.
+pub fn payload_validator() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/schemas/to-device-error-event.schema.json"
+    ))
+    .unwrap();
+    jsonschema::validator_for(&serde_json::from_str(&text).unwrap()).unwrap()
+}
+
+pub fn assert_schema_valid(validator: &jsonschema::Validator, payload: &str) {
+    let value: Value = serde_json::from_str(payload).unwrap();
+    let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{payload} is not schema-valid: {errors:?}");
+}

@@ -1,0 +1,44 @@
+//! The JSON Schema and the README failure table are generated from `FailureReason`; this test
+//! fails when the committed copies are stale. Run with `TDC_BLESS=1` to rewrite them.
+
+use to_device_crypto::analytics::schema::{failure_table_markdown, payload_json_schema_text};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+const TABLE_START: &str = "<!-- failure-table:start (generated from FailureReason; run `TDC_BLESS=1 cargo test --test generated_docs`) -->\n";
+const TABLE_END: &str = "<!-- failure-table:end -->";
+
+fn bless() -> bool {
+    std::env::var_os("TDC_BLESS").is_some()
+}
+
+#[test]
+fn committed_json_schema_is_fresh() {
+    let path = format!("{ROOT}/schemas/to-device-error-event.schema.json");
+    let expected = payload_json_schema_text();
+    if bless() {
+        std::fs::write(&path, &expected).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == expected,
+        "{path} is stale: run `TDC_BLESS=1 cargo test --test generated_docs`"
+    );
+}
+
+#[test]
+fn readme_failure_table_is_fresh() {
+    let path = format!("{ROOT}/README.md");
+    let readme = std::fs::read_to_string(&path).unwrap();
+    let start = readme.find(TABLE_START).expect("README has the table start marker") + TABLE_START.len();
+    let end = readme[start..].find(TABLE_END).expect("README has the table end marker") + start;
+    let expected = failure_table_markdown();
+    if bless() && readme[start..end] != expected {
+        let updated = format!("{}{}{}", &readme[..start], expected, &readme[end..]);
+        std::fs::write(&path, updated).unwrap();
+        return;
+    }
+    assert!(
+        readme[start..end] == expected,
+        "the README failure table is stale: run `TDC_BLESS=1 cargo test --test generated_docs`"
+    );
+}
