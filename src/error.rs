@@ -56,7 +56,9 @@ pub enum DecryptionError {
         one_time_key: String,
     },
     /// Inbound session creation failed otherwise.
-    #[error("could not create an inbound Olm session from the pre-key message of {sender_key}: {error}")]
+    #[error(
+        "could not create an inbound Olm session from the pre-key message of {sender_key}: {error}"
+    )]
     SessionCreation {
         /// The sender's Curve25519 key.
         sender_key: String,
@@ -89,7 +91,9 @@ pub enum DecryptionError {
         found: String,
     },
     /// `recipient_keys.ed25519` is not our key.
-    #[error("the plaintext recipient_keys.ed25519 {found} is not this device's ed25519 key {expected}")]
+    #[error(
+        "the plaintext recipient_keys.ed25519 {found} is not this device's ed25519 key {expected}"
+    )]
     MismatchedRecipientKeys {
         /// Our Ed25519 key.
         expected: String,
@@ -97,7 +101,9 @@ pub enum DecryptionError {
         found: String,
     },
     /// `keys.ed25519` is not the sending device's key.
-    #[error("the plaintext keys.ed25519 {claimed} is not the sending device's ed25519 key {known}")]
+    #[error(
+        "the plaintext keys.ed25519 {claimed} is not the sending device's ed25519 key {known}"
+    )]
     MismatchedSenderKeys {
         /// The sending device's Ed25519 key as we know it.
         known: String,

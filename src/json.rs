@@ -188,23 +188,43 @@ mod tests {
             r#"{"a":"1","b":"2"}"#
         );
         assert_eq!(
-            to_canonical_string(&json!({"auth": {"success": true, "mxid": "@john.doe:example.com", "profile": {"display_name": "John Doe", "three_pids": [{"medium": "email", "address": "john.doe@example.org"}, {"medium": "msisdn", "address": "123456789"}]}}})),
+            to_canonical_string(
+                &json!({"auth": {"success": true, "mxid": "@john.doe:example.com", "profile": {"display_name": "John Doe", "three_pids": [{"medium": "email", "address": "john.doe@example.org"}, {"medium": "msisdn", "address": "123456789"}]}}})
+            ),
             r#"{"auth":{"mxid":"@john.doe:example.com","profile":{"display_name":"John Doe","three_pids":[{"address":"john.doe@example.org","medium":"email"},{"address":"123456789","medium":"msisdn"}]},"success":true}}"#
         );
-        assert_eq!(to_canonical_string(&json!({"a": "日本語"})), r#"{"a":"日本語"}"#);
-        assert_eq!(to_canonical_string(&json!({"本": 2, "日": 1})), r#"{"日":1,"本":2}"#);
-        assert_eq!(to_canonical_string(&json!({"a": "\u{1d11e}"})), "{\"a\":\"\u{1d11e}\"}");
+        assert_eq!(
+            to_canonical_string(&json!({"a": "日本語"})),
+            r#"{"a":"日本語"}"#
+        );
+        assert_eq!(
+            to_canonical_string(&json!({"本": 2, "日": 1})),
+            r#"{"日":1,"本":2}"#
+        );
+        assert_eq!(
+            to_canonical_string(&json!({"a": "\u{1d11e}"})),
+            "{\"a\":\"\u{1d11e}\"}"
+        );
         assert_eq!(to_canonical_string(&json!({"a": null})), r#"{"a":null}"#);
     }
 
     #[test]
     fn limits_reject_large_and_deep_input() {
-        let limits = JsonLimits { max_bytes: 10, max_depth: 3 };
+        let limits = JsonLimits {
+            max_bytes: 10,
+            max_depth: 3,
+        };
         assert!(matches!(
             check_limits("[1,2,3,4,5,6]", limits),
-            Err(LimitError::TooLarge { size: 13, limit: 10 })
+            Err(LimitError::TooLarge {
+                size: 13,
+                limit: 10
+            })
         ));
-        assert_eq!(check_limits("[[[[]]]]", limits), Err(LimitError::TooDeep { limit: 3 }));
+        assert_eq!(
+            check_limits("[[[[]]]]", limits),
+            Err(LimitError::TooDeep { limit: 3 })
+        );
         assert_eq!(check_limits(r#"["\"[[[["]"#, limits), Ok(()));
     }
 

@@ -15,7 +15,7 @@
 //! Where things happen: events are *parsed* in [`olm::envelope`], *decrypted* in
 //! [`olm::sessions`], their plaintext *checked* in [`olm::plaintext`], failures *classified* in
 //! [`error`] and [`analytics::taxonomy`], *reported* in [`reporting`], and state *stored* in
-//! [`store`]. The UniFFI adapter for Swift and Kotlin is [`ffi`].
+//! [`store`]. The UniFFI adapter for Swift and Kotlin lives in `src/ffi`.
 
 pub mod analytics;
 pub mod error;
@@ -25,6 +25,7 @@ pub mod olm;
 pub mod reporting;
 pub mod simulator;
 pub mod store;
+pub mod sync_input;
 
 pub use analytics::{AnalyticsEvent, FailureReason};
 pub use error::{DecryptionError, EncryptionError, KeysError, OpenError, StoreError};

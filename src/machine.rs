@@ -161,7 +161,11 @@ fn validate_ids(user_id: &str, device_id: &str) -> Result<(), OpenError> {
     if !valid_user {
         return Err(OpenError::InvalidUserId(user_id.to_owned()));
     }
-    if device_id.is_empty() || device_id.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if device_id.is_empty()
+        || device_id
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(OpenError::InvalidDeviceId(device_id.to_owned()));
     }
     Ok(())
@@ -186,7 +190,10 @@ impl OlmMachine {
                     }
                     .into());
                 }
-                (unpickle_account(&stored.pickle)?, stored.device_keys_published)
+                (
+                    unpickle_account(&stored.pickle)?,
+                    stored.device_keys_published,
+                )
             }
             None => {
                 let account = Account::new();
@@ -387,7 +394,9 @@ impl OlmMachine {
             Some(ToDeviceOutcome::Decrypted(event)) => Ok(event),
             Some(ToDeviceOutcome::Failed(failed)) => Err(failed.error),
             Some(ToDeviceOutcome::Plaintext(_)) | None => {
-                unreachable!("exactly one outcome, and plain events fail when encryption is required")
+                unreachable!(
+                    "exactly one outcome, and plain events fail when encryption is required"
+                )
             }
         }
     }
@@ -546,8 +555,13 @@ impl OlmMachine {
             ..
         } = state;
         let sessions = sessions.entry(sender_key_bytes).or_default();
-        let (plaintext, decrypted) =
-            decrypt_message(account, sessions, &envelope.sender_key, &envelope.message, now)?;
+        let (plaintext, decrypted) = decrypt_message(
+            account,
+            sessions,
+            &envelope.sender_key,
+            &envelope.message,
+            now,
+        )?;
 
         // From here on the message decrypted: its ratchet step, new session, used one-time key
         // and hash are committed whatever the plaintext checks say, so that a re-delivery is a
@@ -823,7 +837,9 @@ async fn load_devices(store: &dyn CryptoStore) -> Result<KnownDevices, StoreErro
         // Re-verified on load: a tampered row is dropped rather than trusted.
         match DeviceKeys::from_signed_json(&value) {
             Ok(device) => devices.insert(device),
-            Err(error) => tracing::warn!(%error, "dropping stored device keys that no longer verify"),
+            Err(error) => {
+                tracing::warn!(%error, "dropping stored device keys that no longer verify")
+            }
         }
     }
     Ok(devices)

@@ -144,7 +144,10 @@ mod tests {
         for i in 0..10 {
             reporter.publish(failure(i));
         }
-        assert_eq!(slow.next().await.unwrap(), Err(MissedFailures { missed: 6 }));
+        assert_eq!(
+            slow.next().await.unwrap(),
+            Err(MissedFailures { missed: 6 })
+        );
         let next = slow.next().await.unwrap().unwrap();
         assert_eq!(next.diagnostics.index, 6);
     }

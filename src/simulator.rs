@@ -125,9 +125,14 @@ impl SimulatedDevice {
         });
         let session = self
             .account
-            .create_outbound_session(SessionConfig::version_1(), keys.device.curve25519, one_time_key)
+            .create_outbound_session(
+                SessionConfig::version_1(),
+                keys.device.curve25519,
+                one_time_key,
+            )
             .expect("a valid one-time key");
-        self.sessions.insert(keys.device.curve25519.to_bytes(), session);
+        self.sessions
+            .insert(keys.device.curve25519.to_bytes(), session);
         Recipient::from_device(&keys.device)
     }
 

@@ -29,8 +29,14 @@ fn committed_json_schema_is_fresh() {
 fn readme_failure_table_is_fresh() {
     let path = format!("{ROOT}/README.md");
     let readme = std::fs::read_to_string(&path).unwrap();
-    let start = readme.find(TABLE_START).expect("README has the table start marker") + TABLE_START.len();
-    let end = readme[start..].find(TABLE_END).expect("README has the table end marker") + start;
+    let start = readme
+        .find(TABLE_START)
+        .expect("README has the table start marker")
+        + TABLE_START.len();
+    let end = readme[start..]
+        .find(TABLE_END)
+        .expect("README has the table end marker")
+        + start;
     let expected = failure_table_markdown();
     if bless() && readme[start..end] != expected {
         let updated = format!("{}{}{}", &readme[..start], expected, &readme[end..]);

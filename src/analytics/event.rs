@@ -121,7 +121,10 @@ impl AnalyticsEvent {
     /// The properties as a string map, ready for `capture(event, properties)` in the PostHog SDKs.
     pub fn properties_map(&self) -> BTreeMap<String, String> {
         BTreeMap::from([
-            ("domain".to_owned(), self.properties.domain.as_str().to_owned()),
+            (
+                "domain".to_owned(),
+                self.properties.domain.as_str().to_owned(),
+            ),
             ("name".to_owned(), self.reason().analytics_name().to_owned()),
             (
                 "cryptoSDK".to_owned(),

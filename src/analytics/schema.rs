@@ -10,7 +10,8 @@ use super::event::ERROR_EVENT_NAME;
 use super::taxonomy::FailureReason;
 
 /// The `$id` of the generated schema.
-pub const SCHEMA_ID: &str = "https://github.com/matrix-org/to-device-crypto/schemas/to-device-error-event.schema.json";
+pub const SCHEMA_ID: &str =
+    "https://github.com/matrix-org/to-device-crypto/schemas/to-device-error-event.schema.json";
 
 /// The JSON Schema (draft 2020-12) of the PostHog capture payload.
 ///
@@ -72,9 +73,8 @@ pub fn payload_json_schema_text() -> String {
 
 /// The README failure table (Markdown), one row per reason.
 pub fn failure_table_markdown() -> String {
-    let mut table = String::from(
-        "| name | when | typical root cause | what to look at |\n|---|---|---|---|\n",
-    );
+    let mut table =
+        String::from("| name | when | typical root cause | what to look at |\n|---|---|---|---|\n");
     for reason in FailureReason::ALL {
         let info = reason.info();
         table.push_str(&format!(

@@ -235,7 +235,9 @@ impl FailureReason {
 
     /// The reason whose analytics name is `name`, if any.
     pub fn from_analytics_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|reason| reason.analytics_name() == name)
+        Self::ALL
+            .into_iter()
+            .find(|reason| reason.analytics_name() == name)
     }
 
     /// The reason whose short name is `name`, if any.
@@ -284,9 +286,15 @@ mod tests {
                 FailureReason::from_analytics_name(reason.analytics_name()),
                 Some(reason)
             );
-            assert_eq!(FailureReason::from_reason_name(reason.as_str()), Some(reason));
+            assert_eq!(
+                FailureReason::from_reason_name(reason.as_str()),
+                Some(reason)
+            );
             assert_eq!(format!("{reason:?}"), reason.as_str());
         }
-        assert_eq!(FailureReason::from_analytics_name("ToDeviceFailedToDecrypt"), None);
+        assert_eq!(
+            FailureReason::from_analytics_name("ToDeviceFailedToDecrypt"),
+            None
+        );
     }
 }

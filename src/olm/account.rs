@@ -113,7 +113,11 @@ mod tests {
         assert_eq!(published.device.curve25519, account.curve25519_key());
         assert_eq!(published.one_time_keys.len(), 6);
         assert_eq!(
-            published.one_time_keys.iter().filter(|k| k.fallback).count(),
+            published
+                .one_time_keys
+                .iter()
+                .filter(|k| k.fallback)
+                .count(),
             1
         );
     }

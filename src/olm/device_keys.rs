@@ -335,7 +335,9 @@ impl KnownDevices {
 
     /// The device `user_id`/`device_id`.
     pub fn by_id(&self, user_id: &str, device_id: &str) -> Option<&DeviceKeys> {
-        let key = self.by_id.get(&(user_id.to_owned(), device_id.to_owned()))?;
+        let key = self
+            .by_id
+            .get(&(user_id.to_owned(), device_id.to_owned()))?;
         self.by_curve25519.get(key)
     }
 

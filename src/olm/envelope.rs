@@ -145,12 +145,13 @@ pub fn parse_event(
                 DecryptionError::MalformedCiphertext("`ciphertext` is not an object".to_owned())
             })
         })?;
-    let entry = ciphertext
-        .get(our_curve25519_key)
-        .ok_or_else(|| DecryptionError::MissingCiphertext {
-            our_key: our_curve25519_key.to_owned(),
-            recipient_count: ciphertext.len(),
-        })?;
+    let entry =
+        ciphertext
+            .get(our_curve25519_key)
+            .ok_or_else(|| DecryptionError::MissingCiphertext {
+                our_key: our_curve25519_key.to_owned(),
+                recipient_count: ciphertext.len(),
+            })?;
     let entry: RawCiphertextEntry<'_> = serde_json::from_str(entry.get()).map_err(|e| {
         DecryptionError::MalformedCiphertext(format!(
             "our entry needs an integer `type` and a string `body`: {e}"
@@ -165,8 +166,9 @@ pub fn parse_event(
     }
     let bytes = vodozemac::base64_decode(entry.body.as_bytes())
         .map_err(|e| DecryptionError::MalformedCiphertext(format!("body is not base64: {e}")))?;
-    let message = OlmMessage::from_parts(entry.message_type.into(), &bytes)
-        .map_err(|e| DecryptionError::MalformedCiphertext(format!("undecodable Olm message: {e}")))?;
+    let message = OlmMessage::from_parts(entry.message_type.into(), &bytes).map_err(|e| {
+        DecryptionError::MalformedCiphertext(format!("undecodable Olm message: {e}"))
+    })?;
     Ok(ParsedEvent::Olm(Box::new(OlmEnvelope {
         sender: envelope.sender.into_owned(),
         message_hash: MessageHash::new(&sender_key, entry.message_type, &bytes),

@@ -183,7 +183,8 @@ fn check_sender_device_keys(
     cache: &mut VerifiedDeviceKeysCache,
 ) -> Result<DeviceKeys, DeviceKeysError> {
     let device = DeviceKeys::from_json_unverified(value)?;
-    let mismatch = |expected: String, found: String| DeviceKeysError::Mismatched { expected, found };
+    let mismatch =
+        |expected: String, found: String| DeviceKeysError::Mismatched { expected, found };
     if device.user_id != context.envelope_sender {
         return Err(mismatch(
             context.envelope_sender.to_owned(),

@@ -78,7 +78,12 @@ pub fn decrypt_message(
                     .map_err(|e| wedged(1, e.to_string()))?;
                 entry.last_used = now;
                 entry.dirty = true;
-                return Ok((plaintext, Decrypted { created_session: false }));
+                return Ok((
+                    plaintext,
+                    Decrypted {
+                        created_session: false,
+                    },
+                ));
             }
             let created = account
                 .create_inbound_session(SessionConfig::version_1(), *sender_key, pre_key)
@@ -95,7 +100,12 @@ pub fn decrypt_message(
                     },
                 })?;
             sessions.push(SessionEntry::new(created.session, now, true));
-            Ok((created.plaintext, Decrypted { created_session: true }))
+            Ok((
+                created.plaintext,
+                Decrypted {
+                    created_session: true,
+                },
+            ))
         }
         OlmMessage::Normal(_) => {
             if sessions.is_empty() {
@@ -111,7 +121,12 @@ pub fn decrypt_message(
                     Ok(plaintext) => {
                         sessions[i].last_used = now;
                         sessions[i].dirty = true;
-                        return Ok((plaintext, Decrypted { created_session: false }));
+                        return Ok((
+                            plaintext,
+                            Decrypted {
+                                created_session: false,
+                            },
+                        ));
                     }
                     Err(error) => last_error = error.to_string(),
                 }

@@ -110,7 +110,10 @@ mod tests {
         let data = key.encrypt(b"secret pickle", b"session:1").unwrap();
         assert_eq!(key.decrypt(&data, b"session:1").unwrap(), b"secret pickle");
         assert!(key.decrypt(&data, b"session:2").is_none());
-        assert!(StoreKey::generate().unwrap().decrypt(&data, b"session:1").is_none());
+        assert!(StoreKey::generate()
+            .unwrap()
+            .decrypt(&data, b"session:1")
+            .is_none());
         assert!(!data.windows(6).any(|w| w == b"secret"));
     }
 

@@ -104,13 +104,13 @@ impl SqliteStore {
         context: &str,
         what: &'static str,
     ) -> Result<String, StoreError> {
-        let bytes = self
-            .key
-            .decrypt(data, context.as_bytes())
-            .ok_or_else(|| StoreError::Corrupted {
-                what,
-                detail: "the value does not decrypt with the store key".to_owned(),
-            })?;
+        let bytes =
+            self.key
+                .decrypt(data, context.as_bytes())
+                .ok_or_else(|| StoreError::Corrupted {
+                    what,
+                    detail: "the value does not decrypt with the store key".to_owned(),
+                })?;
         String::from_utf8(bytes).map_err(|e| StoreError::Corrupted {
             what,
             detail: e.to_string(),
@@ -130,9 +130,11 @@ fn describe_open_error(error: rusqlite::Error) -> StoreError {
 
 fn check_key(connection: &Connection, key: &StoreKey) -> Result<(), StoreError> {
     let check: Option<Vec<u8>> = connection
-        .query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |row| {
-            row.get(0)
-        })
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'key_check'",
+            [],
+            |row| row.get(0),
+        )
         .optional()?;
     let check = check.ok_or_else(|| StoreError::Corrupted {
         what: "key check",
@@ -321,8 +323,9 @@ impl CryptoStore for SqliteStore {
             for hash in &changes.message_hashes {
                 statement.execute(params![&hash.0[..]])?;
             }
-            let mut statement =
-                transaction.prepare_cached("INSERT OR REPLACE INTO devices (user_id, device_id, json) VALUES (?1, ?2, ?3)")?;
+            let mut statement = transaction.prepare_cached(
+                "INSERT OR REPLACE INTO devices (user_id, device_id, json) VALUES (?1, ?2, ?3)",
+            )?;
             for device in &changes.devices {
                 statement.execute(params![device.user_id, device.device_id, device.json])?;
             }

@@ -15,7 +15,9 @@ pub const CAROL: &str = "@carol:example.net";
 /// Bob's machine on a shared memory store, with 10 published one-time keys.
 pub async fn bob_with_store() -> (OlmMachine, Arc<MemoryStore>, PublishedKeys) {
     let store = Arc::new(MemoryStore::new());
-    let bob = OlmMachine::open(BOB, "BOBPHONE", store.clone()).await.unwrap();
+    let bob = OlmMachine::open(BOB, "BOBPHONE", store.clone())
+        .await
+        .unwrap();
     let keys = publish(&bob, 10).await;
     (bob, store, keys)
 }
@@ -55,7 +57,9 @@ pub async fn established_peer(
     let mut peer = SimulatedDevice::new(user, device);
     let to_bob = peer.create_session(keys, Some(keys.one_time_keys[one_time_key_index].key));
     let first = peer.encrypt(&to_bob, "m.dummy", json!({}));
-    bob.decrypt_to_device_event(&first.to_string()).await.unwrap();
+    bob.decrypt_to_device_event(&first.to_string())
+        .await
+        .unwrap();
     let reply = bob
         .encrypt(&peer.published_keys(), "m.dummy", &[json!({})])
         .await
@@ -87,6 +91,12 @@ pub fn payload_validator() -> jsonschema::Validator {
 
 pub fn assert_schema_valid(validator: &jsonschema::Validator, payload: &str) {
     let value: Value = serde_json::from_str(payload).unwrap();
-    let errors: Vec<String> = validator.iter_errors(&value).map(|e| e.to_string()).collect();
-    assert!(errors.is_empty(), "{payload} is not schema-valid: {errors:?}");
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{payload} is not schema-valid: {errors:?}"
+    );
 }
