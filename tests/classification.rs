@@ -355,7 +355,29 @@ async fn fixture_table_classifies_every_rule() {
     for expected in expected_failures {
         let item = failures.next().await.unwrap().unwrap();
         assert_eq!(item.analytics.reason().analytics_name(), expected);
-        assert_schema_valid(&validator, &item.analytics.to_json());
+        let payload = item.analytics.to_json();
+        assert_schema_valid(&validator, &payload);
+        // Privacy: nothing from the diagnostics (ids, keys, error text) reaches the payload.
+        let identifiers = [&item.diagnostics.sender, &item.diagnostics.sender_key];
+        for identifier in identifiers.into_iter().flatten() {
+            assert!(
+                !payload.contains(identifier.as_str()),
+                "{payload} leaks {identifier}"
+            );
+        }
+        assert!(
+            !payload.contains(&item.diagnostics.error),
+            "{payload} leaks the error text"
+        );
+        for leak in [
+            BOB,
+            ALICE,
+            CAROL,
+            "example.org",
+            &bob.identity_keys().curve25519.to_base64(),
+        ] {
+            assert!(!payload.contains(leak), "{payload} leaks {leak}");
+        }
     }
     // Every reason except Store is covered by the table.
     let covered: std::collections::HashSet<&str> = table.iter().map(|f| f.expected).collect();
