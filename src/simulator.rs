@@ -195,6 +195,25 @@ impl SimulatedDevice {
         })
     }
 
+    /// Decrypts one Olm message body from `sender_key` with an existing session and parses the
+    /// plaintext: exactly the raw vodozemac work of a decryption (base64 decode, message decode,
+    /// `Session::decrypt`, JSON parse) — the floor that benchmarks compare the machine against.
+    pub fn decrypt_body(
+        &mut self,
+        sender_key: &Curve25519PublicKey,
+        message_type: usize,
+        body: &str,
+    ) -> Option<Value> {
+        let bytes = vodozemac::base64_decode(body).ok()?;
+        let message = OlmMessage::from_parts(message_type, &bytes).ok()?;
+        let plaintext = self
+            .sessions
+            .get_mut(sender_key.as_bytes())?
+            .decrypt(&message)
+            .ok()?;
+        serde_json::from_slice(&plaintext).ok()
+    }
+
     /// Decrypts an event the other side sent us (e.g. a reply, after which our session sends
     /// normal messages). Returns the plaintext JSON, or `None` if it does not decrypt.
     pub fn decrypt(&mut self, event: &Value) -> Option<Value> {

@@ -1,0 +1,323 @@
+//! Decryption cost as ratios measured in the same run (absolute times on a shared machine are
+//! noise): the machine against the raw-vodozemac floor, SQLite against memory, first pre-key
+//! message against raw session creation, and the failure path with a stalled subscriber.
+//!
+//! Run with `cargo bench --bench ratios` or `scripts/bench.sh`. Each row alternates A and B
+//! batches and reports medians per event.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use to_device_crypto::olm::device_keys::{parse_keys_upload_body, DeviceKeys, PublishedKeys};
+use to_device_crypto::simulator::{Recipient, SimulatedDevice};
+use to_device_crypto::store::{SqliteStore, Synchronous};
+use to_device_crypto::{MemoryStore, OlmMachine, StoreKey, ToDeviceOutcome};
+use vodozemac::olm::{Account, SessionConfig};
+
+const BOB: &str = "@bob:example.org";
+const SENDERS: usize = 5;
+const BATCH: usize = 100;
+const ROUNDS: usize = 30;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+}
+
+/// A ~500-byte `m.room_key`-like content; with `sender_device_keys` the plaintext is ~1.2 KB.
+fn room_key(seq: usize) -> Value {
+    json!({
+        "algorithm": "m.megolm.v1.aes-sha2",
+        "room_id": "!benchmark-room:example.org",
+        "session_id": format!("{seq:043}"),
+        "session_key": "A".repeat(360),
+    })
+}
+
+async fn publish(machine: &OlmMachine, count: usize) -> PublishedKeys {
+    machine.generate_one_time_keys(count).await.unwrap();
+    let mut body = machine.keys_for_upload().await.unwrap();
+    machine.mark_keys_as_published().await.unwrap();
+    if body.get("device_keys").is_none() {
+        body["device_keys"] = machine.device_keys().await;
+    }
+    parse_keys_upload_body(&body).unwrap()
+}
+
+fn recipient_of(machine: &OlmMachine) -> Recipient {
+    let keys = machine.identity_keys();
+    Recipient {
+        user_id: BOB.to_owned(),
+        curve25519: keys.curve25519,
+        ed25519: keys.ed25519,
+    }
+}
+
+/// Senders with normal-message sessions to `bob` (they sent a pre-key message and got a reply).
+async fn senders_for(bob: &OlmMachine) -> (Vec<SimulatedDevice>, Recipient) {
+    let keys = publish(bob, SENDERS).await;
+    let to_bob = recipient_of(bob);
+    let mut senders = Vec::new();
+    for i in 0..SENDERS {
+        let mut sender =
+            SimulatedDevice::new(&format!("@sender{i}:example.org"), &format!("DEV{i}"));
+        sender.create_session(&keys, Some(keys.one_time_keys[i].key));
+        let first = sender.encrypt(&to_bob, "m.room_key", room_key(0));
+        bob.decrypt_to_device_event(&first.to_string())
+            .await
+            .unwrap();
+        let reply = bob
+            .encrypt(&sender.published_keys(), "m.dummy", &[json!({})])
+            .await
+            .unwrap();
+        sender.decrypt(&reply[0]).unwrap();
+        senders.push(sender);
+    }
+    (senders, to_bob)
+}
+
+fn batch_for(
+    senders: &mut [SimulatedDevice],
+    to: &Recipient,
+    transform: impl Fn(Value) -> Value,
+) -> Vec<String> {
+    (0..BATCH)
+        .map(|i| transform(senders[i % SENDERS].encrypt(to, "m.room_key", room_key(i))).to_string())
+        .collect()
+}
+
+async fn time_batch(bob: &OlmMachine, batch: &[String], expect_ok: bool) -> Duration {
+    let start = Instant::now();
+    let outcomes = bob.receive_to_device_events(batch).await.unwrap();
+    let elapsed = start.elapsed();
+    for outcome in &outcomes {
+        assert_eq!(
+            matches!(outcome, ToDeviceOutcome::Decrypted(_)),
+            expect_ok,
+            "{outcome:?}"
+        );
+    }
+    elapsed
+}
+
+/// The floor: raw vodozemac on the same kind of messages (sessions of a raw receiver).
+struct Floor {
+    receiver: SimulatedDevice,
+    senders: Vec<SimulatedDevice>,
+    to_receiver: Recipient,
+}
+
+impl Floor {
+    fn new() -> Self {
+        let mut receiver = SimulatedDevice::new(BOB, "FLOOR");
+        let keys = parse_keys_upload_body(&receiver.publish_keys(SENDERS)).unwrap();
+        let to_receiver = Recipient::from_device(&keys.device);
+        let mut senders = Vec::new();
+        for i in 0..SENDERS {
+            let mut sender =
+                SimulatedDevice::new(&format!("@sender{i}:example.org"), &format!("DEV{i}"));
+            sender.create_session(&keys, Some(keys.one_time_keys[i].key));
+            let first = sender.encrypt(&to_receiver, "m.dummy", json!({}));
+            receiver.decrypt(&first).unwrap();
+            let reply = receiver.encrypt(
+                &Recipient::from_device(&sender.published_keys().device),
+                "m.dummy",
+                json!({}),
+            );
+            sender.decrypt(&reply).unwrap();
+            senders.push(sender);
+        }
+        Self {
+            receiver,
+            senders,
+            to_receiver,
+        }
+    }
+
+    fn time_batch(&mut self) -> Duration {
+        let messages: Vec<_> = (0..BATCH)
+            .map(|i| {
+                let sender = &mut self.senders[i % SENDERS];
+                let event = sender.encrypt(&self.to_receiver, "m.room_key", room_key(i));
+                let entry =
+                    &event["content"]["ciphertext"][self.to_receiver.curve25519.to_base64()];
+                (
+                    sender.curve25519_key(),
+                    entry["type"].as_u64().unwrap() as usize,
+                    entry["body"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let start = Instant::now();
+        for (sender_key, message_type, body) in &messages {
+            let plaintext = self.receiver.decrypt_body(sender_key, *message_type, body);
+            assert!(plaintext.is_some());
+        }
+        start.elapsed()
+    }
+}
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort_unstable();
+    samples[samples.len() / 2]
+}
+
+fn per_event(d: Duration, events: usize) -> f64 {
+    d.as_secs_f64() * 1e6 / events as f64
+}
+
+struct Row {
+    name: &'static str,
+    ours: f64,
+    baseline: f64,
+    target: &'static str,
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo test --benches` probes with --list
+    }
+    let rt = runtime();
+    let mut rows = Vec::new();
+
+    // 1 + 2: normal messages, memory and SQLite, against the floor.
+    let dir = tempfile::tempdir().unwrap();
+    let (memory_bob, sqlite_bob) = rt.block_on(async {
+        let memory = OlmMachine::open(BOB, "MEM", Arc::new(MemoryStore::new()))
+            .await
+            .unwrap();
+        let store = SqliteStore::open(
+            dir.path().join("bench.sqlite3"),
+            StoreKey::generate().unwrap(),
+            Synchronous::Normal,
+        )
+        .unwrap();
+        let sqlite = OlmMachine::open(BOB, "SQL", Arc::new(store)).await.unwrap();
+        (memory, sqlite)
+    });
+    let (mut memory_senders, to_memory) = rt.block_on(senders_for(&memory_bob));
+    let (mut sqlite_senders, to_sqlite) = rt.block_on(senders_for(&sqlite_bob));
+    let mut floor = Floor::new();
+    let (mut ours_memory, mut ours_sqlite, mut floor_times) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let batch = batch_for(&mut memory_senders, &to_memory, |e| e);
+        ours_memory.push(rt.block_on(time_batch(&memory_bob, &batch, true)));
+        floor_times.push(floor.time_batch());
+        let batch = batch_for(&mut sqlite_senders, &to_sqlite, |e| e);
+        ours_sqlite.push(rt.block_on(time_batch(&sqlite_bob, &batch, true)));
+    }
+    let floor_us = per_event(median(floor_times), BATCH);
+    rows.push(Row {
+        name: "1 in-memory batch of 100 normal msgs / vodozemac floor",
+        ours: per_event(median(ours_memory), BATCH),
+        baseline: floor_us,
+        target: "<= 1.3",
+    });
+    rows.push(Row {
+        name: "2 SQLite (synchronous=NORMAL) batch incl. commit / floor",
+        ours: per_event(median(ours_sqlite), BATCH),
+        baseline: floor_us,
+        target: "<= 2.0",
+    });
+
+    // 3: the first pre-key message of a new sender against raw session creation + one signature check.
+    let (mut ours, mut raw) = (Vec::new(), Vec::new());
+    let keys = rt.block_on(publish(&memory_bob, 40));
+    let mut raw_account = Account::new();
+    raw_account.generate_one_time_keys(40);
+    let raw_otks: Vec<_> = raw_account.one_time_keys().into_values().collect();
+    for (i, raw_otk) in raw_otks.iter().enumerate().take(ROUNDS) {
+        let mut sender = SimulatedDevice::new(&format!("@new{i}:example.org"), "NEWDEV");
+        sender.create_session(&keys, Some(keys.one_time_keys[i].key));
+        let event = sender
+            .encrypt(&to_memory, "m.room_key", room_key(i))
+            .to_string();
+        let start = Instant::now();
+        rt.block_on(memory_bob.decrypt_to_device_event(&event))
+            .unwrap();
+        ours.push(start.elapsed());
+
+        let raw_sender = Account::new();
+        let mut session = raw_sender
+            .create_outbound_session(
+                SessionConfig::version_1(),
+                raw_account.curve25519_key(),
+                *raw_otk,
+            )
+            .unwrap();
+        let message = session
+            .encrypt(
+                sender
+                    .plaintext(&to_memory, "m.room_key", room_key(i), true)
+                    .to_string(),
+            )
+            .unwrap();
+        let device_keys = sender.device_keys();
+        let vodozemac::olm::OlmMessage::PreKey(pre_key) = message else {
+            unreachable!()
+        };
+        let start = Instant::now();
+        raw_account
+            .create_inbound_session(
+                SessionConfig::version_1(),
+                raw_sender.curve25519_key(),
+                &pre_key,
+            )
+            .unwrap();
+        DeviceKeys::from_signed_json(&device_keys).unwrap();
+        raw.push(start.elapsed());
+    }
+    rows.push(Row {
+        name: "3 first pre-key message / raw inbound session + 1 verify",
+        ours: per_event(median(ours), 1),
+        baseline: per_event(median(raw), 1),
+        target: "<= 1.2",
+    });
+
+    // 4: a batch of 100 SessionWedged messages with a stalled stream subscriber vs none.
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    let tamper = |mut event: Value| {
+        let entry = event["content"]["ciphertext"]
+            .as_object_mut()
+            .unwrap()
+            .values_mut()
+            .next()
+            .unwrap();
+        let mut body = vodozemac::base64_decode(entry["body"].as_str().unwrap()).unwrap();
+        let last = body.len() - 1;
+        body[last] ^= 1;
+        entry["body"] = json!(vodozemac::base64_encode(body));
+        event
+    };
+    for _ in 0..ROUNDS {
+        let stalled = memory_bob.to_device_decryption_failure_stream();
+        let batch = batch_for(&mut memory_senders, &to_memory, tamper);
+        with.push(rt.block_on(time_batch(&memory_bob, &batch, false)));
+        drop(stalled);
+        let batch = batch_for(&mut memory_senders, &to_memory, tamper);
+        without.push(rt.block_on(time_batch(&memory_bob, &batch, false)));
+    }
+    rows.push(Row {
+        name: "4 100 SessionWedged, stalled subscriber / no subscriber",
+        ours: per_event(median(with), BATCH),
+        baseline: per_event(median(without), BATCH),
+        target: "<= 1.05",
+    });
+
+    println!(
+        "{:<62} {:>10} {:>10} {:>7}  target",
+        "row (median per event)", "ours µs", "base µs", "ratio"
+    );
+    for row in rows {
+        println!(
+            "{:<62} {:>10.2} {:>10.2} {:>7.2}  {}",
+            row.name,
+            row.ours,
+            row.baseline,
+            row.ours / row.baseline,
+            row.target
+        );
+    }
+}
