@@ -62,8 +62,8 @@ pub struct AcceptedPlaintext {
     pub sender_device_verified: bool,
 }
 
-/// Remembers `sender_device_keys` objects whose signature already verified, so that the ~50 µs
-/// signature check runs once per device instead of once per message.
+/// Remembers `sender_device_keys` objects whose signature already verified, so that the key
+/// decoding and ~50 µs signature check run once per device instead of once per message.
 ///
 /// The cache key holds every field the checks use plus the signature, so a different object can
 /// only hit the cache if it carries the same identity, keys and signature.
@@ -75,20 +75,21 @@ pub struct VerifiedDeviceKeysCache {
 impl VerifiedDeviceKeysCache {
     const MAX_ENTRIES: usize = 4096;
 
-    fn verify(&mut self, device: &DeviceKeys) -> Result<(), DeviceKeysError> {
-        let key = device.self_signature().map(|signature| {
+    fn verify(
+        &mut self,
+        fields: &DeviceKeyFields<'_>,
+        value: &Value,
+    ) -> Result<(), DeviceKeysError> {
+        let key = fields.signature.map(|signature| {
             format!(
                 "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{signature}",
-                device.user_id,
-                device.device_id,
-                device.curve25519.to_base64(),
-                device.ed25519.to_base64()
+                fields.user_id, fields.device_id, fields.curve25519, fields.ed25519
             )
         });
         if key.as_ref().is_some_and(|key| self.verified.contains(key)) {
             return Ok(());
         }
-        device.verify_self_signature()?;
+        DeviceKeys::from_signed_json(value)?;
         if let Some(key) = key {
             if self.verified.len() >= Self::MAX_ENTRIES {
                 self.verified.clear();
@@ -97,6 +98,55 @@ impl VerifiedDeviceKeysCache {
         }
         Ok(())
     }
+}
+
+/// The fields of a device-keys object the checks compare, borrowed as sent.
+struct DeviceKeyFields<'a> {
+    user_id: &'a str,
+    device_id: &'a str,
+    curve25519: &'a str,
+    ed25519: &'a str,
+    signature: Option<&'a str>,
+}
+
+impl<'a> DeviceKeyFields<'a> {
+    fn read(value: &'a Value) -> Result<Self, DeviceKeysError> {
+        let object = value.as_object().ok_or(DeviceKeysError::NotAnObject)?;
+        let field = |name: &'static str| {
+            object
+                .get(name)
+                .and_then(Value::as_str)
+                .ok_or(DeviceKeysError::MissingField(name))
+        };
+        let user_id = field("user_id")?;
+        let device_id = field("device_id")?;
+        let keys = object
+            .get("keys")
+            .and_then(Value::as_object)
+            .ok_or(DeviceKeysError::MissingField("keys"))?;
+        let key = |algorithm: &str, missing: &'static str| {
+            keys.get(&format!("{algorithm}:{device_id}"))
+                .and_then(Value::as_str)
+                .ok_or(DeviceKeysError::MissingField(missing))
+        };
+        Ok(Self {
+            curve25519: key("curve25519", "keys.curve25519:<device_id>")?,
+            ed25519: key("ed25519", "keys.ed25519:<device_id>")?,
+            signature: object
+                .get("signatures")
+                .and_then(|s| s.get(user_id))
+                .and_then(|s| s.get(format!("ed25519:{device_id}")))
+                .and_then(Value::as_str),
+            user_id,
+            device_id,
+        })
+    }
+}
+
+/// The sending device as identified by the checks.
+struct SenderDevice {
+    device_id: String,
+    ed25519: String,
 }
 
 /// Runs every plaintext check on decrypted `bytes`.
@@ -145,18 +195,21 @@ pub fn check_plaintext(
     };
     let known_device = context
         .known_devices
-        .by_curve25519(context.envelope_sender, context.sender_key);
-    let device = known_device.or(sender_device.as_ref());
-    let (sender_device_id, verified) = match device {
+        .by_curve25519(context.envelope_sender, context.sender_key)
+        .map(|device| SenderDevice {
+            device_id: device.device_id.clone(),
+            ed25519: device.ed25519.to_base64(),
+        });
+    let (sender_device_id, verified) = match known_device.or(sender_device) {
         Some(device) => {
-            let known = device.ed25519.to_base64();
+            let known = device.ed25519;
             if known != claimed_ed25519 {
                 return Err(DecryptionError::MismatchedSenderKeys {
                     known,
                     claimed: claimed_ed25519,
                 });
             }
-            (Some(device.device_id.clone()), true)
+            (Some(device.device_id), true)
         }
         None if plaintext.event_type == ROOM_KEY_EVENT_TYPE => (None, false),
         None => {
@@ -181,45 +234,50 @@ fn check_sender_device_keys(
     claimed_ed25519: &str,
     context: &PlaintextContext<'_>,
     cache: &mut VerifiedDeviceKeysCache,
-) -> Result<DeviceKeys, DeviceKeysError> {
-    let device = DeviceKeys::from_json_unverified(value)?;
+) -> Result<SenderDevice, DeviceKeysError> {
+    // Compared as the base64 strings that were sent, so that a cached device costs no key decoding.
+    let fields = DeviceKeyFields::read(value)?;
+    let sender_key = context.sender_key.to_base64();
     let mismatch =
         |expected: String, found: String| DeviceKeysError::Mismatched { expected, found };
-    if device.user_id != context.envelope_sender {
+    if fields.user_id != context.envelope_sender {
         return Err(mismatch(
             context.envelope_sender.to_owned(),
-            device.user_id.clone(),
+            fields.user_id.to_owned(),
         ));
     }
-    if device.curve25519 != *context.sender_key {
+    if fields.curve25519 != sender_key {
         return Err(mismatch(
-            format!("curve25519 key {}", context.sender_key.to_base64()),
-            format!("curve25519 key {}", device.curve25519.to_base64()),
+            format!("curve25519 key {sender_key}"),
+            format!("curve25519 key {}", fields.curve25519),
         ));
     }
-    if device.ed25519.to_base64() != claimed_ed25519 {
+    if fields.ed25519 != claimed_ed25519 {
         return Err(mismatch(
             format!("ed25519 key {claimed_ed25519} (keys.ed25519)"),
-            format!("ed25519 key {}", device.ed25519.to_base64()),
+            format!("ed25519 key {}", fields.ed25519),
         ));
     }
     let known_by_key = context
         .known_devices
-        .by_curve25519(&device.user_id, &device.curve25519);
+        .by_curve25519(fields.user_id, context.sender_key);
     let known_by_id = context
         .known_devices
-        .by_id(&device.user_id, &device.device_id);
+        .by_id(fields.user_id, fields.device_id);
     let contradicts = |known: &DeviceKeys| {
-        known.device_id != device.device_id
-            || known.curve25519 != device.curve25519
-            || known.ed25519 != device.ed25519
+        known.device_id != fields.device_id
+            || known.curve25519.to_base64() != fields.curve25519
+            || known.ed25519.to_base64() != fields.ed25519
     };
     if known_by_key.into_iter().chain(known_by_id).any(contradicts) {
         return Err(DeviceKeysError::ContradictsKnownKeys {
-            user_id: device.user_id.clone(),
-            device_id: device.device_id.clone(),
+            user_id: fields.user_id.to_owned(),
+            device_id: fields.device_id.to_owned(),
         });
     }
-    cache.verify(&device)?;
-    Ok(device)
+    cache.verify(&fields, value)?;
+    Ok(SenderDevice {
+        device_id: fields.device_id.to_owned(),
+        ed25519: fields.ed25519.to_owned(),
+    })
 }
