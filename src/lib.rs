@@ -17,8 +17,12 @@
 //! [`error`] and [`analytics::taxonomy`], *reported* in [`reporting`], and state *stored* in
 //! [`store`]. The UniFFI adapter for Swift and Kotlin lives in `src/ffi`.
 
+// Generates the UniFFI scaffolding for the exports in `ffi` (the core itself is not exported).
+uniffi::setup_scaffolding!();
+
 pub mod analytics;
 pub mod error;
+pub mod ffi;
 pub mod json;
 pub mod machine;
 pub mod olm;

@@ -1,0 +1,191 @@
+// Tests of the generated Kotlin bindings on the JVM (run by scripts/test-bindings.sh with kotlinc,
+// JNA and kotlinx-coroutines; no JUnit). Each case matches the Python and Swift suites.
+package org.matrix.todevicecrypto
+
+import java.util.concurrent.CopyOnWriteArrayList
+import java.util.concurrent.LinkedBlockingQueue
+import java.util.concurrent.TimeUnit
+import java.util.concurrent.atomic.AtomicInteger
+import kotlinx.coroutines.flow.first
+import kotlinx.coroutines.runBlocking
+import kotlinx.coroutines.withTimeout
+
+const val BAD_EVENT =
+    """{"type":"m.room.encrypted","sender":"@a:b","content":{"algorithm":"m.megolm.v1.aes-sha2"}}"""
+const val EXPECTED_JSON =
+    """{"event":"Error","properties":{"domain":"TO_DEVICE","name":"ToDeviceFailedToDecrypt_UnsupportedAlgorithm","cryptoSDK":"Rust"}}"""
+val EXPECTED_PROPERTIES = mapOf(
+    "domain" to "TO_DEVICE",
+    "name" to "ToDeviceFailedToDecrypt_UnsupportedAlgorithm",
+    "cryptoSDK" to "Rust",
+)
+
+fun check(condition: Boolean, message: () -> String) {
+    if (!condition) throw AssertionError(message())
+}
+
+fun <T> checkEquals(expected: T, actual: T) = check(expected == actual) { "expected <$expected>, got <$actual>" }
+
+suspend fun expectFailure(machine: OlmMachine, json: String = BAD_EVENT): DecryptionFailure.Failed =
+    try {
+        machine.decryptToDeviceEvent(json)
+        throw AssertionError("decryption unexpectedly succeeded")
+    } catch (e: DecryptionFailure.Failed) {
+        e
+    }
+
+fun waitUntil(condition: () -> Boolean) {
+    val deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(5)
+    while (!condition()) {
+        check(System.nanoTime() < deadline) { "timed out" }
+        Thread.sleep(10)
+    }
+}
+
+suspend fun bob() = OlmMachine.openInMemory("@bob:example.org", "BOBDEVICE")
+
+/** Encrypts a `m.dummy` event from a new Alice for `bob`; returns Alice and the event JSON. */
+suspend fun encryptedFor(bob: OlmMachine, content: String): Pair<OlmMachine, String> {
+    val alice = OlmMachine.openInMemory("@alice:example.org", "ALICEDEVICE")
+    bob.generateOneTimeKeys(5u)
+    val array = alice.encryptFor(bob.keysForUpload()!!, "m.dummy", content)
+    // The array holds exactly one event: strip the brackets.
+    return alice to array.removePrefix("[").removeSuffix("]")
+}
+
+class Collecting : DecryptionFailureListener {
+    val events = LinkedBlockingQueue<PosthogErrorEvent>()
+    val threads = CopyOnWriteArrayList<Thread>()
+    override fun onDecryptionFailure(event: PosthogErrorEvent) {
+        threads.add(Thread.currentThread())
+        events.add(event)
+    }
+}
+
+class Throwing : DecryptionFailureListener {
+    val calls = AtomicInteger()
+    override fun onDecryptionFailure(event: PosthogErrorEvent) {
+        calls.incrementAndGet()
+        throw IllegalStateException("listener bug")
+    }
+}
+
+// A stand-in for the PostHog Android SDK, and the forwarding snippet an app would write.
+object PostHog {
+    val captured = CopyOnWriteArrayList<Pair<String, Map<String, Any>>>()
+    fun capture(event: String, properties: Map<String, Any>? = null) {
+        captured.add(event to (properties ?: emptyMap()))
+    }
+}
+
+class PostHogForwarder : DecryptionFailureListener {
+    override fun onDecryptionFailure(event: PosthogErrorEvent) {
+        PostHog.capture(event = event.event, properties = event.properties)
+    }
+}
+
+val tests: List<Pair<String, suspend () -> Unit>> = listOf(
+    "a decrypts a real event" to {
+        val bob = bob()
+        val (alice, json) = encryptedFor(bob, """{"hello":"world"}""")
+        val event = bob.decryptToDeviceEvent(json)
+        checkEquals("m.dummy", event.eventType)
+        checkEquals("""{"hello":"world"}""", event.contentJson)
+        checkEquals("@alice:example.org", event.sender)
+        checkEquals(alice.identityKeys().curve25519, event.senderCurve25519Key)
+        checkEquals(alice.identityKeys().ed25519, event.senderEd25519Key)
+    },
+    "b typed error for a bad event" to {
+        val failure = expectFailure(bob())
+        checkEquals(FailureReasonFfi.UNSUPPORTED_ALGORITHM, failure.reason)
+        check("m.megolm.v1.aes-sha2" in failure.errorMessage) { failure.errorMessage }
+    },
+    "c listener receives exactly the PostHog event" to {
+        val bob = bob()
+        val listener = Collecting()
+        val handle = bob.addDecryptionFailureListener(listener)
+        expectFailure(bob)
+        val event = listener.events.poll(5, TimeUnit.SECONDS) ?: throw AssertionError("no event")
+        checkEquals(EXPECTED_JSON, event.json)
+        checkEquals(EXPECTED_PROPERTIES, event.properties)
+        checkEquals("Error", event.event)
+        checkEquals(ErrorDomainFfi.TO_DEVICE, event.domain)
+        checkEquals(FailureReasonFfi.UNSUPPORTED_ALGORITHM, event.name)
+        checkEquals(CryptoSdkFfi.RUST, event.cryptoSdk)
+        checkEquals("ToDeviceFailedToDecrypt_UnsupportedAlgorithm", event.analyticsName)
+        check(Thread.currentThread() !in listener.threads) { "called on the decrypting thread" }
+        handle.cancel()
+        expectFailure(bob)
+        Thread.sleep(200)
+        check(listener.events.isEmpty()) { "delivered after cancel" }
+    },
+    "d a throwing listener disturbs nothing" to {
+        val bob = bob()
+        val throwing = Throwing()
+        val good = Collecting()
+        val handles = listOf(bob.addDecryptionFailureListener(throwing), bob.addDecryptionFailureListener(good))
+        repeat(3) { expectFailure(bob) }
+        waitUntil { throwing.calls.get() == 3 && good.events.size == 3 }
+        val (_, json) = encryptedFor(bob, """{"still":"works"}""")
+        checkEquals("""{"still":"works"}""", bob.decryptToDeviceEvent(json).contentJson)
+        handles.forEach { it.close() }
+    },
+    "e Flow helper receives the event" to {
+        val bob = bob()
+        val flow = bob.failureSubscription().asFlow()
+        expectFailure(bob)
+        val event = withTimeout(5_000) { flow.first() }
+        checkEquals(EXPECTED_JSON, event.json)
+    },
+    "f forwarding to PostHog" to {
+        val bob = bob()
+        val handle = bob.addDecryptionFailureListener(PostHogForwarder())
+        expectFailure(bob)
+        waitUntil { PostHog.captured.size == 1 }
+        checkEquals(listOf<Pair<String, Map<String, Any>>>("Error" to EXPECTED_PROPERTIES), PostHog.captured.toList())
+        handle.close()
+    },
+    "sync batch and SQLite store" to {
+        try {
+            OlmMachine.openSqlite("@bob:example.org", "BOBDEVICE", "/nonexistent/x.db", ByteArray(5))
+            throw AssertionError("a short key was accepted")
+        } catch (e: CryptoException.InvalidStoreKey) {
+            checkEquals(5uL, e.length)
+        }
+        val dir = kotlin.io.path.createTempDirectory("tdc").toFile()
+        try {
+            val bob = OlmMachine.openSqlite("@bob:example.org", "BOBDEVICE", "$dir/crypto.sqlite", ByteArray(32) { it.toByte() })
+            val (_, json) = encryptedFor(bob, """{"n":1}""")
+            val plain = """{"type":"m.dummy","sender":"@a:b","content":{}}"""
+            val results = bob.receiveToDeviceEvents("[$json,$plain,$BAD_EVENT]")
+            check(results[0] is ToDeviceResult.Decrypted) { "${results[0]}" }
+            check(results[1] is ToDeviceResult.Plaintext) { "${results[1]}" }
+            checkEquals(FailureReasonFfi.UNSUPPORTED_ALGORITHM, (results[2] as ToDeviceResult.Failed).reason)
+        } finally {
+            dir.deleteRecursively()
+        }
+    },
+)
+
+fun main() = runBlocking {
+    var failed = 0
+    for ((name, body) in tests) {
+        try {
+            body()
+            println("kotlin: ok   $name")
+        } catch (e: Throwable) {
+            failed++
+            println("kotlin: FAIL $name: $e")
+        }
+    }
+    println("kotlin: ${tests.size} tests, $failed failed")
+
+    val bob = bob()
+    val n = 200
+    repeat(50) { expectFailure(bob) } // warm-up (JIT)
+    val start = System.nanoTime()
+    repeat(n) { expectFailure(bob) }
+    val micros = (System.nanoTime() - start) / 1_000.0 / n
+    println("kotlin: decrypt_to_device_event overhead: %.1f us/event (%d failing events)".format(micros, n))
+    if (failed > 0) kotlin.system.exitProcess(1)
+}

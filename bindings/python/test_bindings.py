@@ -1,0 +1,235 @@
+"""Tests of the generated Python bindings (plain unittest).
+
+Run by scripts/test-bindings.sh, which copies this file, the generated to_device_crypto.py and
+libto_device_crypto.so into one temporary directory. Each case matches the Kotlin and Swift suites.
+"""
+
+import asyncio
+import json
+import os
+import queue
+import tempfile
+import threading
+import time
+import unittest
+
+from to_device_crypto import (
+    CryptoError,
+    CryptoSdkFfi,
+    DecryptionFailure,
+    DecryptionFailureListener,
+    ErrorDomainFfi,
+    FailureReasonFfi,
+    OlmMachine,
+    ToDeviceResult,
+)
+
+BAD_EVENT = '{"type":"m.room.encrypted","sender":"@a:b","content":{"algorithm":"m.megolm.v1.aes-sha2"}}'
+EXPECTED_JSON = (
+    '{"event":"Error","properties":{"domain":"TO_DEVICE",'
+    '"name":"ToDeviceFailedToDecrypt_UnsupportedAlgorithm","cryptoSDK":"Rust"}}'
+)
+EXPECTED_PROPERTIES = {
+    "domain": "TO_DEVICE",
+    "name": "ToDeviceFailedToDecrypt_UnsupportedAlgorithm",
+    "cryptoSDK": "Rust",
+}
+TIMEOUT = 5.0
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def alice_and_bob():
+    alice = await OlmMachine.open_in_memory("@alice:example.org", "ALICEDEVICE")
+    bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+    await bob.generate_one_time_keys(5)
+    return alice, bob
+
+
+async def encrypted_for(alice, bob, content):
+    events = json.loads(await alice.encrypt_for(await bob.keys_for_upload(), "m.dummy", json.dumps(content)))
+    return json.dumps(events[0])
+
+
+class Collecting(DecryptionFailureListener):
+    def __init__(self):
+        self.events = queue.Queue()
+        self.threads = set()
+
+    def on_decryption_failure(self, event):
+        self.threads.add(threading.get_ident())
+        self.events.put(event)
+
+
+class Throwing(DecryptionFailureListener):
+    def __init__(self):
+        self.calls = 0
+
+    def on_decryption_failure(self, event):
+        self.calls += 1
+        raise RuntimeError("listener bug")
+
+
+# --- a stand-in for the PostHog SDK, and the forwarding snippet an app would write -----------------
+class PostHog:
+    def __init__(self):
+        self.captured = []
+
+    def capture(self, event, properties):
+        self.captured.append((event, properties))
+
+
+class PostHogForwarder(DecryptionFailureListener):
+    def __init__(self, posthog):
+        self.posthog = posthog
+
+    def on_decryption_failure(self, event):
+        self.posthog.capture(event.event, event.properties)
+
+
+def wait_until(predicate):
+    deadline = time.monotonic() + TIMEOUT
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+class BindingsTest(unittest.TestCase):
+    def test_a_decrypts_a_real_event(self):
+        async def body():
+            alice, bob = await alice_and_bob()
+            event = await bob.decrypt_to_device_event(await encrypted_for(alice, bob, {"hello": "world"}))
+            self.assertEqual(event.event_type, "m.dummy")
+            self.assertEqual(json.loads(event.content_json), {"hello": "world"})
+            self.assertEqual(event.sender, "@alice:example.org")
+            self.assertEqual(event.sender_curve25519_key, alice.identity_keys().curve25519)
+            self.assertEqual(event.sender_ed25519_key, alice.identity_keys().ed25519)
+
+        run(body())
+
+    def test_b_typed_error_for_a_bad_event(self):
+        async def body():
+            bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+            with self.assertRaises(DecryptionFailure.Failed) as caught:
+                await bob.decrypt_to_device_event(BAD_EVENT)
+            self.assertEqual(caught.exception.reason, FailureReasonFfi.UNSUPPORTED_ALGORITHM)
+            self.assertIn("m.megolm.v1.aes-sha2", caught.exception.message)
+
+        run(body())
+
+    def test_c_listener_receives_exactly_the_posthog_event(self):
+        async def body():
+            bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+            listener = Collecting()
+            handle = bob.add_decryption_failure_listener(listener)
+            with self.assertRaises(DecryptionFailure):
+                await bob.decrypt_to_device_event(BAD_EVENT)
+            event = listener.events.get(timeout=TIMEOUT)
+            self.assertEqual(event.json, EXPECTED_JSON)
+            self.assertEqual(event.properties, EXPECTED_PROPERTIES)
+            self.assertEqual(event.event, "Error")
+            self.assertEqual(event.domain, ErrorDomainFfi.TO_DEVICE)
+            self.assertEqual(event.name, FailureReasonFfi.UNSUPPORTED_ALGORITHM)
+            self.assertEqual(event.crypto_sdk, CryptoSdkFfi.RUST)
+            self.assertEqual(event.analytics_name, "ToDeviceFailedToDecrypt_UnsupportedAlgorithm")
+            self.assertNotIn(threading.get_ident(), listener.threads, "called on the decrypting thread")
+            self.assertTrue(listener.events.empty())
+            # Cancelling stops delivery.
+            handle.cancel()
+            with self.assertRaises(DecryptionFailure):
+                await bob.decrypt_to_device_event(BAD_EVENT)
+            time.sleep(0.2)
+            self.assertTrue(listener.events.empty())
+
+        run(body())
+
+    def test_d_a_throwing_listener_disturbs_nothing(self):
+        async def body():
+            alice, bob = await alice_and_bob()
+            throwing, good = Throwing(), Collecting()
+            handles = [bob.add_decryption_failure_listener(throwing), bob.add_decryption_failure_listener(good)]
+            for _ in range(3):
+                with self.assertRaises(DecryptionFailure):
+                    await bob.decrypt_to_device_event(BAD_EVENT)
+            self.assertTrue(wait_until(lambda: throwing.calls == 3 and good.events.qsize() == 3))
+            event = await bob.decrypt_to_device_event(await encrypted_for(alice, bob, {"still": "works"}))
+            self.assertEqual(json.loads(event.content_json), {"still": "works"})
+            del handles
+
+        run(body())
+
+    def test_e_pull_subscription_receives_the_event(self):
+        async def body():
+            bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+            subscription = bob.failure_subscription()
+            with self.assertRaises(DecryptionFailure):
+                await bob.decrypt_to_device_event(BAD_EVENT)
+            event = await asyncio.wait_for(subscription.next(), TIMEOUT)
+            self.assertEqual(event.json, EXPECTED_JSON)
+            self.assertEqual(subscription.missed(), 0)
+
+        run(body())
+
+    def test_f_forwarding_to_posthog(self):
+        async def body():
+            bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+            posthog = PostHog()
+            handle = bob.add_decryption_failure_listener(PostHogForwarder(posthog))
+            with self.assertRaises(DecryptionFailure):
+                await bob.decrypt_to_device_event(BAD_EVENT)
+            self.assertTrue(wait_until(lambda: len(posthog.captured) == 1))
+            self.assertEqual(posthog.captured, [("Error", EXPECTED_PROPERTIES)])
+            handle.cancel()
+
+        run(body())
+
+    def test_sync_batch_and_sqlite_store(self):
+        async def body():
+            with self.assertRaises(CryptoError.InvalidStoreKey):
+                await OlmMachine.open_sqlite("@bob:example.org", "BOBDEVICE", "/nonexistent/x.db", b"short")
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "crypto.sqlite")
+                alice = await OlmMachine.open_in_memory("@alice:example.org", "ALICEDEVICE")
+                bob = await OlmMachine.open_sqlite("@bob:example.org", "BOBDEVICE", path, bytes(range(32)))
+                self.assertEqual(await bob.generate_one_time_keys(2), 2)
+                encrypted = await encrypted_for(alice, bob, {"n": 1})
+                plain = '{"type":"m.dummy","sender":"@a:b","content":{}}'
+                results = await bob.receive_to_device_events("[%s,%s,%s]" % (encrypted, plain, BAD_EVENT))
+                self.assertIsInstance(results[0], ToDeviceResult.DECRYPTED)
+                self.assertIsInstance(results[1], ToDeviceResult.PLAINTEXT)
+                self.assertIsInstance(results[2], ToDeviceResult.FAILED)
+                self.assertEqual(results[2].reason, FailureReasonFfi.UNSUPPORTED_ALGORITHM)
+
+        run(body())
+
+
+def measure_overhead(n=200):
+    async def body():
+        bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+        for _ in range(50):  # warm-up
+            try:
+                await bob.decrypt_to_device_event(BAD_EVENT)
+            except DecryptionFailure:
+                pass
+        start = time.perf_counter()
+        for _ in range(n):
+            try:
+                await bob.decrypt_to_device_event(BAD_EVENT)
+            except DecryptionFailure:
+                pass
+        return (time.perf_counter() - start) / n * 1e6
+
+    print("python: decrypt_to_device_event overhead: %.1f us/event (%d failing events)" % (run(body()), n))
+
+
+if __name__ == "__main__":
+    import sys
+
+    result = unittest.main(exit=False, verbosity=1).result
+    print("python: %d tests, %d failed" % (result.testsRun, len(result.failures) + len(result.errors)))
+    measure_overhead()
+    sys.exit(0 if result.wasSuccessful() else 1)

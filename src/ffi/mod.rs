@@ -1,0 +1,402 @@
+//! The UniFFI adapter that exports the core to Swift, Kotlin and Python.
+//!
+//! This module is deliberately thin: it converts between the core types and FFI-friendly records,
+//! and owns the one thing the core does not have — a runtime on which failure listeners are called.
+//! Nothing in the core knows it is exported.
+//!
+//! - [`OlmMachine`] wraps [`crate::OlmMachine`] with JSON-string arguments and results.
+//! - Failures reach the app either push-style ([`DecryptionFailureListener`] plus a
+//!   [`ListenerHandle`]) or pull-style ([`FailureSubscription::next`], which the hand-written Swift
+//!   `AsyncStream` and Kotlin `Flow` helpers wrap).
+
+mod types;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use futures::StreamExt;
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::runtime::Runtime;
+use tokio::task::AbortHandle;
+
+use crate::machine::{OlmMachine as CoreMachine, ToDeviceOutcome};
+use crate::olm::device_keys::parse_keys_upload_body;
+use crate::reporting::FailureStream;
+use crate::store::StoreKey;
+
+pub use types::{
+    CryptoError, CryptoSdkFfi, DecryptedEvent, DecryptionFailure, ErrorDomainFfi, FailureReasonFfi,
+    IdentityKeysFfi, PosthogErrorEvent, ToDeviceResult,
+};
+
+/// The runtime on which listener tasks run. Foreign callers are usually not inside a tokio
+/// runtime, so the adapter owns one; it is created on first use and lives for the process.
+fn listener_runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(4)
+            .thread_name("tdc-failure-listeners")
+            .build()
+            .expect("cannot start the failure listener runtime")
+    })
+}
+
+/// One Matrix device's Olm machine, for Swift, Kotlin and Python.
+#[derive(uniffi::Object)]
+pub struct OlmMachine {
+    inner: CoreMachine,
+}
+
+#[uniffi::export(async_runtime = "tokio")]
+impl OlmMachine {
+    /// Opens (or creates) the machine in the encrypted SQLite store at `path`. `store_key` must
+    /// be exactly 32 bytes; keep it in the Keychain / Keystore.
+    #[uniffi::constructor]
+    pub async fn open_sqlite(
+        user_id: String,
+        device_id: String,
+        path: String,
+        store_key: Vec<u8>,
+    ) -> Result<Arc<Self>, CryptoError> {
+        let bytes: [u8; 32] =
+            store_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| CryptoError::InvalidStoreKey {
+                    length: store_key.len() as u64,
+                })?;
+        let inner =
+            CoreMachine::with_sqlite(&user_id, &device_id, path, StoreKey::from_bytes(bytes))
+                .await?;
+        Ok(Arc::new(Self { inner }))
+    }
+
+    /// Opens a machine on a new in-memory store (tests, or apps that keep no state).
+    #[uniffi::constructor]
+    pub async fn open_in_memory(
+        user_id: String,
+        device_id: String,
+    ) -> Result<Arc<Self>, CryptoError> {
+        let inner = CoreMachine::in_memory(&user_id, &device_id).await?;
+        Ok(Arc::new(Self { inner }))
+    }
+
+    /// Our user id.
+    pub fn user_id(&self) -> String {
+        self.inner.user_id().to_owned()
+    }
+
+    /// Our device id.
+    pub fn device_id(&self) -> String {
+        self.inner.device_id().to_owned()
+    }
+
+    /// Our identity keys, base64.
+    pub fn identity_keys(&self) -> IdentityKeysFfi {
+        let keys = self.inner.identity_keys();
+        IdentityKeysFfi {
+            curve25519: keys.curve25519.to_base64(),
+            ed25519: keys.ed25519.to_base64(),
+        }
+    }
+
+    /// The `/keys/upload` body (JSON) with every unpublished key, or `None` if there is none.
+    pub async fn keys_for_upload(&self) -> Option<String> {
+        self.inner.keys_for_upload().await.map(|v| v.to_string())
+    }
+
+    /// Marks the keys of the last `keys_for_upload` as published.
+    pub async fn mark_keys_as_published(&self) -> Result<(), CryptoError> {
+        Ok(self.inner.mark_keys_as_published().await?)
+    }
+
+    /// Generates up to `count` one-time keys; returns how many were made.
+    pub async fn generate_one_time_keys(&self, count: u32) -> Result<u32, CryptoError> {
+        let made = self.inner.generate_one_time_keys(count as usize).await?;
+        Ok(saturating_u32(made))
+    }
+
+    /// Tops one-time keys up from the server's `signed_curve25519` count; returns how many were
+    /// generated.
+    pub async fn receive_one_time_key_count(
+        &self,
+        server_count: u64,
+        fallback_key_unused: bool,
+    ) -> Result<u32, CryptoError> {
+        let made = self
+            .inner
+            .receive_one_time_key_count(server_count, fallback_key_unused)
+            .await?;
+        Ok(saturating_u32(made))
+    }
+
+    /// Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
+    pub async fn receive_keys_query_response(&self, json: String) -> Result<u32, CryptoError> {
+        let body = parse_json(&json)?;
+        let outcome = self.inner.receive_keys_query_response(&body).await?;
+        Ok(saturating_u32(outcome.stored))
+    }
+
+    /// Decrypts one `m.room.encrypted` to-device event (JSON). On failure the error names the
+    /// reason, and listeners/subscriptions receive the PostHog event.
+    pub async fn decrypt_to_device_event(
+        &self,
+        json: String,
+    ) -> Result<DecryptedEvent, DecryptionFailure> {
+        self.inner
+            .decrypt_to_device_event(&json)
+            .await
+            .map(DecryptedEvent::from)
+            .map_err(DecryptionFailure::from)
+    }
+
+    /// Decrypts the `to_device.events` array (JSON) of one `/sync` response, in order.
+    pub async fn receive_to_device_events(
+        &self,
+        json_array: String,
+    ) -> Result<Vec<ToDeviceResult>, CryptoError> {
+        let events: Vec<Box<RawValue>> =
+            serde_json::from_str(&json_array).map_err(|e| CryptoError::InvalidJson {
+                detail: e.to_string(),
+            })?;
+        let raw: Vec<&str> = events.iter().map(|e| e.get()).collect();
+        let outcomes = self.inner.receive_to_device_events(&raw).await?;
+        Ok(outcomes.into_iter().map(ToDeviceResult::from).collect())
+    }
+
+    /// Encrypts one `event_type` event with `content_json` for the device whose `/keys/upload`
+    /// body (JSON, with at least one one-time key) is given. Returns a JSON array of
+    /// `m.room.encrypted` to-device events.
+    pub async fn encrypt_for(
+        &self,
+        recipient_keys_upload_json: String,
+        event_type: String,
+        content_json: String,
+    ) -> Result<String, CryptoError> {
+        let recipient =
+            parse_keys_upload_body(&parse_json(&recipient_keys_upload_json)?).map_err(|e| {
+                CryptoError::InvalidJson {
+                    detail: e.to_string(),
+                }
+            })?;
+        let content = parse_json(&content_json)?;
+        let events = self
+            .inner
+            .encrypt(&recipient, &event_type, &[content])
+            .await?;
+        Ok(Value::Array(events).to_string())
+    }
+
+    /// Calls `listener` once per decryption failure, in order, on a background thread (never on
+    /// the decrypting thread, never under a lock). A listener that panics or throws is isolated.
+    /// Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+    pub fn add_decryption_failure_listener(
+        &self,
+        listener: Arc<dyn DecryptionFailureListener>,
+    ) -> Arc<ListenerHandle> {
+        let mut stream = self.inner.to_device_decryption_failure_stream();
+        let task = listener_runtime().spawn(async move {
+            while let Some(item) = stream.next().await {
+                let Ok(failure) = item else {
+                    continue; // fell behind; the missed items are gone
+                };
+                let event = PosthogErrorEvent::from(failure.analytics);
+                let listener = Arc::clone(&listener);
+                // A blocking thread, so that a slow listener never stalls the runtime; awaited, so
+                // that calls stay in order.
+                let _ = tokio::task::spawn_blocking(move || {
+                    // A foreign exception comes back from UniFFI as a panic.
+                    let _ =
+                        catch_unwind(AssertUnwindSafe(|| listener.on_decryption_failure(event)));
+                })
+                .await;
+            }
+        });
+        Arc::new(ListenerHandle {
+            task: task.abort_handle(),
+        })
+    }
+
+    /// A pull-style subscription to every failure from now on.
+    pub fn failure_subscription(&self) -> Arc<FailureSubscription> {
+        Arc::new(FailureSubscription {
+            stream: tokio::sync::Mutex::new(self.inner.to_device_decryption_failure_stream()),
+            missed: AtomicU64::new(0),
+        })
+    }
+}
+
+fn saturating_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn parse_json(json: &str) -> Result<Value, CryptoError> {
+    serde_json::from_str(json).map_err(|e| CryptoError::InvalidJson {
+        detail: e.to_string(),
+    })
+}
+
+/// Receives the PostHog event of every to-device decryption failure.
+#[uniffi::export(foreign)]
+pub trait DecryptionFailureListener: Send + Sync {
+    /// Called once per failure, in order, on a background thread.
+    fn on_decryption_failure(&self, event: PosthogErrorEvent);
+}
+
+/// Keeps a listener registered; `cancel()` or dropping it stops delivery.
+#[derive(uniffi::Object)]
+pub struct ListenerHandle {
+    task: AbortHandle,
+}
+
+#[uniffi::export]
+impl ListenerHandle {
+    /// Stops delivery. A call already in progress finishes.
+    pub fn cancel(&self) {
+        self.task.abort();
+    }
+
+    /// Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
+    /// this may still be `false` for a moment.
+    pub fn is_cancelled(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for ListenerHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A pull-style subscription to the failure stream.
+#[derive(uniffi::Object)]
+pub struct FailureSubscription {
+    stream: tokio::sync::Mutex<FailureStream>,
+    missed: AtomicU64,
+}
+
+#[uniffi::export(async_runtime = "tokio")]
+impl FailureSubscription {
+    /// The next failure, waiting for one; `None` once the machine is gone. Items missed because
+    /// this subscriber fell behind are skipped and counted in [`Self::missed`].
+    pub async fn next(&self) -> Option<PosthogErrorEvent> {
+        let mut stream = self.stream.lock().await;
+        loop {
+            match stream.next().await? {
+                Ok(failure) => return Some(PosthogErrorEvent::from(failure.analytics)),
+                Err(lag) => {
+                    self.missed.fetch_add(lag.missed, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// How many failures this subscription skipped because it fell behind.
+    pub fn missed(&self) -> u64 {
+        self.missed.load(Ordering::Relaxed)
+    }
+}
+
+impl From<ToDeviceOutcome> for ToDeviceResult {
+    fn from(outcome: ToDeviceOutcome) -> Self {
+        match outcome {
+            ToDeviceOutcome::Decrypted(event) => Self::Decrypted {
+                event: event.into(),
+            },
+            ToDeviceOutcome::Plaintext(value) => Self::Plaintext {
+                json: value.to_string(),
+            },
+            ToDeviceOutcome::Failed(failed) => Self::Failed {
+                reason: failed.error.reason().into(),
+                message: failed.error.to_string(),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::analytics::FailureReason;
+
+    const BAD_EVENT: &str = r#"{"type":"m.room.encrypted","sender":"@a:b","content":{"algorithm":"m.megolm.v1.aes-sha2"}}"#;
+
+    #[derive(Default)]
+    struct Collecting(Mutex<Vec<PosthogErrorEvent>>);
+
+    impl DecryptionFailureListener for Collecting {
+        fn on_decryption_failure(&self, event: PosthogErrorEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
+
+    struct Panicking;
+
+    impl DecryptionFailureListener for Panicking {
+        fn on_decryption_failure(&self, _: PosthogErrorEvent) {
+            panic!("listener bug");
+        }
+    }
+
+    fn wait_for(condition: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !condition() {
+            assert!(Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn every_core_reason_maps_to_the_same_named_ffi_reason() {
+        for reason in FailureReason::ALL {
+            let ffi = FailureReasonFfi::from(reason);
+            assert_eq!(format!("{ffi:?}"), format!("{reason:?}"));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_panicking_listener_disturbs_neither_decryption_nor_other_listeners() {
+        let machine = OlmMachine::open_in_memory("@bob:example.org".into(), "BOBDEVICE".into())
+            .await
+            .unwrap();
+        let good = Arc::new(Collecting::default());
+        let _bad = machine.add_decryption_failure_listener(Arc::new(Panicking));
+        let handle = machine.add_decryption_failure_listener(good.clone());
+        let subscription = machine.failure_subscription();
+        for _ in 0..2 {
+            let error = machine
+                .decrypt_to_device_event(BAD_EVENT.into())
+                .await
+                .unwrap_err();
+            let DecryptionFailure::Failed { reason, .. } = error;
+            assert_eq!(reason, FailureReasonFfi::UnsupportedAlgorithm);
+        }
+        wait_for(|| good.0.lock().unwrap().len() == 2);
+        let event = subscription.next().await.unwrap();
+        assert_eq!(
+            event.json,
+            r#"{"event":"Error","properties":{"domain":"TO_DEVICE","name":"ToDeviceFailedToDecrypt_UnsupportedAlgorithm","cryptoSDK":"Rust"}}"#
+        );
+        assert_eq!(event, good.0.lock().unwrap()[0]);
+
+        drop(handle);
+        machine
+            .decrypt_to_device_event(BAD_EVENT.into())
+            .await
+            .unwrap_err();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            good.0.lock().unwrap().len(),
+            2,
+            "delivered after the handle was dropped"
+        );
+    }
+}

@@ -1,0 +1,260 @@
+//! The records, enums and errors of the FFI surface, and their conversions from the core types.
+
+use std::collections::HashMap;
+
+use crate::analytics::{AnalyticsEvent, CryptoSdk, ErrorDomain, FailureReason};
+use crate::error::{DecryptionError, EncryptionError, KeysError, OpenError, StoreError};
+use crate::machine::DecryptedToDeviceEvent;
+
+/// Our identity keys, base64.
+#[derive(Clone, Debug, PartialEq, Eq, uniffi::Record)]
+pub struct IdentityKeysFfi {
+    /// The Curve25519 identity key.
+    pub curve25519: String,
+    /// The Ed25519 fingerprint key.
+    pub ed25519: String,
+}
+
+/// Why a to-device event failed to decrypt: mirrors [`FailureReason`] one to one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, uniffi::Enum)]
+pub enum FailureReasonFfi {
+    MalformedEvent,
+    UnsupportedAlgorithm,
+    MissingSenderKey,
+    MissingCiphertext,
+    MalformedCiphertext,
+    MissingSession,
+    SessionWedged,
+    UnknownOneTimeKey,
+    SessionCreation,
+    ReplayedMessage,
+    JsonError,
+    MismatchedSender,
+    MismatchedRecipient,
+    MismatchedKeys,
+    MissingSigningKey,
+    InvalidSenderDeviceKeys,
+    Store,
+}
+
+impl From<FailureReason> for FailureReasonFfi {
+    // Exhaustive on purpose: a new core reason must break this build until it is exported.
+    fn from(reason: FailureReason) -> Self {
+        match reason {
+            FailureReason::MalformedEvent => Self::MalformedEvent,
+            FailureReason::UnsupportedAlgorithm => Self::UnsupportedAlgorithm,
+            FailureReason::MissingSenderKey => Self::MissingSenderKey,
+            FailureReason::MissingCiphertext => Self::MissingCiphertext,
+            FailureReason::MalformedCiphertext => Self::MalformedCiphertext,
+            FailureReason::MissingSession => Self::MissingSession,
+            FailureReason::SessionWedged => Self::SessionWedged,
+            FailureReason::UnknownOneTimeKey => Self::UnknownOneTimeKey,
+            FailureReason::SessionCreation => Self::SessionCreation,
+            FailureReason::ReplayedMessage => Self::ReplayedMessage,
+            FailureReason::JsonError => Self::JsonError,
+            FailureReason::MismatchedSender => Self::MismatchedSender,
+            FailureReason::MismatchedRecipient => Self::MismatchedRecipient,
+            FailureReason::MismatchedKeys => Self::MismatchedKeys,
+            FailureReason::MissingSigningKey => Self::MissingSigningKey,
+            FailureReason::InvalidSenderDeviceKeys => Self::InvalidSenderDeviceKeys,
+            FailureReason::Store => Self::Store,
+        }
+    }
+}
+
+/// The PostHog `Error` event `domain`: mirrors [`ErrorDomain`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, uniffi::Enum)]
+pub enum ErrorDomainFfi {
+    E2ee,
+    Voip,
+    ToDevice,
+}
+
+impl From<ErrorDomain> for ErrorDomainFfi {
+    fn from(domain: ErrorDomain) -> Self {
+        match domain {
+            ErrorDomain::E2ee => Self::E2ee,
+            ErrorDomain::Voip => Self::Voip,
+            ErrorDomain::ToDevice => Self::ToDevice,
+        }
+    }
+}
+
+/// The PostHog `Error` event `cryptoSDK`: mirrors [`CryptoSdk`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, uniffi::Enum)]
+pub enum CryptoSdkFfi {
+    Legacy,
+    Rust,
+}
+
+impl From<CryptoSdk> for CryptoSdkFfi {
+    fn from(sdk: CryptoSdk) -> Self {
+        match sdk {
+            CryptoSdk::Legacy => Self::Legacy,
+            CryptoSdk::Rust => Self::Rust,
+        }
+    }
+}
+
+/// The PostHog event for one decryption failure: typed fields, plus `properties` for
+/// `PostHog.capture(event, properties)` and the exact payload as `json`.
+#[derive(Clone, Debug, PartialEq, Eq, uniffi::Record)]
+pub struct PosthogErrorEvent {
+    /// The PostHog event name, always `"Error"`.
+    pub event: String,
+    /// Always `ToDevice`.
+    pub domain: ErrorDomainFfi,
+    /// The failure reason.
+    pub name: FailureReasonFfi,
+    /// Always `Rust`.
+    pub crypto_sdk: CryptoSdkFfi,
+    /// The `name` property as sent, e.g. `ToDeviceFailedToDecrypt_MissingSession`.
+    pub analytics_name: String,
+    /// The properties exactly as PostHog receives them (`domain`, `name`, `cryptoSDK`).
+    pub properties: HashMap<String, String>,
+    /// The whole payload as one line of JSON.
+    pub json: String,
+}
+
+impl From<AnalyticsEvent> for PosthogErrorEvent {
+    fn from(event: AnalyticsEvent) -> Self {
+        Self {
+            event: event.event.to_owned(),
+            domain: event.properties.domain.into(),
+            name: event.reason().into(),
+            crypto_sdk: event.properties.crypto_sdk.into(),
+            analytics_name: event.reason().analytics_name().to_owned(),
+            properties: event.properties_map().into_iter().collect(),
+            json: event.to_json(),
+        }
+    }
+}
+
+/// A decrypted to-device event that passed every check.
+#[derive(Clone, Debug, PartialEq, Eq, uniffi::Record)]
+pub struct DecryptedEvent {
+    /// The decrypted event type, e.g. `m.room_key`.
+    pub event_type: String,
+    /// The decrypted content, JSON.
+    pub content_json: String,
+    /// The sender's user id.
+    pub sender: String,
+    /// The sending device's Curve25519 key.
+    pub sender_curve25519_key: String,
+    /// The sending device's Ed25519 key.
+    pub sender_ed25519_key: String,
+    /// The sending device's id, when known.
+    pub sender_device_id: Option<String>,
+    /// Whether the Ed25519 key was confirmed by validly signed device keys.
+    pub sender_device_verified: bool,
+}
+
+impl From<DecryptedToDeviceEvent> for DecryptedEvent {
+    fn from(event: DecryptedToDeviceEvent) -> Self {
+        Self {
+            event_type: event.event_type,
+            content_json: event.content.to_string(),
+            sender: event.sender,
+            sender_curve25519_key: event.sender_curve25519_key,
+            sender_ed25519_key: event.sender_ed25519_key,
+            sender_device_id: event.sender_device_id,
+            sender_device_verified: event.sender_device_verified,
+        }
+    }
+}
+
+/// The result for one event of a `/sync` batch.
+#[derive(Clone, Debug, PartialEq, Eq, uniffi::Enum)]
+pub enum ToDeviceResult {
+    /// Decrypted and passed every check.
+    Decrypted { event: DecryptedEvent },
+    /// Not encrypted; passed through unchanged (JSON).
+    Plaintext { json: String },
+    /// Failed; listeners received the PostHog event.
+    Failed {
+        reason: FailureReasonFfi,
+        message: String,
+    },
+}
+
+/// Why `decrypt_to_device_event` failed: the typed reason and a message for local logs.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, uniffi::Error)]
+pub enum DecryptionFailure {
+    /// The event failed to decrypt. (`message` is renamed `errorMessage` in Kotlin, where
+    /// `message` belongs to `Throwable`.)
+    #[error("{reason:?}: {message}")]
+    Failed {
+        reason: FailureReasonFfi,
+        message: String,
+    },
+}
+
+impl From<DecryptionError> for DecryptionFailure {
+    fn from(error: DecryptionError) -> Self {
+        Self::Failed {
+            reason: error.reason().into(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// Errors of the FFI calls other than decryption.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, uniffi::Error)]
+pub enum CryptoError {
+    /// The store key is not exactly 32 bytes.
+    #[error("the store key must be 32 bytes, got {length}")]
+    InvalidStoreKey { length: u64 },
+    /// An argument is not the expected JSON.
+    #[error("invalid JSON: {detail}")]
+    InvalidJson { detail: String },
+    /// The user or device id is invalid.
+    #[error("invalid id: {detail}")]
+    InvalidId { detail: String },
+    /// The crypto store failed.
+    #[error("store error: {detail}")]
+    Store { detail: String },
+    /// Encrypting failed.
+    #[error("encryption error: {detail}")]
+    Encryption { detail: String },
+}
+
+impl From<StoreError> for CryptoError {
+    fn from(error: StoreError) -> Self {
+        Self::Store {
+            detail: error.to_string(),
+        }
+    }
+}
+
+impl From<OpenError> for CryptoError {
+    fn from(error: OpenError) -> Self {
+        match error {
+            OpenError::Store(store) => store.into(),
+            other => Self::InvalidId {
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<KeysError> for CryptoError {
+    fn from(error: KeysError) -> Self {
+        match error {
+            KeysError::Store(store) => store.into(),
+            other => Self::InvalidJson {
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<EncryptionError> for CryptoError {
+    fn from(error: EncryptionError) -> Self {
+        match error {
+            EncryptionError::Store(store) => store.into(),
+            other => Self::Encryption {
+                detail: other.to_string(),
+            },
+        }
+    }
+}
