@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use to_device_crypto::olm::device_keys::{parse_keys_upload_body, DeviceKeys, PublishedKeys};
-use to_device_crypto::simulator::{Recipient, SimulatedDevice};
+use to_device_crypto::simulator::{
+    publish_machine_keys, recipient_of, tamper_with_body, Recipient, SimulatedDevice,
+};
 use to_device_crypto::store::{SqliteStore, Synchronous};
 use to_device_crypto::{MemoryStore, OlmMachine, StoreKey, ToDeviceOutcome};
 use vodozemac::olm::{Account, SessionConfig};
@@ -37,22 +39,7 @@ fn room_key(seq: usize) -> Value {
 }
 
 async fn publish(machine: &OlmMachine, count: usize) -> PublishedKeys {
-    machine.generate_one_time_keys(count).await.unwrap();
-    let mut body = machine.keys_for_upload().await.unwrap();
-    machine.mark_keys_as_published().await.unwrap();
-    if body.get("device_keys").is_none() {
-        body["device_keys"] = machine.device_keys().await;
-    }
-    parse_keys_upload_body(&body).unwrap()
-}
-
-fn recipient_of(machine: &OlmMachine) -> Recipient {
-    let keys = machine.identity_keys();
-    Recipient {
-        user_id: BOB.to_owned(),
-        curve25519: keys.curve25519,
-        ed25519: keys.ed25519,
-    }
+    publish_machine_keys(machine, count).await.unwrap()
 }
 
 /// Senders with normal-message sessions to `bob` (they sent a pre-key message and got a reply).
@@ -278,25 +265,12 @@ fn main() {
 
     // 4: a batch of 100 SessionWedged messages with a stalled stream subscriber vs none.
     let (mut with, mut without) = (Vec::new(), Vec::new());
-    let tamper = |mut event: Value| {
-        let entry = event["content"]["ciphertext"]
-            .as_object_mut()
-            .unwrap()
-            .values_mut()
-            .next()
-            .unwrap();
-        let mut body = vodozemac::base64_decode(entry["body"].as_str().unwrap()).unwrap();
-        let last = body.len() - 1;
-        body[last] ^= 1;
-        entry["body"] = json!(vodozemac::base64_encode(body));
-        event
-    };
     for _ in 0..ROUNDS {
         let stalled = memory_bob.to_device_decryption_failure_stream();
-        let batch = batch_for(&mut memory_senders, &to_memory, tamper);
+        let batch = batch_for(&mut memory_senders, &to_memory, tamper_with_body);
         with.push(rt.block_on(time_batch(&memory_bob, &batch, false)));
         drop(stalled);
-        let batch = batch_for(&mut memory_senders, &to_memory, tamper);
+        let batch = batch_for(&mut memory_senders, &to_memory, tamper_with_body);
         without.push(rt.block_on(time_batch(&memory_bob, &batch, false)));
     }
     rows.push(Row {

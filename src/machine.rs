@@ -507,9 +507,13 @@ impl OlmMachine {
             .await;
         Ok(match result {
             Ok(Some(event)) => ToDeviceOutcome::Decrypted(event),
-            Ok(None) => ToDeviceOutcome::Plaintext(
-                serde_json::from_str(raw).map_err(corrupted("plain event"))?,
-            ),
+            Ok(None) => match serde_json::from_str(raw) {
+                Ok(event) => ToDeviceOutcome::Plaintext(event),
+                Err(error) => ToDeviceOutcome::Failed(FailedToDeviceEvent {
+                    error: DecryptionError::MalformedEvent(error.to_string()),
+                    facts,
+                }),
+            },
             Err(DecryptionError::Store(error)) => return Err(error),
             Err(error) => ToDeviceOutcome::Failed(FailedToDeviceEvent { error, facts }),
         })

@@ -15,6 +15,60 @@ use crate::olm::device_keys::{
     parse_keys_upload_body, DeviceKeys, PublishedKeys, OLM_V1_ALGORITHM,
 };
 use crate::olm::envelope::ENCRYPTED_EVENT_TYPE;
+use crate::OlmMachine;
+
+/// Generates `count` one-time keys on `machine`, publishes them (as after a successful
+/// `/keys/upload`) and returns the device and one-time keys as a device claiming them sees them.
+pub async fn publish_machine_keys(
+    machine: &OlmMachine,
+    count: usize,
+) -> Result<PublishedKeys, String> {
+    machine
+        .generate_one_time_keys(count)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut body = machine.keys_for_upload().await.unwrap_or_else(|| json!({}));
+    machine
+        .mark_keys_as_published()
+        .await
+        .map_err(|e| e.to_string())?;
+    if body.get("device_keys").is_none() {
+        body["device_keys"] = machine.device_keys().await;
+    }
+    let mut keys = parse_keys_upload_body(&body).map_err(|e| e.to_string())?;
+    keys.one_time_keys.retain(|key| !key.fallback);
+    Ok(keys)
+}
+
+/// The machine's device as a recipient of simulated traffic.
+pub fn recipient_of(machine: &OlmMachine) -> Recipient {
+    let keys = machine.identity_keys();
+    Recipient {
+        user_id: machine.user_id().to_owned(),
+        curve25519: keys.curve25519,
+        ed25519: keys.ed25519,
+    }
+}
+
+/// Flips the last byte of the event's (first) ciphertext body: the message still decodes but no
+/// longer authenticates, as after corruption in transit or tampering.
+pub fn tamper_with_body(mut event: Value) -> Value {
+    if let Some(entry) = event["content"]["ciphertext"]
+        .as_object_mut()
+        .and_then(|map| map.values_mut().next())
+    {
+        if let Some(mut body) = entry["body"]
+            .as_str()
+            .and_then(|b| vodozemac::base64_decode(b).ok())
+        {
+            if let Some(last) = body.last_mut() {
+                *last ^= 0x01;
+            }
+            entry["body"] = json!(vodozemac::base64_encode(body));
+        }
+    }
+    event
+}
 
 /// Who a simulated device sends to.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use futures::StreamExt;
 use serde_json::{json, Value};
-use to_device_crypto::simulator::{Recipient, SimulatedDevice};
+use to_device_crypto::simulator::{tamper_with_body, Recipient, SimulatedDevice};
 use to_device_crypto::{FailureReason, OlmMachine, ToDeviceOutcome};
 
 fn with_ciphertext(mut event: Value, change: impl FnOnce(&mut Value)) -> Value {
@@ -18,16 +18,6 @@ fn with_ciphertext(mut event: Value, change: impl FnOnce(&mut Value)) -> Value {
         .unwrap();
     change(entry);
     event
-}
-
-fn flip_body_byte(event: Value) -> Value {
-    with_ciphertext(event, |entry| {
-        let body = vodozemac::base64_decode(entry["body"].as_str().unwrap()).unwrap();
-        let mut body = body.clone();
-        let last = body.len() - 1;
-        body[last] ^= 0x01; // inside the MAC: decodes, but does not authenticate
-        entry["body"] = json!(vodozemac::base64_encode(body));
-    })
 }
 
 struct Fixture {
@@ -157,7 +147,7 @@ async fn fixture_table(
     let second_pre_key = alice.encrypt(&to_bob, "m.dummy", json!({}));
     push(
         "tampered pre-key, existing session",
-        flip_body_byte(second_pre_key),
+        tamper_with_body(second_pre_key),
         "ToDeviceFailedToDecrypt_SessionWedged",
     );
 

@@ -10,8 +10,7 @@ use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
-use to_device_crypto::olm::device_keys::{parse_keys_upload_body, PublishedKeys};
-use to_device_crypto::simulator::{Recipient, SimulatedDevice};
+use to_device_crypto::simulator::{publish_machine_keys, recipient_of, SimulatedDevice};
 use to_device_crypto::{FailureStream, MemoryStore, OlmMachine, ToDeviceOutcome};
 
 const BOB: &str = "@bob:example.org";
@@ -39,15 +38,6 @@ impl Bob {
             store,
             failures,
         })
-    }
-
-    fn recipient(&self) -> Recipient {
-        let keys = self.machine.identity_keys();
-        Recipient {
-            user_id: BOB.to_owned(),
-            curve25519: keys.curve25519,
-            ed25519: keys.ed25519,
-        }
     }
 
     /// Feeds one `/sync` batch, prints the PostHog events it produced and tallies the outcomes.
@@ -101,19 +91,6 @@ impl Bob {
     }
 }
 
-async fn publish(machine: &OlmMachine, count: usize) -> Result<PublishedKeys, String> {
-    machine
-        .generate_one_time_keys(count)
-        .await
-        .map_err(|e| e.to_string())?;
-    let body = machine.keys_for_upload().await.ok_or("no keys to upload")?;
-    machine
-        .mark_keys_as_published()
-        .await
-        .map_err(|e| e.to_string())?;
-    parse_keys_upload_body(&body).map_err(|e| e.to_string())
-}
-
 fn room_key(seq: usize) -> Value {
     json!({
         "algorithm": "m.megolm.v1.aes-sha2",
@@ -137,9 +114,9 @@ pub async fn run() -> Result<(), String> {
         plaintext: 0,
     };
     let mut bob = Bob::open(Arc::new(MemoryStore::new())).await?;
-    let keys = publish(&bob.machine, 40).await?;
+    let keys = publish_machine_keys(&bob.machine, 40).await?;
     let otk = |i: usize| Some(keys.one_time_keys[i].key);
-    let to_bob = bob.recipient();
+    let to_bob = recipient_of(&bob.machine);
 
     let mut alice = SimulatedDevice::new("@alice:example.org", "ALICEPHONE");
     let mut carol = SimulatedDevice::new("@carol:example.net", "CAROLLAPTOP");
@@ -203,7 +180,7 @@ pub async fn run() -> Result<(), String> {
     let bob_old_install = OlmMachine::in_memory(BOB, "BOBOLDPHONE")
         .await
         .map_err(|e| e.to_string())?;
-    let old_keys = publish(&bob_old_install, 1).await?;
+    let old_keys = publish_machine_keys(&bob_old_install, 1).await?;
     let mut alice_tablet = SimulatedDevice::new("@alice:example.org", "ALICETABLET");
     let to_old = alice_tablet.create_session(&old_keys, None);
     batch.push(alice_tablet.encrypt(&to_old, "m.room_key", room_key(80)));

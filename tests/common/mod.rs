@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use to_device_crypto::olm::device_keys::{parse_keys_upload_body, PublishedKeys};
-use to_device_crypto::simulator::{Recipient, SimulatedDevice};
+use to_device_crypto::olm::device_keys::PublishedKeys;
+use to_device_crypto::simulator::{self, Recipient, SimulatedDevice};
 use to_device_crypto::{MemoryStore, OlmMachine};
 
 pub const BOB: &str = "@bob:example.org";
@@ -24,25 +24,13 @@ pub async fn bob_with_store() -> (OlmMachine, Arc<MemoryStore>, PublishedKeys) {
 
 /// Generates and publishes `count` one-time keys; returns them as a claimer sees them.
 pub async fn publish(machine: &OlmMachine, count: usize) -> PublishedKeys {
-    machine.generate_one_time_keys(count).await.unwrap();
-    let mut body = machine.keys_for_upload().await.unwrap();
-    machine.mark_keys_as_published().await.unwrap();
-    if body.get("device_keys").is_none() {
-        body["device_keys"] = machine.device_keys().await;
-    }
-    let mut keys = parse_keys_upload_body(&body).unwrap();
-    // Once published, device keys are no longer in the body: keep a full object for claimers.
-    keys.one_time_keys.retain(|k| !k.fallback);
-    keys
+    simulator::publish_machine_keys(machine, count)
+        .await
+        .unwrap()
 }
 
 pub fn recipient(machine: &OlmMachine) -> Recipient {
-    let keys = machine.identity_keys();
-    Recipient {
-        user_id: machine.user_id().to_owned(),
-        curve25519: keys.curve25519,
-        ed25519: keys.ed25519,
-    }
+    simulator::recipient_of(machine)
 }
 
 /// A peer with a session to Bob whose messages are now normal (type 1): it sent a pre-key
