@@ -5,6 +5,8 @@
 #   header and module map; then zips it and prints `swift package compute-checksum` for a
 #   `.binaryTarget(name:url:checksum:)` release.
 #
+# The libraries use the size-optimised `release` profile (see Cargo.toml; PROFILE overrides).
+#
 # Output: bindings/swift/ToDeviceCryptoFFI.xcframework and target/xcframework/ToDeviceCryptoFFI.xcframework.zip
 # Checks everything it needs first and fails fast, naming everything that is missing.
 set -euo pipefail
@@ -15,6 +17,7 @@ FFI_DIR=$SWIFT_DIR/Sources/ToDeviceCryptoFFI
 TARGETS=(aarch64-apple-ios aarch64-apple-ios-sim x86_64-apple-ios aarch64-apple-darwin x86_64-apple-darwin)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/to-device-crypto/target}
 LIB=libto_device_crypto.a
+PROFILE=${PROFILE:-release}
 
 missing=()
 if [[ $(uname -s) != Darwin ]]; then
@@ -43,7 +46,8 @@ cd "$ROOT"
 "$ROOT/scripts/generate-bindings.sh" --check
 
 for t in "${TARGETS[@]}"; do
-	cargo build --release --lib --target "$t"
+	# Only the staticlib: built alongside the rlib and cdylib it would not be LTO-ed (~10x larger).
+	cargo rustc --profile "$PROFILE" --lib --crate-type staticlib --target "$t"
 done
 
 OUT=$CARGO_TARGET_DIR/xcframework
@@ -52,15 +56,15 @@ mkdir -p "$OUT/headers" "$OUT/ios-simulator" "$OUT/macos"
 cp "$FFI_DIR/ToDeviceCryptoFFI.h" "$OUT/headers/"
 cp "$FFI_DIR/ToDeviceCryptoFFI.modulemap" "$OUT/headers/module.modulemap"
 
-lipo -create "$CARGO_TARGET_DIR/aarch64-apple-ios-sim/release/$LIB" "$CARGO_TARGET_DIR/x86_64-apple-ios/release/$LIB" \
+lipo -create "$CARGO_TARGET_DIR/aarch64-apple-ios-sim/$PROFILE/$LIB" "$CARGO_TARGET_DIR/x86_64-apple-ios/$PROFILE/$LIB" \
 	-output "$OUT/ios-simulator/$LIB"
-lipo -create "$CARGO_TARGET_DIR/aarch64-apple-darwin/release/$LIB" "$CARGO_TARGET_DIR/x86_64-apple-darwin/release/$LIB" \
+lipo -create "$CARGO_TARGET_DIR/aarch64-apple-darwin/$PROFILE/$LIB" "$CARGO_TARGET_DIR/x86_64-apple-darwin/$PROFILE/$LIB" \
 	-output "$OUT/macos/$LIB"
 
 XCF=$SWIFT_DIR/ToDeviceCryptoFFI.xcframework
 rm -rf "$XCF"
 xcodebuild -create-xcframework \
-	-library "$CARGO_TARGET_DIR/aarch64-apple-ios/release/$LIB" -headers "$OUT/headers" \
+	-library "$CARGO_TARGET_DIR/aarch64-apple-ios/$PROFILE/$LIB" -headers "$OUT/headers" \
 	-library "$OUT/ios-simulator/$LIB" -headers "$OUT/headers" \
 	-library "$OUT/macos/$LIB" -headers "$OUT/headers" \
 	-output "$XCF"

@@ -27,6 +27,7 @@ pub mod json;
 pub mod machine;
 pub mod olm;
 pub mod reporting;
+pub mod requests;
 pub mod simulator;
 pub mod store;
 pub mod sync_input;
@@ -37,4 +38,5 @@ pub use machine::{
     DecryptedToDeviceEvent, FailedToDeviceEvent, KeysQueryOutcome, OlmMachine, ToDeviceOutcome,
 };
 pub use reporting::{FailureStream, MissedFailures, ToDeviceDecryptionFailure};
+pub use requests::{OutgoingRequest, OutgoingRequestKind, RequestError};
 pub use store::{CryptoStore, MemoryStore, SqliteStore, StoreKey};

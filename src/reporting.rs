@@ -9,6 +9,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use crate::analytics::policy::AnalyticsDecision;
 use crate::analytics::{AnalyticsEvent, FailureReason};
 
 /// How many failures a subscriber may fall behind before it starts missing items.
@@ -39,18 +40,27 @@ pub struct ToDeviceDecryptionFailure {
     pub reason: FailureReason,
     /// Details for local logs (identifiers allowed, never sent to analytics).
     pub diagnostics: FailureDiagnostics,
-    /// The PostHog payload for this failure.
-    pub analytics: AnalyticsEvent,
+    /// The PostHog payload for this failure, or the policy rule that suppressed it.
+    pub analytics: AnalyticsDecision,
 }
 
 impl ToDeviceDecryptionFailure {
-    /// A failure item whose analytics payload reports `reason`.
-    pub fn new(reason: FailureReason, diagnostics: FailureDiagnostics) -> Self {
+    /// A failure item with the reporting policy's decision.
+    pub fn new(
+        reason: FailureReason,
+        diagnostics: FailureDiagnostics,
+        analytics: AnalyticsDecision,
+    ) -> Self {
         Self {
             reason,
             diagnostics,
-            analytics: AnalyticsEvent::for_failure(reason),
+            analytics,
         }
+    }
+
+    /// The payload to send, when the policy let this failure through.
+    pub fn payload(&self) -> Option<&AnalyticsEvent> {
+        self.analytics.payload()
     }
 }
 
@@ -118,6 +128,7 @@ mod tests {
                 index,
                 ..Default::default()
             },
+            AnalyticsDecision::Reported(AnalyticsEvent::for_failure(FailureReason::SessionWedged)),
         )
     }
 

@@ -344,8 +344,9 @@ async fn fixture_table_classifies_every_rule() {
     // Exactly one stream item per failed event, in order, each with a schema-valid payload.
     for expected in expected_failures {
         let item = failures.next().await.unwrap().unwrap();
-        assert_eq!(item.analytics.reason().analytics_name(), expected);
-        let payload = item.analytics.to_json();
+        let payload = item.payload().expect("every distinct failure is reported");
+        assert_eq!(payload.reason().analytics_name(), expected);
+        let payload = payload.to_json();
         assert_schema_valid(&validator, &payload);
         // Privacy: nothing from the diagnostics (ids, keys, error text) reaches the payload.
         let identifiers = [&item.diagnostics.sender, &item.diagnostics.sender_key];

@@ -172,12 +172,36 @@ fn keys_encrypt_decrypt_across_processes() {
     assert!(out
         .iter()
         .all(|l| l["name"] == "ToDeviceFailedToDecrypt_ReplayedMessage"));
+    // The default policy reports one payload per (sender, sender key, name) per hour: 20 replays
+    // from Alice's device are one PostHog event.
     let validator = payload_validator();
     let payloads = std::fs::read_to_string(&analytics).unwrap();
-    assert_eq!(payloads.lines().count(), 20);
+    assert_eq!(
+        payloads.lines().collect::<Vec<_>>(),
+        [
+            r#"{"event":"Error","properties":{"domain":"TO_DEVICE","name":"ToDeviceFailedToDecrypt_ReplayedMessage","cryptoSDK":"Rust"}}"#
+        ]
+    );
     for line in payloads.lines() {
         assert_schema_valid(&validator, line);
     }
+    // Delivered once more in a new process: the same failures, no new payload (the
+    // once-per-message marks and the policy state are persisted).
+    let again = lines(&ok(
+        &[
+            "decrypt",
+            "--store",
+            path(&bob_store),
+            "--analytics-out",
+            path(&analytics),
+            "-",
+        ],
+        Some(&jsonl),
+    ));
+    assert!(again
+        .iter()
+        .all(|l| l["name"] == "ToDeviceFailedToDecrypt_ReplayedMessage"));
+    assert_eq!(std::fs::read_to_string(&analytics).unwrap(), payloads);
 
     // A second encrypt reuses the session (no new one-time key) and Bob decrypts it; a /sync
     // response is accepted as input too, with a plain event passed through.
@@ -256,4 +280,160 @@ fn errors_are_clear_and_never_panics() {
     let output = run(&["decrypt", "--store", path(&store)], Some("  "));
     assert_eq!(output.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&output.stderr).contains("input is empty"));
+}
+
+#[test]
+fn a_wedged_session_is_recovered_from_the_shell() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name);
+    let (alice, bob) = (d("alice"), d("bob"));
+    let bob_keys = ok(
+        &[
+            "keys",
+            "--store",
+            path(&bob),
+            "--user-id",
+            "@bob:example.org",
+            "--device-id",
+            "BOBDEV",
+        ],
+        None,
+    );
+    std::fs::write(d("bob-keys.json"), &bob_keys).unwrap();
+    let alice_keys: Value = serde_json::from_str(&ok(
+        &[
+            "keys",
+            "--store",
+            path(&alice),
+            "--user-id",
+            "@alice:example.org",
+            "--device-id",
+            "ALICEDEV",
+        ],
+        None,
+    ))
+    .unwrap();
+    std::fs::write(d("alice-keys.json"), alice_keys.to_string()).unwrap();
+    let query = serde_json::json!({"device_keys": {"@alice:example.org": {"ALICEDEV": alice_keys["device_keys"]}}});
+    std::fs::write(d("alice-query.json"), query.to_string()).unwrap();
+    let encrypt_to_bob = |n: &str| -> String {
+        ok(
+            &[
+                "encrypt",
+                "--store",
+                path(&alice),
+                "--recipient-keys",
+                path(&d("bob-keys.json")),
+                "--type",
+                "m.room_key",
+                "--content",
+                &format!(r#"{{"n":{n}}}"#),
+            ],
+            None,
+        )
+    };
+    let decrypt_at = |store: &Path, events: &str, extra: &[&str]| -> Vec<Value> {
+        let mut args = vec!["decrypt", "--store", path(store)];
+        args.extend_from_slice(extra);
+        args.push("-");
+        lines(&ok(&args, Some(events)))
+    };
+
+    // Alice's pre-key message, Bob's reply, then a normal message.
+    let out = decrypt_at(
+        &bob,
+        &encrypt_to_bob("0"),
+        &["--device-keys", path(&d("alice-query.json"))],
+    );
+    assert_eq!(out[0]["result"], "decrypted");
+    let reply = ok(
+        &[
+            "encrypt",
+            "--store",
+            path(&bob),
+            "--recipient-keys",
+            path(&d("alice-keys.json")),
+            "--type",
+            "m.dummy",
+            "--content",
+            "{}",
+        ],
+        None,
+    );
+    assert_eq!(decrypt_at(&alice, &reply, &[])[0]["result"], "decrypted");
+    copy_dir(&alice, &d("alice-backup"));
+    assert_eq!(
+        decrypt_at(&bob, &encrypt_to_bob("1"), &[])[0]["result"],
+        "decrypted"
+    );
+
+    // Alice restores her backup: her next message re-uses a consumed key and Bob queues a claim.
+    std::fs::remove_dir_all(&alice).unwrap();
+    copy_dir(&d("alice-backup"), &alice);
+    let requests_out = d("requests.jsonl");
+    let out = decrypt_at(
+        &bob,
+        &encrypt_to_bob("2"),
+        &["--requests-out", path(&requests_out)],
+    );
+    assert_eq!(out[0]["name"], "ToDeviceFailedToDecrypt_SessionWedged");
+    let requests = lines(&std::fs::read_to_string(&requests_out).unwrap());
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0]["kind"], "keys_claim");
+    assert_eq!(
+        requests[0]["body"],
+        serde_json::json!({"one_time_keys": {"@alice:example.org": {"ALICEDEV": "signed_curve25519"}}})
+    );
+
+    // The "server" answers the claim with a fresh key of Alice's.
+    let fresh: Value = serde_json::from_str(&ok(
+        &["keys", "--store", path(&alice), "--one-time-keys", "1"],
+        None,
+    ))
+    .unwrap();
+    let response = serde_json::json!({"one_time_keys": {"@alice:example.org": {"ALICEDEV": fresh["one_time_keys"]}}});
+    std::fs::write(d("claim-response.json"), response.to_string()).unwrap();
+    ok(
+        &[
+            "requests",
+            "--store",
+            path(&bob),
+            "--mark-sent",
+            requests[0]["request_id"].as_str().unwrap(),
+            "--response",
+            path(&d("claim-response.json")),
+        ],
+        None,
+    );
+    let pending = lines(&ok(&["requests", "--store", path(&bob)], None));
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0]["kind"], "to_device");
+    assert_eq!(pending[0]["event_type"], "m.room.encrypted");
+    let dummy = serde_json::json!([{"type": "m.room.encrypted", "sender": "@bob:example.org", "content": pending[0]["body"]["messages"]["@alice:example.org"]["ALICEDEV"]}]);
+    let out = decrypt_at(&alice, &dummy.to_string(), &[]);
+    assert_eq!(out[0]["type"], "m.dummy", "{out:?}");
+    ok(
+        &[
+            "requests",
+            "--store",
+            path(&bob),
+            "--mark-sent",
+            pending[0]["request_id"].as_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(ok(&["requests", "--store", path(&bob)], None), "");
+
+    // Alice's next message travels on the new session.
+    let out = decrypt_at(&bob, &encrypt_to_bob("3"), &[]);
+    assert_eq!(out[0]["result"], "decrypted", "{out:?}");
+    assert_eq!(out[0]["content"]["n"], 3);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+    }
 }

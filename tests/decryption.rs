@@ -166,7 +166,7 @@ async fn a_failed_commit_changes_nothing_and_the_batch_can_be_retried() {
     let item = failures.next().await.unwrap().unwrap();
     assert_eq!(item.reason, FailureReason::Store);
     assert_eq!(
-        item.analytics.reason().analytics_name(),
+        item.payload().unwrap().reason().analytics_name(),
         "ToDeviceFailedToDecrypt_Store"
     );
     assert_eq!(store.session_count(), 0);

@@ -1,7 +1,9 @@
 //! The JSON Schema and the README failure table are generated from `FailureReason`; this test
 //! fails when the committed copies are stale. Run with `TDC_BLESS=1` to rewrite them.
 
-use to_device_crypto::analytics::schema::{failure_table_markdown, payload_json_schema_text};
+use to_device_crypto::analytics::schema::{
+    failure_table_markdown, payload_json_schema_text, upstream_schema_proposal_markdown,
+};
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const TABLE_START: &str = "<!-- failure-table:start (generated from FailureReason; run `TDC_BLESS=1 cargo test --test generated_docs`) -->\n";
@@ -46,5 +48,19 @@ fn readme_failure_table_is_fresh() {
     assert!(
         readme[start..end] == expected,
         "the README failure table is stale: run `TDC_BLESS=1 cargo test --test generated_docs`"
+    );
+}
+
+#[test]
+fn committed_upstream_schema_proposal_is_fresh() {
+    let path = format!("{ROOT}/docs/analytics-schema.md");
+    let expected = upstream_schema_proposal_markdown();
+    if bless() {
+        std::fs::write(&path, &expected).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == expected,
+        "{path} is stale: run `TDC_BLESS=1 cargo test --test generated_docs`"
     );
 }

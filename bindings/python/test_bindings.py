@@ -15,16 +15,25 @@ import unittest
 
 from to_device_crypto import (
     CryptoError,
+    ReportingPolicyFfi,
     CryptoSdkFfi,
     DecryptionFailure,
     DecryptionFailureListener,
     ErrorDomainFfi,
     FailureReasonFfi,
+    LogLevel,
+    LogSink,
     OlmMachine,
     ToDeviceResult,
+    set_log_sink,
 )
 
 BAD_EVENT = '{"type":"m.room.encrypted","sender":"@a:b","content":{"algorithm":"m.megolm.v1.aes-sha2"}}'
+
+
+def bad_event(n):
+    """A distinct failing event per n: the reporting policy reports each distinct message once."""
+    return BAD_EVENT.replace('"@a:b"', '"@a%d:b"' % n)
 EXPECTED_JSON = (
     '{"event":"Error","properties":{"domain":"TO_DEVICE",'
     '"name":"ToDeviceFailedToDecrypt_UnsupportedAlgorithm","cryptoSDK":"Rust"}}'
@@ -87,6 +96,15 @@ class PostHogForwarder(DecryptionFailureListener):
 
     def on_decryption_failure(self, event):
         self.posthog.capture(event.event, event.properties)
+
+
+# --- the app's logger: what an app would forward to `logging` / its bug-report log ------------------
+class CollectingLogSink(LogSink):
+    def __init__(self):
+        self.lines = queue.Queue()
+
+    def log(self, level, target, message):
+        self.lines.put((level, target, message))
 
 
 def wait_until(predicate):
@@ -152,9 +170,9 @@ class BindingsTest(unittest.TestCase):
             alice, bob = await alice_and_bob()
             throwing, good = Throwing(), Collecting()
             handles = [bob.add_decryption_failure_listener(throwing), bob.add_decryption_failure_listener(good)]
-            for _ in range(3):
+            for n in range(3):
                 with self.assertRaises(DecryptionFailure):
-                    await bob.decrypt_to_device_event(BAD_EVENT)
+                    await bob.decrypt_to_device_event(bad_event(n))
             self.assertTrue(wait_until(lambda: throwing.calls == 3 and good.events.qsize() == 3))
             event = await bob.decrypt_to_device_event(await encrypted_for(alice, bob, {"still": "works"}))
             self.assertEqual(json.loads(event.content_json), {"still": "works"})
@@ -174,6 +192,34 @@ class BindingsTest(unittest.TestCase):
 
         run(body())
 
+    def test_g_reporting_policy_and_consent(self):
+        async def body():
+            bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+            good = Collecting()
+            handle = bob.add_decryption_failure_listener(good)
+            # The same message twice, and the same sender and name again: one PostHog event.
+            for event in [bad_event(1), bad_event(1)]:
+                with self.assertRaises(DecryptionFailure):
+                    await bob.decrypt_to_device_event(event)
+            await bob.set_analytics_enabled(False)
+            with self.assertRaises(DecryptionFailure):
+                await bob.decrypt_to_device_event(bad_event(2))
+            await bob.set_analytics_enabled(True)
+            await bob.set_reporting_policy(ReportingPolicyFfi(analytics_enabled=True, suppression_window_secs=0, max_events_per_minute=None))
+            with self.assertRaises(DecryptionFailure):
+                await bob.decrypt_to_device_event(bad_event(3))
+            self.assertTrue(wait_until(lambda: good.events.qsize() == 2))
+            stats = json.loads(await bob.reporting_stats_json())
+            counts = stats["total"]["failures"]["UnsupportedAlgorithm"]
+            self.assertEqual((counts["seen"], counts["reported"], counts["suppressed_already_seen"], counts["suppressed_disabled"]), (4, 2, 1, 1))
+            # Nothing to recover: no outgoing request, and an unknown id is a typed error.
+            self.assertEqual(await bob.outgoing_requests(), [])
+            with self.assertRaises(CryptoError):
+                await bob.mark_request_as_sent("unknown", None)
+            del handle
+
+        run(body())
+
     def test_f_forwarding_to_posthog(self):
         async def body():
             bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
@@ -184,6 +230,33 @@ class BindingsTest(unittest.TestCase):
             self.assertTrue(wait_until(lambda: len(posthog.captured) == 1))
             self.assertEqual(posthog.captured, [("Error", EXPECTED_PROPERTIES)])
             handle.cancel()
+
+        run(body())
+
+    def test_g_logs_reach_the_app_logger_redacted(self):
+        async def body():
+            bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+            sink = CollectingLogSink()
+            set_log_sink(sink, LogLevel.DEBUG)
+            try:
+                with self.assertRaises(DecryptionFailure):
+                    await bob.decrypt_to_device_event(BAD_EVENT)
+                deadline = time.monotonic() + TIMEOUT
+                line = None
+                while line is None and time.monotonic() < deadline:
+                    level, target, message = sink.lines.get(timeout=TIMEOUT)
+                    if "UnsupportedAlgorithm" in message:
+                        line = (level, target, message)
+                self.assertIsNotNone(line, "no log line about the failure")
+                level, target, message = line
+                self.assertEqual(level, LogLevel.DEBUG)
+                self.assertTrue(target.startswith("to_device_crypto"), target)
+                self.assertIn("failed to decrypt", message)
+                keys = bob.identity_keys()
+                for secret in ("bob", "BOBDEVICE", keys.curve25519, keys.ed25519):
+                    self.assertNotIn(secret, message)
+            finally:
+                set_log_sink(None, LogLevel.TRACE)
 
         run(body())
 

@@ -525,6 +525,8 @@ def _uniffi_check_contract_api_version(lib):
         raise InternalError("UniFFI contract version mismatch: try cleaning and rebuilding your project")
 
 def _uniffi_check_api_checksums(lib):
+    if lib.uniffi_to_device_crypto_checksum_func_set_log_sink() != 23046:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 42663:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_failuresubscription_missed() != 48711:
@@ -534,6 +536,8 @@ def _uniffi_check_api_checksums(lib):
     if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 30830:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 58370:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_logsink_log() != 30402:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 1983:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -553,11 +557,21 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_mark_keys_as_published() != 33219:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_sent() != 5057:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests() != 1400:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response() != 1167:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count() != 27106:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events() != 16502:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json() != 24013:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_set_analytics_enabled() != 54639:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy() != 40143:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_user_id() != 15400:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -594,6 +608,9 @@ _UniffiLib.ffi_to_device_crypto_rustbuffer_reserve.restype = _UniffiRustBuffer
 _UniffiLib.ffi_to_device_crypto_uniffi_contract_version.argtypes = (
 )
 _UniffiLib.ffi_to_device_crypto_uniffi_contract_version.restype = ctypes.c_uint32
+_UniffiLib.uniffi_to_device_crypto_checksum_func_set_log_sink.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_func_set_log_sink.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure.restype = ctypes.c_uint16
@@ -609,6 +626,9 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel.restype
 _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_logsink_log.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_logsink_log.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener.restype = ctypes.c_uint16
@@ -636,6 +656,12 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_keys_for_upload.re
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_mark_keys_as_published.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_mark_keys_as_published.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_sent.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_sent.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response.restype = ctypes.c_uint16
@@ -645,6 +671,15 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_k
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_set_analytics_enabled.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_set_analytics_enabled.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_user_id.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_user_id.restype = ctypes.c_uint16
@@ -654,6 +689,12 @@ _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memor
 _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_fn_func_set_log_sink.argtypes = (
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_func_set_log_sink.restype = None
 _UniffiLib.uniffi_to_device_crypto_fn_method_decryptionfailurelistener_on_decryption_failure.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -679,6 +720,14 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_is_cancelled.argtype
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_is_cancelled.restype = ctypes.c_int8
+_UniffiLib.uniffi_to_device_crypto_fn_method_logsink_log.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_logsink_log.restype = None
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_add_decryption_failure_listener.argtypes = (
     ctypes.c_uint64,
     ctypes.c_uint64,
@@ -725,6 +774,16 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_mark_keys_as_published.a
     ctypes.c_uint64,
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_mark_keys_as_published.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_mark_request_as_sent.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_mark_request_as_sent.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests.argtypes = (
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query_response.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -741,6 +800,20 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_to_device_events
     _UniffiRustBuffer,
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_to_device_events.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_reporting_stats_json.argtypes = (
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_reporting_stats_json.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_set_analytics_enabled.argtypes = (
+    ctypes.c_uint64,
+    ctypes.c_int8,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_set_analytics_enabled.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_set_reporting_policy.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_set_reporting_policy.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_user_id.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -788,6 +861,16 @@ _UniffiLib.uniffi_to_device_crypto_fn_free_listenerhandle.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_to_device_crypto_fn_free_listenerhandle.restype = None
+_UniffiLib.uniffi_to_device_crypto_fn_clone_logsink.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_clone_logsink.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_free_logsink.argtypes = (
+    ctypes.c_uint64,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_free_logsink.restype = None
 _UniffiLib.uniffi_to_device_crypto_fn_clone_olmmachine.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -815,6 +898,23 @@ _UniffiLib.uniffi_to_device_crypto_fn_init_callback_vtable_decryptionfailurelist
     ctypes.POINTER(_UniffiVTableCallbackInterfaceToDeviceCryptoDecryptionFailureListener),
 )
 _UniffiLib.uniffi_to_device_crypto_fn_init_callback_vtable_decryptionfailurelistener.restype = None
+_UNIFFI_CALLBACK_INTERFACE_TO_DEVICE_CRYPTO_LOG_SINK_METHOD0 = ctypes.CFUNCTYPE(None,ctypes.c_uint64,_UniffiRustBuffer,_UniffiRustBuffer,_UniffiRustBuffer,ctypes.c_void_p,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UNIFFI_CALLBACK_INTERFACE_CLONE_TO_DEVICE_CRYPTO_LOG_SINK = ctypes.CFUNCTYPE(ctypes.c_uint64,ctypes.c_uint64,
+)
+_UNIFFI_CALLBACK_INTERFACE_FREE_TO_DEVICE_CRYPTO_LOG_SINK = ctypes.CFUNCTYPE(None,ctypes.c_uint64,
+)
+class _UniffiVTableCallbackInterfaceToDeviceCryptoLogSink(ctypes.Structure):
+    _fields_ = [
+        ("uniffi_free", _UNIFFI_CALLBACK_INTERFACE_FREE_TO_DEVICE_CRYPTO_LOG_SINK),
+        ("uniffi_clone", _UNIFFI_CALLBACK_INTERFACE_CLONE_TO_DEVICE_CRYPTO_LOG_SINK),
+        ("log", _UNIFFI_CALLBACK_INTERFACE_TO_DEVICE_CRYPTO_LOG_SINK_METHOD0),
+    ]
+_UniffiLib.uniffi_to_device_crypto_fn_init_callback_vtable_logsink.argtypes = (
+    ctypes.POINTER(_UniffiVTableCallbackInterfaceToDeviceCryptoLogSink),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_init_callback_vtable_logsink.restype = None
 _UNIFFI_RUST_FUTURE_CONTINUATION_CALLBACK = ctypes.CFUNCTYPE(None,ctypes.c_uint64,ctypes.c_int8,
 )
 _UniffiLib.ffi_to_device_crypto_rust_future_poll_u8.argtypes = (
@@ -1673,6 +1773,89 @@ class _UniffiFfiConverterUInt64(_UniffiConverterPrimitiveInt):
     def write(value, buf):
         buf.write_u64(value)
 
+class _UniffiFfiConverterUInt32(_UniffiConverterPrimitiveInt):
+    CLASS_NAME = "u32"
+    VALUE_MIN = 0
+    VALUE_MAX = 2**32
+
+    @staticmethod
+    def read(buf):
+        return buf.read_u32()
+
+    @staticmethod
+    def write(value, buf):
+        buf.write_u32(value)
+
+class _UniffiFfiConverterOptionalUInt32(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterUInt32.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterUInt32.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterUInt32.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+
+@dataclass
+class ReportingPolicyFfi:
+    """
+    The reporting policy (see `ReportingPolicy` in the core).
+"""
+    def __init__(self, *, analytics_enabled:bool, suppression_window_secs:int, max_events_per_minute:typing.Optional[int]):
+        self.analytics_enabled = analytics_enabled
+        self.suppression_window_secs = suppression_window_secs
+        self.max_events_per_minute = max_events_per_minute
+        
+        
+
+    
+    def __str__(self):
+        return "ReportingPolicyFfi(analytics_enabled={}, suppression_window_secs={}, max_events_per_minute={})".format(self.analytics_enabled, self.suppression_window_secs, self.max_events_per_minute)
+    def __eq__(self, other):
+        if self.analytics_enabled != other.analytics_enabled:
+            return False
+        if self.suppression_window_secs != other.suppression_window_secs:
+            return False
+        if self.max_events_per_minute != other.max_events_per_minute:
+            return False
+        return True
+
+class _UniffiFfiConverterTypeReportingPolicyFfi(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return ReportingPolicyFfi(
+            analytics_enabled=_UniffiFfiConverterBoolean.read(buf),
+            suppression_window_secs=_UniffiFfiConverterUInt64.read(buf),
+            max_events_per_minute=_UniffiFfiConverterOptionalUInt32.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterBoolean.check_lower(value.analytics_enabled)
+        _UniffiFfiConverterUInt64.check_lower(value.suppression_window_secs)
+        _UniffiFfiConverterOptionalUInt32.check_lower(value.max_events_per_minute)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterBoolean.write(value.analytics_enabled, buf)
+        _UniffiFfiConverterUInt64.write(value.suppression_window_secs, buf)
+        _UniffiFfiConverterOptionalUInt32.write(value.max_events_per_minute, buf)
+
 
 
 # CryptoError
@@ -1898,6 +2081,248 @@ class _UniffiFfiConverterTypeDecryptionFailure(_UniffiConverterRustBuffer):
             buf.write_i32(1)
             _UniffiFfiConverterTypeFailureReasonFfi.write(value.reason, buf)
             _UniffiFfiConverterString.write(value.message, buf)
+
+
+
+
+
+
+class LogLevel(enum.Enum):
+    """
+    The severity of a log line, most severe first.
+"""
+    
+    ERROR = 0
+    
+    WARN = 1
+    
+    INFO = 2
+    
+    DEBUG = 3
+    
+    TRACE = 4
+    
+
+
+class _UniffiFfiConverterTypeLogLevel(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        variant = buf.read_i32()
+        if variant == 1:
+            return LogLevel.ERROR
+        if variant == 2:
+            return LogLevel.WARN
+        if variant == 3:
+            return LogLevel.INFO
+        if variant == 4:
+            return LogLevel.DEBUG
+        if variant == 5:
+            return LogLevel.TRACE
+        raise InternalError("Raw enum value doesn't match any cases")
+
+    @staticmethod
+    def check_lower(value):
+        if value == LogLevel.ERROR:
+            return
+        if value == LogLevel.WARN:
+            return
+        if value == LogLevel.INFO:
+            return
+        if value == LogLevel.DEBUG:
+            return
+        if value == LogLevel.TRACE:
+            return
+        raise ValueError(value)
+
+    @staticmethod
+    def write(value, buf):
+        if value == LogLevel.ERROR:
+            buf.write_i32(1)
+        if value == LogLevel.WARN:
+            buf.write_i32(2)
+        if value == LogLevel.INFO:
+            buf.write_i32(3)
+        if value == LogLevel.DEBUG:
+            buf.write_i32(4)
+        if value == LogLevel.TRACE:
+            buf.write_i32(5)
+
+
+
+
+
+
+
+
+class OutgoingRequestFfi:
+    """
+    A request for the app to send; bodies are JSON text.
+"""
+    def __init__(self):
+        raise RuntimeError("OutgoingRequestFfi cannot be instantiated directly")
+
+    # Each enum variant is a nested class of the enum itself.
+    @dataclass
+    class KEYS_CLAIM:
+        """
+        `POST /_matrix/client/v3/keys/claim`; feed the response to `mark_request_as_sent`.
+"""
+        
+        def __init__(self, request_id:str, body_json:str):
+            self.request_id = request_id
+            
+            """
+        Pass to `mark_request_as_sent`.
+"""
+        
+            self.body_json = body_json
+            
+            """
+        The request body.
+"""
+        
+            pass
+
+    
+            
+            
+    
+        def __str__(self):
+            return "OutgoingRequestFfi.KEYS_CLAIM(request_id={}, body_json={})".format(self.request_id, self.body_json)
+        def __eq__(self, other):
+            if not isinstance(other, OutgoingRequestFfi):
+                return NotImplemented
+            if not other.is_KEYS_CLAIM():
+                return False
+            if self.request_id != other.request_id:
+                return False
+            if self.body_json != other.body_json:
+                return False
+            return True
+
+    @dataclass
+    class TO_DEVICE:
+        """
+        `PUT /_matrix/client/v3/sendToDevice/{event_type}/{txn_id}`.
+"""
+        
+        def __init__(self, request_id:str, event_type:str, txn_id:str, body_json:str):
+            self.request_id = request_id
+            
+            """
+        Pass to `mark_request_as_sent`.
+"""
+        
+            self.event_type = event_type
+            
+            """
+        The event type in the URL.
+"""
+        
+            self.txn_id = txn_id
+            
+            """
+        The transaction id in the URL.
+"""
+        
+            self.body_json = body_json
+            
+            """
+        The request body.
+"""
+        
+            pass
+
+    
+            
+            
+    
+        def __str__(self):
+            return "OutgoingRequestFfi.TO_DEVICE(request_id={}, event_type={}, txn_id={}, body_json={})".format(self.request_id, self.event_type, self.txn_id, self.body_json)
+        def __eq__(self, other):
+            if not isinstance(other, OutgoingRequestFfi):
+                return NotImplemented
+            if not other.is_TO_DEVICE():
+                return False
+            if self.request_id != other.request_id:
+                return False
+            if self.event_type != other.event_type:
+                return False
+            if self.txn_id != other.txn_id:
+                return False
+            if self.body_json != other.body_json:
+                return False
+            return True
+
+    
+
+    # For each variant, we have `is_NAME` and `is_name` methods for easily checking
+    # whether an instance is that variant.
+    def is_KEYS_CLAIM(self) -> bool:
+        return isinstance(self, OutgoingRequestFfi.KEYS_CLAIM)
+    def is_keys_claim(self) -> bool:
+        return isinstance(self, OutgoingRequestFfi.KEYS_CLAIM)
+    def is_TO_DEVICE(self) -> bool:
+        return isinstance(self, OutgoingRequestFfi.TO_DEVICE)
+    def is_to_device(self) -> bool:
+        return isinstance(self, OutgoingRequestFfi.TO_DEVICE)
+    
+
+# Now, a little trick - we make each nested variant class be a subclass of the main
+# enum class, so that method calls and instance checks etc will work intuitively.
+# We might be able to do this a little more neatly with a metaclass, but this'll do.
+OutgoingRequestFfi.KEYS_CLAIM = type("OutgoingRequestFfi.KEYS_CLAIM", (OutgoingRequestFfi.KEYS_CLAIM, OutgoingRequestFfi,), {})  # type: ignore
+OutgoingRequestFfi.TO_DEVICE = type("OutgoingRequestFfi.TO_DEVICE", (OutgoingRequestFfi.TO_DEVICE, OutgoingRequestFfi,), {})  # type: ignore
+
+
+
+
+class _UniffiFfiConverterTypeOutgoingRequestFfi(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        variant = buf.read_i32()
+        if variant == 1:
+            return OutgoingRequestFfi.KEYS_CLAIM(
+                _UniffiFfiConverterString.read(buf),
+                _UniffiFfiConverterString.read(buf),
+            )
+        if variant == 2:
+            return OutgoingRequestFfi.TO_DEVICE(
+                _UniffiFfiConverterString.read(buf),
+                _UniffiFfiConverterString.read(buf),
+                _UniffiFfiConverterString.read(buf),
+                _UniffiFfiConverterString.read(buf),
+            )
+        raise InternalError("Raw enum value doesn't match any cases")
+
+    @staticmethod
+    def check_lower(value):
+        if value.is_KEYS_CLAIM():
+            _UniffiFfiConverterString.check_lower(value.request_id)
+            _UniffiFfiConverterString.check_lower(value.body_json)
+            return
+        if value.is_TO_DEVICE():
+            _UniffiFfiConverterString.check_lower(value.request_id)
+            _UniffiFfiConverterString.check_lower(value.event_type)
+            _UniffiFfiConverterString.check_lower(value.txn_id)
+            _UniffiFfiConverterString.check_lower(value.body_json)
+            return
+        raise ValueError(value)
+
+    @staticmethod
+    def write(value, buf):
+        if value.is_KEYS_CLAIM():
+            buf.write_i32(1)
+            _UniffiFfiConverterString.write(value.request_id, buf)
+            _UniffiFfiConverterString.write(value.body_json, buf)
+        if value.is_TO_DEVICE():
+            buf.write_i32(2)
+            _UniffiFfiConverterString.write(value.request_id, buf)
+            _UniffiFfiConverterString.write(value.event_type, buf)
+            _UniffiFfiConverterString.write(value.txn_id, buf)
+            _UniffiFfiConverterString.write(value.body_json, buf)
+
+
 
 
 
@@ -2453,18 +2878,180 @@ class _UniffiFfiConverterTypeListenerHandle:
     def write(cls, value: ListenerHandle, buf: _UniffiRustBuffer):
         buf.write_u64(cls.lower(value))
 
-class _UniffiFfiConverterUInt32(_UniffiConverterPrimitiveInt):
-    CLASS_NAME = "u32"
-    VALUE_MIN = 0
-    VALUE_MAX = 2**32
+
+class LogSink():
+    """
+    Receives the SDK's log lines, already filtered by level and redacted. Implement it with the
+    app's logger (os_log / `Logger`, Timber / `android.util.Log`, `logging`).
+"""
+    
+    def log(self, level: LogLevel,target: str,message: str) -> None:
+        """
+        One log line. `target` is the Rust module that logged (e.g. `to_device_crypto::machine`),
+        `message` the formatted, redacted line. Called on a background thread, in order.
+"""
+        raise NotImplementedError
+
+class LogSinkImpl(LogSink):
+    """
+    Receives the SDK's log lines, already filtered by level and redacted. Implement it with the
+    app's logger (os_log / `Logger`, Timber / `android.util.Log`, `logging`).
+"""
+    
+    _handle: ctypes.c_uint64
+    
+    def __init__(self, *args, **kwargs):
+        raise ValueError("This class has no default constructor")
+
+    def __del__(self):
+        # In case of partial initialization of instances.
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            _uniffi_rust_call(_UniffiLib.uniffi_to_device_crypto_fn_free_logsink, handle)
+
+    def _uniffi_clone_handle(self):
+        return _uniffi_rust_call(_UniffiLib.uniffi_to_device_crypto_fn_clone_logsink, self._handle)
+
+    # Used by alternative constructors or any methods which return this type.
+    @classmethod
+    def _uniffi_make_instance(cls, handle):
+        # Lightly yucky way to bypass the usual __init__ logic
+        # and just create a new instance with the required handle.
+        inst = cls.__new__(cls)
+        inst._handle = handle
+        return inst
+    def log(self, level: LogLevel,target: str,message: str) -> None:
+        """
+        One log line. `target` is the Rust module that logged (e.g. `to_device_crypto::machine`),
+        `message` the formatted, redacted line. Called on a background thread, in order.
+"""
+        
+        _UniffiFfiConverterTypeLogLevel.check_lower(level)
+
+        _UniffiFfiConverterString.check_lower(target)
+
+        _UniffiFfiConverterString.check_lower(message)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterTypeLogLevel.lower(level),
+            _UniffiFfiConverterString.lower(target),
+            _UniffiFfiConverterString.lower(message),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_to_device_crypto_fn_method_logsink_log,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+
+
+
+
+# Put all the bits inside a class to keep the top-level namespace clean
+class _UniffiTraitImplLogSinkImpl:
+    # For each method, generate a callback function to pass to Rust
+
+    @_UNIFFI_CALLBACK_INTERFACE_TO_DEVICE_CRYPTO_LOG_SINK_METHOD0
+    def log(
+            uniffi_handle,
+            level,
+            target,
+            message,
+            uniffi_out_return,
+            uniffi_call_status_ptr,
+        ):
+        uniffi_obj = _UniffiFfiConverterTypeLogSink._handle_map.get(uniffi_handle)
+        def make_call():
+            uniffi_args = (_UniffiFfiConverterTypeLogLevel.lift(level), _UniffiFfiConverterString.lift(target), _UniffiFfiConverterString.lift(message), )
+            uniffi_method = uniffi_obj.log
+            return uniffi_method(*uniffi_args)
+        write_return_value = lambda v: None
+        _uniffi_trait_interface_call(
+                uniffi_call_status_ptr.contents,
+                make_call,
+                write_return_value,
+        )
+
+    @_UNIFFI_CALLBACK_INTERFACE_FREE_TO_DEVICE_CRYPTO_LOG_SINK
+    def _uniffi_free(uniffi_handle):
+        _UniffiFfiConverterTypeLogSink._handle_map.remove(uniffi_handle)
+
+    @_UNIFFI_CALLBACK_INTERFACE_CLONE_TO_DEVICE_CRYPTO_LOG_SINK
+    def _uniffi_clone(uniffi_handle):
+        return _UniffiFfiConverterTypeLogSink._handle_map.clone(uniffi_handle)
+
+    # Generate the FFI VTable.  This has a field for each callback interface method.
+    _uniffi_vtable = _UniffiVTableCallbackInterfaceToDeviceCryptoLogSink(
+        _uniffi_free,
+        _uniffi_clone,
+        log,
+    )
+    # Send Rust a pointer to the VTable.  Note: this means we need to keep the struct alive forever,
+    # or else bad things will happen when Rust tries to access it.
+    _UniffiLib.uniffi_to_device_crypto_fn_init_callback_vtable_logsink(ctypes.byref(_uniffi_vtable))
+
+class _UniffiFfiConverterTypeLogSink:
+    _handle_map = _UniffiHandleMap()
 
     @staticmethod
-    def read(buf):
-        return buf.read_u32()
+    def lift(value: int):
+        if (value & 1) == 0:
+            # Rust-generated handle, construct a new class that uses the handle to implement the
+            # interface
+            return LogSinkImpl._uniffi_make_instance(value)
+        else:
+            # Python-generated handle, get the object from the handle map
+            return _UniffiFfiConverterTypeLogSink._handle_map.remove(value)
 
     @staticmethod
-    def write(value, buf):
-        buf.write_u32(value)
+    def check_lower(value: LogSink):
+        if not isinstance(value, LogSink):
+            raise TypeError("Expected LogSink subclass, {} found".format(type(value).__name__))
+
+    @staticmethod
+    def lower(value: LogSink):
+         if isinstance(value, LogSinkImpl):
+            # Rust-implementated object.  Clone the handle and return it
+            return value._uniffi_clone_handle()
+         else:
+            # Python-implementated object, generate a new vtable handle and return that.
+            return _UniffiFfiConverterTypeLogSink._handle_map.insert(value)
+
+    @classmethod
+    def read(cls, buf: _UniffiRustBuffer):
+        ptr = buf.read_u64()
+        if ptr == 0:
+            raise InternalError("Raw handle value was null")
+        return cls.lift(ptr)
+
+    @classmethod
+    def write(cls, value: LogSink, buf: _UniffiRustBuffer):
+        buf.write_u64(cls.lower(value))
+
+class _UniffiFfiConverterSequenceTypeOutgoingRequestFfi(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterTypeOutgoingRequestFfi.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterTypeOutgoingRequestFfi.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterTypeOutgoingRequestFfi.read(buf) for i in range(count)
+        ]
 
 class _UniffiFfiConverterSequenceTypeToDeviceResult(_UniffiConverterRustBuffer):
     @classmethod
@@ -2545,6 +3132,16 @@ class OlmMachineProtocol(typing.Protocol):
         Marks the keys of the last `keys_for_upload` as published.
 """
         raise NotImplementedError
+    async def mark_request_as_sent(self, request_id: str,response_json: typing.Optional[str]) -> None:
+        """
+        Marks a request as sent; for a keys claim, `response_json` is the server's response body.
+"""
+        raise NotImplementedError
+    async def outgoing_requests(self, ) -> typing.List[OutgoingRequestFfi]:
+        """
+        Every request still to be sent, oldest first; an unsent request keeps its id.
+"""
+        raise NotImplementedError
     async def receive_keys_query_response(self, json: str) -> int:
         """
         Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
@@ -2559,6 +3156,22 @@ class OlmMachineProtocol(typing.Protocol):
     async def receive_to_device_events(self, json_array: str) -> typing.List[ToDeviceResult]:
         """
         Decrypts the `to_device.events` array (JSON) of one `/sync` response, in order.
+"""
+        raise NotImplementedError
+    async def reporting_stats_json(self, ) -> str:
+        """
+        Failure counts per name (seen, reported, suppressed per rule), decrypted counts, since
+        start and per hour, and listener drops, as JSON.
+"""
+        raise NotImplementedError
+    async def set_analytics_enabled(self, enabled: bool) -> None:
+        """
+        The analytics consent switch: off produces no payloads at all; on does not replay.
+"""
+        raise NotImplementedError
+    async def set_reporting_policy(self, policy: ReportingPolicyFfi) -> None:
+        """
+        Replaces the reporting policy (which failures become PostHog events).
 """
         raise NotImplementedError
     def user_id(self, ) -> str:
@@ -2815,6 +3428,46 @@ class OlmMachine(OlmMachineProtocol):
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
+    async def mark_request_as_sent(self, request_id: str,response_json: typing.Optional[str]) -> None:
+        """
+        Marks a request as sent; for a keys claim, `response_json` is the server's response body.
+"""
+        
+        _UniffiFfiConverterString.check_lower(request_id)
+
+        _UniffiFfiConverterOptionalString.check_lower(response_json)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(request_id),
+            _UniffiFfiConverterOptionalString.lower(response_json),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_mark_request_as_sent(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_void,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
+    async def outgoing_requests(self, ) -> typing.List[OutgoingRequestFfi]:
+        """
+        Every request still to be sent, oldest first; an unsent request keeps its id.
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterSequenceTypeOutgoingRequestFfi.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     async def receive_keys_query_response(self, json: str) -> int:
         """
         Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
@@ -2879,6 +3532,64 @@ class OlmMachine(OlmMachineProtocol):
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
+    async def reporting_stats_json(self, ) -> str:
+        """
+        Failure counts per name (seen, reported, suppressed per rule), decrypted counts, since
+        start and per hour, and listener drops, as JSON.
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterString.lift
+        _uniffi_error_converter = None
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_reporting_stats_json(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
+    async def set_analytics_enabled(self, enabled: bool) -> None:
+        """
+        The analytics consent switch: off produces no payloads at all; on does not replay.
+"""
+        
+        _UniffiFfiConverterBoolean.check_lower(enabled)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterBoolean.lower(enabled),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = None
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_set_analytics_enabled(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_void,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
+    async def set_reporting_policy(self, policy: ReportingPolicyFfi) -> None:
+        """
+        Replaces the reporting policy (which failures become PostHog events).
+"""
+        
+        _UniffiFfiConverterTypeReportingPolicyFfi.check_lower(policy)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterTypeReportingPolicyFfi.lower(policy),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = None
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_set_reporting_policy(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_void,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     def user_id(self, ) -> str:
         """
         Our user id.
@@ -2924,6 +3635,31 @@ class _UniffiFfiConverterTypeOlmMachine:
     def write(cls, value: OlmMachine, buf: _UniffiRustBuffer):
         buf.write_u64(cls.lower(value))
 
+class _UniffiFfiConverterOptionalTypeLogSink(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterTypeLogSink.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterTypeLogSink.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterTypeLogSink.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+
 class _UniffiFfiConverterBytes(_UniffiConverterRustBuffer):
     @staticmethod
     def read(buf):
@@ -2943,6 +3679,29 @@ class _UniffiFfiConverterBytes(_UniffiConverterRustBuffer):
     def write(value, buf):
         buf.write_i32(len(value))
         buf.write(value)
+def set_log_sink(sink: typing.Optional[LogSink],max_level: LogLevel) -> None:
+    """
+    Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and
+    `Error`) to `sink`. A second call replaces the sink and the level; `None` stops forwarding.
+
+    Lines never contain keys or plaintexts, and user ids only as `@…:server`.
+"""
+    
+    _UniffiFfiConverterOptionalTypeLogSink.check_lower(sink)
+
+    _UniffiFfiConverterTypeLogLevel.check_lower(max_level)
+    _uniffi_lowered_args = (
+        _UniffiFfiConverterOptionalTypeLogSink.lower(sink),
+        _UniffiFfiConverterTypeLogLevel.lower(max_level),
+    )
+    _uniffi_lift_return = lambda val: None
+    _uniffi_error_converter = None
+    _uniffi_ffi_result = _uniffi_rust_call_with_error(
+        _uniffi_error_converter,
+        _UniffiLib.uniffi_to_device_crypto_fn_func_set_log_sink,
+        *_uniffi_lowered_args,
+    )
+    return _uniffi_lift_return(_uniffi_ffi_result)
 
 __all__ = [
     "InternalError",
@@ -2951,16 +3710,22 @@ __all__ = [
     "CryptoSdkFfi",
     "CryptoError",
     "DecryptionFailure",
+    "LogLevel",
+    "OutgoingRequestFfi",
     "ToDeviceResult",
     "DecryptedEvent",
     "IdentityKeysFfi",
     "PosthogErrorEvent",
+    "ReportingPolicyFfi",
+    "set_log_sink",
     "DecryptionFailureListenerImpl",
     "DecryptionFailureListener",
     "FailureSubscription",
     "FailureSubscriptionProtocol",
     "ListenerHandle",
     "ListenerHandleProtocol",
+    "LogSinkImpl",
+    "LogSink",
     "OlmMachine",
     "OlmMachineProtocol",
 ]

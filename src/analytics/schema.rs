@@ -85,6 +85,29 @@ pub fn failure_table_markdown() -> String {
     table
 }
 
+/// `docs/analytics-schema.md`: the proposed additions to the public matrix-analytics-events
+/// `Error` schema, one entry per name, ready to propose upstream.
+pub fn upstream_schema_proposal_markdown() -> String {
+    let mut doc = String::from(
+        "# Proposed additions to the `Error` analytics schema\n\n\
+         <!-- Generated from FailureReason (src/analytics/taxonomy.rs); run `TDC_BLESS=1 cargo test --test generated_docs`. -->\n\n\
+         The public matrix-analytics-events `Error` schema (`schemas/Error.json`) has one to-device name,\n\
+         `ToDeviceFailedToDecrypt`. We propose one name per failure reason, so that a to-device\n\
+         decryption failure says *why* it happened. Each is sent with `domain: \"TO_DEVICE\"` and\n\
+         `cryptoSDK: \"Rust\"`, and no other property.\n\n\
+         Until the schema lists them, the generated Swift/Kotlin `AnalyticsEvent.Error` types cannot\n\
+         carry these names: apps send them through the PostHog SDK directly\n\
+         (`capture(event, properties)` with the payload's `event` and `properties`).\n\n\
+         Proposed `name` enum additions (for `Error.json` `properties.name.enum`, with these\n\
+         descriptions in `oneOf`):\n\n",
+    );
+    for reason in FailureReason::ALL {
+        let info = reason.info();
+        doc.push_str(&format!("- `{}`: {}\n", info.analytics_name, info.when));
+    }
+    doc
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

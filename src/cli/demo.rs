@@ -16,7 +16,8 @@ use to_device_crypto::{FailureStream, MemoryStore, OlmMachine, ToDeviceOutcome};
 const BOB: &str = "@bob:example.org";
 
 struct Tally {
-    failures: BTreeMap<&'static str, usize>,
+    /// Per name: (failures, PostHog events after the reporting policy).
+    failures: BTreeMap<&'static str, (usize, usize)>,
     decrypted: usize,
     plaintext: usize,
 }
@@ -69,11 +70,15 @@ impl Bob {
                 .flatten()
                 .ok_or("a failure was not published")?
                 .map_err(|e| e.to_string())?;
-            println!("{}", item.analytics.to_json());
-            *tally
+            let counts = tally
                 .failures
                 .entry(item.reason.analytics_name())
-                .or_default() += 1;
+                .or_default();
+            counts.0 += 1;
+            if let Some(payload) = item.payload() {
+                println!("{}", payload.to_json());
+                counts.1 += 1;
+            }
         }
         eprintln!("{label}: {} events, {} failed", outcomes.len(), failed);
         Ok(())
@@ -252,21 +257,25 @@ pub async fn run() -> Result<(), String> {
     .await?;
 
     eprintln!();
-    eprintln!("{:<48} {:>6}", "PostHog event name", "count");
-    eprintln!("{}", "-".repeat(55));
-    for (name, count) in &tally.failures {
-        eprintln!("{name:<48} {count:>6}");
-    }
-    eprintln!("{}", "-".repeat(55));
     eprintln!(
-        "{:<48} {:>6}",
-        "failed (one PostHog event each)",
-        tally.failures.values().sum::<usize>()
+        "{:<48} {:>8} {:>8}",
+        "PostHog event name", "failures", "reported"
     );
-    eprintln!("{:<48} {:>6}", "decrypted", tally.decrypted);
+    eprintln!("{}", "-".repeat(66));
+    for (name, (failures, reported)) in &tally.failures {
+        eprintln!("{name:<48} {failures:>8} {reported:>8}");
+    }
+    eprintln!("{}", "-".repeat(66));
+    let failures: usize = tally.failures.values().map(|(f, _)| f).sum();
+    let reported: usize = tally.failures.values().map(|(_, r)| r).sum();
+    eprintln!("{:<48} {failures:>8} {reported:>8}", "all failures");
+    eprintln!("{:<48} {:>8}", "decrypted", tally.decrypted);
     eprintln!(
-        "{:<48} {:>6}",
+        "{:<48} {:>8}",
         "plain to-device events passed through", tally.plaintext
+    );
+    eprintln!(
+        "(reporting policy: at most one PostHog event per message and per sender, sender key and name per hour; at most 30 per minute)"
     );
     Ok(())
 }

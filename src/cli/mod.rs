@@ -45,11 +45,28 @@ enum Command {
         /// A /keys/query response body with the senders' device keys.
         #[arg(long)]
         device_keys: Option<PathBuf>,
-        /// Append the PostHog events of failures to this file, one JSON object per line.
+        /// Append the PostHog events of failures (those that pass the reporting policy) to this
+        /// file, one JSON object per line.
         #[arg(long)]
         analytics_out: Option<PathBuf>,
+        /// Write every still-unsent outgoing request (e.g. session recovery) to this file, one
+        /// JSON object per line.
+        #[arg(long)]
+        requests_out: Option<PathBuf>,
         /// The input file; `-` or nothing reads stdin.
         input: Option<PathBuf>,
+    },
+    /// List the unsent outgoing requests (JSON lines), or mark one as sent, feeding the server's
+    /// response back.
+    Requests {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The request to mark as sent.
+        #[arg(long)]
+        mark_sent: Option<String>,
+        /// The server's response body (required for keys_claim requests).
+        #[arg(long, requires = "mark_sent")]
+        response: Option<PathBuf>,
     },
     /// Encrypt events for the device whose /keys/upload body is in KEYS.json; prints a JSON array
     /// of /sync-shaped to-device events.
@@ -117,8 +134,14 @@ pub fn run() -> ExitCode {
                 store,
                 device_keys,
                 analytics_out,
+                requests_out,
                 input,
-            } => decrypt(store, device_keys, analytics_out, input).await,
+            } => decrypt(store, device_keys, analytics_out, requests_out, input).await,
+            Command::Requests {
+                store,
+                mark_sent,
+                response,
+            } => requests(store, mark_sent, response).await,
             Command::Encrypt {
                 store,
                 recipient_keys,
@@ -180,6 +203,7 @@ async fn decrypt(
     args: StoreArgs,
     device_keys: Option<PathBuf>,
     analytics_out: Option<PathBuf>,
+    requests_out: Option<PathBuf>,
     input: Option<PathBuf>,
 ) -> CliResult {
     let text = match input.as_ref().filter(|p| p.as_os_str() != "-") {
@@ -221,11 +245,54 @@ async fn decrypt(
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         while let Some(Some(item)) = failures.next().now_or_never() {
             let item = item.map_err(|e| e.to_string())?;
-            writeln!(file, "{}", item.analytics.to_json())
-                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            // Only what passes the reporting policy is an analytics event.
+            if let Some(payload) = item.payload() {
+                writeln!(file, "{}", payload.to_json())
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
         }
     }
+    if let Some(path) = requests_out {
+        write_requests(
+            &machine,
+            &mut std::fs::File::create(&path)
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?,
+        )
+        .await?;
+    }
     Ok(())
+}
+
+async fn write_requests(machine: &OlmMachine, out: &mut impl Write) -> CliResult {
+    for request in machine
+        .outgoing_requests()
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        let line = serde_json::to_string(&request).map_err(|e| e.to_string())?;
+        writeln!(out, "{line}").map_err(|e| format!("cannot write the requests: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn requests(
+    args: StoreArgs,
+    mark_sent: Option<String>,
+    response: Option<PathBuf>,
+) -> CliResult {
+    let machine = store_dir::open_machine(&args).await?.machine;
+    match mark_sent {
+        Some(request_id) => {
+            let response = response
+                .map(|path| read_json_file(&path, "response"))
+                .transpose()?;
+            machine
+                .mark_request_as_sent(&request_id, response.as_ref())
+                .await
+                .map_err(|e| e.to_string())
+        }
+        None => write_requests(&machine, &mut std::io::stdout().lock()).await,
+    }
 }
 
 fn outcome_line(index: usize, outcome: &ToDeviceOutcome) -> Value {

@@ -9,9 +9,11 @@
 //!   [`ListenerHandle`]) or pull-style ([`FailureSubscription::next`], which the hand-written Swift
 //!   `AsyncStream` and Kotlin `Flow` helpers wrap).
 
+mod listener;
+mod logging;
+mod requests;
 mod types;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -26,9 +28,13 @@ use crate::olm::device_keys::parse_keys_upload_body;
 use crate::reporting::FailureStream;
 use crate::store::StoreKey;
 
+pub use listener::LISTENER_QUEUE_CAPACITY;
+use listener::{spawn_delivery_thread, DeliveryQueue};
+pub use logging::{redact, set_log_sink, LogLevel, LogSink, QUEUE_CAPACITY, REDACTED_KEY};
+pub use requests::OutgoingRequestFfi;
 pub use types::{
     CryptoError, CryptoSdkFfi, DecryptedEvent, DecryptionFailure, ErrorDomainFfi, FailureReasonFfi,
-    IdentityKeysFfi, PosthogErrorEvent, ToDeviceResult,
+    IdentityKeysFfi, PosthogErrorEvent, ReportingPolicyFfi, ToDeviceResult,
 };
 
 /// The runtime on which listener tasks run. Foreign callers are usually not inside a tokio
@@ -48,7 +54,7 @@ fn listener_runtime() -> &'static Runtime {
 /// One Matrix device's Olm machine, for Swift, Kotlin and Python.
 #[derive(uniffi::Object)]
 pub struct OlmMachine {
-    inner: CoreMachine,
+    inner: Arc<CoreMachine>,
 }
 
 #[uniffi::export(async_runtime = "tokio")]
@@ -72,7 +78,9 @@ impl OlmMachine {
         let inner =
             CoreMachine::with_sqlite(&user_id, &device_id, path, StoreKey::from_bytes(bytes))
                 .await?;
-        Ok(Arc::new(Self { inner }))
+        Ok(Arc::new(Self {
+            inner: Arc::new(inner),
+        }))
     }
 
     /// Opens a machine on a new in-memory store (tests, or apps that keep no state).
@@ -82,7 +90,26 @@ impl OlmMachine {
         device_id: String,
     ) -> Result<Arc<Self>, CryptoError> {
         let inner = CoreMachine::in_memory(&user_id, &device_id).await?;
-        Ok(Arc::new(Self { inner }))
+        Ok(Arc::new(Self {
+            inner: Arc::new(inner),
+        }))
+    }
+
+    /// Replaces the reporting policy (which failures become PostHog events).
+    pub async fn set_reporting_policy(&self, policy: ReportingPolicyFfi) {
+        self.inner.set_reporting_policy(policy.into()).await;
+    }
+
+    /// The analytics consent switch: off produces no payloads at all; on does not replay.
+    pub async fn set_analytics_enabled(&self, enabled: bool) {
+        self.inner.set_analytics_enabled(enabled).await;
+    }
+
+    /// Failure counts per name (seen, reported, suppressed per rule), decrypted counts, since
+    /// start and per hour, and listener drops, as JSON.
+    pub async fn reporting_stats_json(&self) -> String {
+        serde_json::to_string(&self.inner.reporting_stats().await)
+            .expect("stats hold only numbers and names")
     }
 
     /// Our user id.
@@ -199,25 +226,34 @@ impl OlmMachine {
         listener: Arc<dyn DecryptionFailureListener>,
     ) -> Arc<ListenerHandle> {
         let mut stream = self.inner.to_device_decryption_failure_stream();
+        let queue = Arc::new(DeliveryQueue::default());
+        if let Err(error) = spawn_delivery_thread(listener, Arc::clone(&queue)) {
+            tracing::warn!(%error, "cannot start a failure listener thread");
+            queue.close();
+        }
+        // Weak: a forgotten handle must not keep the machine alive.
+        let machine = Arc::downgrade(&self.inner);
+        let forward_queue = Arc::clone(&queue);
         let task = listener_runtime().spawn(async move {
             while let Some(item) = stream.next().await {
-                let Ok(failure) = item else {
-                    continue; // fell behind; the missed items are gone
+                let dropped = match item {
+                    // Only payloads that pass the reporting policy reach listeners.
+                    Ok(failure) => match failure.payload() {
+                        Some(payload) => forward_queue.push(PosthogErrorEvent::from(*payload)),
+                        None => 0,
+                    },
+                    Err(lag) => lag.missed,
                 };
-                let event = PosthogErrorEvent::from(failure.analytics);
-                let listener = Arc::clone(&listener);
-                // A blocking thread, so that a slow listener never stalls the runtime; awaited, so
-                // that calls stay in order.
-                let _ = tokio::task::spawn_blocking(move || {
-                    // A foreign exception comes back from UniFFI as a panic.
-                    let _ =
-                        catch_unwind(AssertUnwindSafe(|| listener.on_decryption_failure(event)));
-                })
-                .await;
+                if dropped > 0 {
+                    if let Some(machine) = machine.upgrade() {
+                        machine.record_listener_drops(dropped);
+                    }
+                }
             }
         });
         Arc::new(ListenerHandle {
             task: task.abort_handle(),
+            queue,
         })
     }
 
@@ -251,6 +287,7 @@ pub trait DecryptionFailureListener: Send + Sync {
 #[derive(uniffi::Object)]
 pub struct ListenerHandle {
     task: AbortHandle,
+    queue: Arc<DeliveryQueue>,
 }
 
 #[uniffi::export]
@@ -258,6 +295,7 @@ impl ListenerHandle {
     /// Stops delivery. A call already in progress finishes.
     pub fn cancel(&self) {
         self.task.abort();
+        self.queue.close();
     }
 
     /// Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
@@ -269,7 +307,7 @@ impl ListenerHandle {
 
 impl Drop for ListenerHandle {
     fn drop(&mut self) {
-        self.task.abort();
+        self.cancel();
     }
 }
 
@@ -288,7 +326,11 @@ impl FailureSubscription {
         let mut stream = self.stream.lock().await;
         loop {
             match stream.next().await? {
-                Ok(failure) => return Some(PosthogErrorEvent::from(failure.analytics)),
+                Ok(failure) => {
+                    if let Some(payload) = failure.payload() {
+                        return Some(PosthogErrorEvent::from(*payload));
+                    }
+                }
                 Err(lag) => {
                     self.missed.fetch_add(lag.missed, Ordering::Relaxed);
                 }
@@ -327,7 +369,12 @@ mod tests {
     use super::*;
     use crate::analytics::FailureReason;
 
-    const BAD_EVENT: &str = r#"{"type":"m.room.encrypted","sender":"@a:b","content":{"algorithm":"m.megolm.v1.aes-sha2"}}"#;
+    /// A distinct Megolm-in-to-device event per `n`, so the once-per-message rule reports each.
+    fn bad_event(n: usize) -> String {
+        format!(
+            r#"{{"type":"m.room.encrypted","sender":"@a{n}:b","content":{{"algorithm":"m.megolm.v1.aes-sha2"}}}}"#
+        )
+    }
 
     #[derive(Default)]
     struct Collecting(Mutex<Vec<PosthogErrorEvent>>);
@@ -371,9 +418,9 @@ mod tests {
         let _bad = machine.add_decryption_failure_listener(Arc::new(Panicking));
         let handle = machine.add_decryption_failure_listener(good.clone());
         let subscription = machine.failure_subscription();
-        for _ in 0..2 {
+        for n in 0..2 {
             let error = machine
-                .decrypt_to_device_event(BAD_EVENT.into())
+                .decrypt_to_device_event(bad_event(n))
                 .await
                 .unwrap_err();
             let DecryptionFailure::Failed { reason, .. } = error;
@@ -389,7 +436,7 @@ mod tests {
 
         drop(handle);
         machine
-            .decrypt_to_device_event(BAD_EVENT.into())
+            .decrypt_to_device_event(bad_event(2))
             .await
             .unwrap_err();
         std::thread::sleep(Duration::from_millis(100));

@@ -258,3 +258,24 @@ impl From<EncryptionError> for CryptoError {
         }
     }
 }
+
+/// The reporting policy (see `ReportingPolicy` in the core).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, uniffi::Record)]
+pub struct ReportingPolicyFfi {
+    /// Whether payloads are produced at all (the user's analytics consent).
+    pub analytics_enabled: bool,
+    /// At most one payload per (sender, sender key, name) in this many seconds; 0 disables.
+    pub suppression_window_secs: u64,
+    /// At most this many payloads per minute; `None` disables the cap.
+    pub max_events_per_minute: Option<u32>,
+}
+
+impl From<ReportingPolicyFfi> for crate::analytics::ReportingPolicy {
+    fn from(policy: ReportingPolicyFfi) -> Self {
+        Self {
+            analytics_enabled: policy.analytics_enabled,
+            suppression_window_secs: policy.suppression_window_secs,
+            max_events_per_minute: policy.max_events_per_minute,
+        }
+    }
+}

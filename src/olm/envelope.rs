@@ -28,6 +28,8 @@ pub struct EnvelopeFacts {
     pub sender_key: Option<String>,
     /// The message type of our ciphertext entry.
     pub message_type: Option<u8>,
+    /// The hash of the Olm message, once it decoded.
+    pub message_hash: Option<MessageHash>,
 }
 
 /// A to-device event after envelope parsing.
@@ -169,9 +171,11 @@ pub fn parse_event(
     let message = OlmMessage::from_parts(entry.message_type.into(), &bytes).map_err(|e| {
         DecryptionError::MalformedCiphertext(format!("undecodable Olm message: {e}"))
     })?;
+    let message_hash = MessageHash::new(&sender_key, entry.message_type, &bytes);
+    facts.message_hash = Some(message_hash);
     Ok(ParsedEvent::Olm(Box::new(OlmEnvelope {
         sender: envelope.sender.into_owned(),
-        message_hash: MessageHash::new(&sender_key, entry.message_type, &bytes),
+        message_hash,
         sender_key,
         message,
     })))

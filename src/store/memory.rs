@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Changes, CryptoStore, StoredAccount, StoredDevice, StoredSession};
+use super::{Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredSession};
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 
@@ -17,6 +17,10 @@ struct Contents {
     message_hashes: HashSet<MessageHash>,
     devices: HashMap<(String, String), StoredDevice>,
     claimed_one_time_keys: HashSet<String>,
+    failure_marks: HashSet<MessageHash>,
+    policy_state: Option<String>,
+    outgoing_requests: Vec<StoredRequest>,
+    recovery_attempts: HashMap<String, u64>,
 }
 
 /// A store that keeps everything in memory. Cloning a snapshot of it (see
@@ -91,6 +95,22 @@ impl CryptoStore for MemoryStore {
         Ok(self.lock().claimed_one_time_keys.contains(key))
     }
 
+    async fn contains_failure_mark(&self, mark: &MessageHash) -> Result<bool, StoreError> {
+        Ok(self.lock().failure_marks.contains(mark))
+    }
+
+    async fn load_policy_state(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().policy_state.clone())
+    }
+
+    async fn load_outgoing_requests(&self) -> Result<Vec<StoredRequest>, StoreError> {
+        Ok(self.lock().outgoing_requests.clone())
+    }
+
+    async fn last_recovery_attempt(&self, sender_key: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.lock().recovery_attempts.get(sender_key).copied())
+    }
+
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
         if self.fail_next_save.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Simulated("save_changes failed".to_owned()));
@@ -115,6 +135,15 @@ impl CryptoStore for MemoryStore {
         contents
             .claimed_one_time_keys
             .extend(changes.claimed_one_time_keys);
+        contents.failure_marks.extend(changes.failure_marks);
+        if let Some(policy_state) = changes.policy_state {
+            contents.policy_state = Some(policy_state);
+        }
+        contents
+            .outgoing_requests
+            .retain(|r| !changes.sent_requests.contains(&r.request_id));
+        contents.outgoing_requests.extend(changes.outgoing_requests);
+        contents.recovery_attempts.extend(changes.recovery_attempts);
         Ok(())
     }
 }

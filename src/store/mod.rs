@@ -67,6 +67,27 @@ pub struct Changes {
     pub devices: Vec<StoredDevice>,
     /// Other devices' one-time keys we used to create outbound sessions.
     pub claimed_one_time_keys: Vec<String>,
+    /// Marks of failed messages (the reporting policy's "once per message").
+    pub failure_marks: Vec<MessageHash>,
+    /// The reporting policy's state (windows, cap, counts), when it changed.
+    pub policy_state: Option<String>,
+    /// New outgoing requests.
+    pub outgoing_requests: Vec<StoredRequest>,
+    /// Ids of outgoing requests that were sent (removed).
+    pub sent_requests: Vec<String>,
+    /// `(sender key, time)` of each device recovery started (the once-per-hour limit).
+    pub recovery_attempts: Vec<(String, u64)>,
+}
+
+/// An outgoing request as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRequest {
+    /// The request id.
+    pub request_id: String,
+    /// The serialized [`OutgoingRequest`](crate::requests::OutgoingRequest).
+    pub json: String,
+    /// When it was created (ms since the Unix epoch); requests are listed in this order.
+    pub created_at: u64,
 }
 
 impl Changes {
@@ -77,6 +98,11 @@ impl Changes {
             && self.message_hashes.is_empty()
             && self.devices.is_empty()
             && self.claimed_one_time_keys.is_empty()
+            && self.failure_marks.is_empty()
+            && self.policy_state.is_none()
+            && self.outgoing_requests.is_empty()
+            && self.sent_requests.is_empty()
+            && self.recovery_attempts.is_empty()
     }
 }
 
@@ -96,6 +122,14 @@ pub trait CryptoStore: Send + Sync + std::fmt::Debug {
     async fn contains_message_hash(&self, hash: &MessageHash) -> Result<bool, StoreError>;
     /// Whether we already used this one-time key of another device.
     async fn is_one_time_key_claimed(&self, key: &str) -> Result<bool, StoreError>;
+    /// Whether a failure with this mark was already recorded.
+    async fn contains_failure_mark(&self, mark: &MessageHash) -> Result<bool, StoreError>;
+    /// The reporting policy's state, if stored.
+    async fn load_policy_state(&self) -> Result<Option<String>, StoreError>;
+    /// Every unsent outgoing request, oldest first.
+    async fn load_outgoing_requests(&self) -> Result<Vec<StoredRequest>, StoreError>;
+    /// When recovery of the device with this sender key last started, if ever.
+    async fn last_recovery_attempt(&self, sender_key: &str) -> Result<Option<u64>, StoreError>;
     /// Commits `changes` atomically.
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError>;
 }

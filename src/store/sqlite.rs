@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::cipher::StoreKey;
-use super::{Changes, CryptoStore, StoredAccount, StoredDevice, StoredSession};
+use super::{Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredSession};
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 
@@ -169,7 +169,15 @@ fn create_schema(connection: &Connection, key: &StoreKey) -> Result<(), StoreErr
              json TEXT NOT NULL,
              PRIMARY KEY (user_id, device_id)) WITHOUT ROWID;
          CREATE TABLE message_hashes (hash BLOB PRIMARY KEY NOT NULL) WITHOUT ROWID;
-         CREATE TABLE claimed_one_time_keys (key TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID;",
+         CREATE TABLE claimed_one_time_keys (key TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID;
+         CREATE TABLE failure_marks (mark BLOB PRIMARY KEY NOT NULL) WITHOUT ROWID;
+         CREATE TABLE outgoing_requests (
+             request_id TEXT PRIMARY KEY NOT NULL,
+             json TEXT NOT NULL,
+             created_at INTEGER NOT NULL);
+         CREATE TABLE recovery_attempts (
+             sender_key TEXT PRIMARY KEY NOT NULL,
+             attempted_at INTEGER NOT NULL) WITHOUT ROWID;",
     )?;
     let result = connection
         .execute(
@@ -277,6 +285,59 @@ impl CryptoStore for SqliteStore {
         Ok(statement.exists(params![key])?)
     }
 
+    async fn contains_failure_mark(&self, mark: &MessageHash) -> Result<bool, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare_cached("SELECT 1 FROM failure_marks WHERE mark = ?1")?;
+        Ok(statement.exists(params![&mark.0[..]])?)
+    }
+
+    async fn load_policy_state(&self) -> Result<Option<String>, StoreError> {
+        let value: Option<Vec<u8>> = self
+            .lock()
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'policy_state'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?;
+        value
+            .map(|v| {
+                String::from_utf8(v).map_err(|e| StoreError::Corrupted {
+                    what: "reporting policy state",
+                    detail: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    async fn load_outgoing_requests(&self) -> Result<Vec<StoredRequest>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT request_id, json, created_at FROM outgoing_requests ORDER BY created_at, rowid",
+        )?;
+        let requests = statement
+            .query_map([], |row| {
+                Ok(StoredRequest {
+                    request_id: row.get(0)?,
+                    json: row.get(1)?,
+                    created_at: u64::try_from(row.get::<_, i64>(2)?).unwrap_or_default(),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(requests)
+    }
+
+    async fn last_recovery_attempt(&self, sender_key: &str) -> Result<Option<u64>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached("SELECT attempted_at FROM recovery_attempts WHERE sender_key = ?1")?;
+        let at: Option<i64> = statement
+            .query_row(params![sender_key], |row| row.get(0))
+            .optional()?;
+        Ok(at.map(|at| u64::try_from(at).unwrap_or_default()))
+    }
+
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
@@ -333,6 +394,38 @@ impl CryptoStore for SqliteStore {
                 .prepare_cached("INSERT OR IGNORE INTO claimed_one_time_keys (key) VALUES (?1)")?;
             for key in &changes.claimed_one_time_keys {
                 statement.execute(params![key])?;
+            }
+            let mut statement = transaction
+                .prepare_cached("INSERT OR IGNORE INTO failure_marks (mark) VALUES (?1)")?;
+            for mark in &changes.failure_marks {
+                statement.execute(params![&mark.0[..]])?;
+            }
+            let mut statement = transaction
+                .prepare_cached("DELETE FROM outgoing_requests WHERE request_id = ?1")?;
+            for request_id in &changes.sent_requests {
+                statement.execute(params![request_id])?;
+            }
+            let mut statement = transaction.prepare_cached(
+                "INSERT OR REPLACE INTO outgoing_requests (request_id, json, created_at) VALUES (?1, ?2, ?3)",
+            )?;
+            for request in &changes.outgoing_requests {
+                statement.execute(params![
+                    request.request_id,
+                    request.json,
+                    i64::try_from(request.created_at).unwrap_or(i64::MAX)
+                ])?;
+            }
+            let mut statement = transaction.prepare_cached(
+                "INSERT OR REPLACE INTO recovery_attempts (sender_key, attempted_at) VALUES (?1, ?2)",
+            )?;
+            for (sender_key, at) in &changes.recovery_attempts {
+                statement.execute(params![sender_key, i64::try_from(*at).unwrap_or(i64::MAX)])?;
+            }
+            if let Some(policy_state) = &changes.policy_state {
+                transaction.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('policy_state', ?1)",
+                    params![policy_state.as_bytes()],
+                )?;
             }
         }
         transaction.commit()?;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use serde_json::{json, Value};
+use to_device_crypto::analytics::ReportingPolicy;
 use to_device_crypto::olm::device_keys::PublishedKeys;
 use to_device_crypto::simulator::{self, Recipient, SimulatedDevice};
 use to_device_crypto::{MemoryStore, OlmMachine};
@@ -15,9 +16,15 @@ pub const CAROL: &str = "@carol:example.net";
 /// Bob's machine on a shared memory store, with 10 published one-time keys.
 pub async fn bob_with_store() -> (OlmMachine, Arc<MemoryStore>, PublishedKeys) {
     let store = Arc::new(MemoryStore::new());
-    let bob = OlmMachine::open(BOB, "BOBPHONE", store.clone())
-        .await
-        .unwrap();
+    // Every distinct failure reported, so that tests see one payload per failed message.
+    let bob = OlmMachine::open_with_policy(
+        BOB,
+        "BOBPHONE",
+        store.clone(),
+        ReportingPolicy::every_message(),
+    )
+    .await
+    .unwrap();
     let keys = publish(&bob, 10).await;
     (bob, store, keys)
 }

@@ -1105,6 +1105,226 @@ public func FfiConverterTypeListenerHandle_lower(_ value: ListenerHandle) -> UIn
 
 
 /**
+ * Receives the SDK's log lines, already filtered by level and redacted. Implement it with the
+ * app's logger (os_log / `Logger`, Timber / `android.util.Log`, `logging`).
+ */
+public protocol LogSink: AnyObject, Sendable {
+    
+    /**
+     * One log line. `target` is the Rust module that logged (e.g. `to_device_crypto::machine`),
+     * `message` the formatted, redacted line. Called on a background thread, in order.
+     */
+    func log(level: LogLevel, target: String, message: String) 
+    
+}
+/**
+ * Receives the SDK's log lines, already filtered by level and redacted. Implement it with the
+ * app's logger (os_log / `Logger`, Timber / `android.util.Log`, `logging`).
+ */
+open class LogSinkImpl: LogSink, @unchecked Sendable {
+    fileprivate let handle: UInt64
+
+    /// Used to instantiate a [FFIObject] without an actual handle, for fakes in tests, mostly.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public struct NoHandle {
+        public init() {}
+    }
+
+    // TODO: We'd like this to be `private` but for Swifty reasons,
+    // we can't implement `FfiConverter` without making this `required` and we can't
+    // make it `required` without making it `public`.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    required public init(unsafeFromHandle handle: UInt64) {
+        self.handle = handle
+    }
+
+    // This constructor can be used to instantiate a fake object.
+    // - Parameter noHandle: Placeholder value so we can have a constructor separate from the default empty one that may be implemented for classes extending [FFIObject].
+    //
+    // - Warning:
+    //     Any object instantiated with this constructor cannot be passed to an actual Rust-backed object. Since there isn't a backing handle the FFI lower functions will crash.
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public init(noHandle: NoHandle) {
+        self.handle = 0
+    }
+
+#if swift(>=5.8)
+    @_documentation(visibility: private)
+#endif
+    public func uniffiCloneHandle() -> UInt64 {
+        return try! rustCall { uniffi_to_device_crypto_fn_clone_logsink(self.handle, $0) }
+    }
+    // No primary constructor declared for this class.
+
+    deinit {
+        if handle == 0 {
+            // Mock objects have handle=0 don't try to free them
+            return
+        }
+
+        try! rustCall { uniffi_to_device_crypto_fn_free_logsink(handle, $0) }
+    }
+
+    
+
+    
+    /**
+     * One log line. `target` is the Rust module that logged (e.g. `to_device_crypto::machine`),
+     * `message` the formatted, redacted line. Called on a background thread, in order.
+     */
+open func log(level: LogLevel, target: String, message: String)  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_to_device_crypto_fn_method_logsink_log(
+            self.uniffiCloneHandle(),
+        FfiConverterTypeLogLevel_lower(level),
+        FfiConverterString.lower(target),
+        FfiConverterString.lower(message),uniffiCallStatus
+    )
+}
+}
+    
+
+    
+}
+
+
+
+// Put the implementation in a struct so we don't pollute the top-level namespace
+fileprivate struct UniffiCallbackInterfaceLogSink {
+
+    // Create the VTable using a series of closures.
+    // Swift automatically converts these into C callback functions.
+    //
+    // Store the vtable directly.
+    static let vtable: UniffiVTableCallbackInterfaceLogSink = UniffiVTableCallbackInterfaceLogSink(
+        uniffiFree: { (uniffiHandle: UInt64) -> () in
+            do {
+                try FfiConverterTypeLogSink.handleMap.remove(handle: uniffiHandle)
+            } catch {
+                print("Uniffi callback interface LogSink: handle missing in uniffiFree")
+            }
+        },
+        uniffiClone: { (uniffiHandle: UInt64) -> UInt64 in
+            do {
+                return try FfiConverterTypeLogSink.handleMap.clone(handle: uniffiHandle)
+            } catch {
+                fatalError("Uniffi callback interface LogSink: handle missing in uniffiClone")
+            }
+        },
+        log: { (
+            uniffiHandle: UInt64,
+            level: RustBuffer,
+            target: RustBuffer,
+            message: RustBuffer,
+            uniffiOutReturn: UnsafeMutableRawPointer,
+            uniffiCallStatus: UnsafeMutablePointer<RustCallStatus>
+        ) in
+            let makeCall = {
+                () throws -> () in
+                guard let uniffiObj = try? FfiConverterTypeLogSink.handleMap.get(handle: uniffiHandle) else {
+                    throw UniffiInternalError.unexpectedStaleHandle
+                }
+                return uniffiObj.log(
+                     level: try FfiConverterTypeLogLevel_lift(level),
+                     target: try FfiConverterString.lift(target),
+                     message: try FfiConverterString.lift(message)
+                )
+            }
+
+            
+            let writeReturn = { () }
+            uniffiTraitInterfaceCall(
+                callStatus: uniffiCallStatus,
+                makeCall: makeCall,
+                writeReturn: writeReturn
+            )
+        }
+    )
+
+    // Rust stores this pointer for future callback invocations, so it must live
+    // for the process lifetime (not just for the init function call).
+    //
+    // `nonisolated(unsafe)` is needed under Swift 6 strict concurrency.
+    // This is safe because the pointee is initialized once during static init
+    // and never mutated by either side of the FFI.  Its fields are C function pointers.
+    nonisolated(unsafe) static let vtablePtr: UnsafePointer<UniffiVTableCallbackInterfaceLogSink> = {
+        let ptr = UnsafeMutablePointer<UniffiVTableCallbackInterfaceLogSink>.allocate(capacity: 1)
+        ptr.initialize(to: vtable)
+        return UnsafePointer(ptr)
+    }()
+}
+
+private func uniffiCallbackInitLogSink() {
+    uniffi_to_device_crypto_fn_init_callback_vtable_logsink(UniffiCallbackInterfaceLogSink.vtablePtr)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeLogSink: FfiConverter {
+    fileprivate static let handleMap = UniffiHandleMap<LogSink>()
+
+    typealias FfiType = UInt64
+    typealias SwiftType = LogSink
+
+    public static func lift(_ handle: UInt64) throws -> LogSink {
+        if ((handle & 1) == 0) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return LogSinkImpl(unsafeFromHandle: handle)
+        } else {
+            // Swift-generated handle, get the object from the handle map
+            return try handleMap.remove(handle: handle)
+        }
+    }
+
+    public static func lower(_ value: LogSink) -> UInt64 {
+         if let rustImpl = value as? LogSinkImpl {
+             // Rust-implemented object.  Clone the handle and return it
+            return rustImpl.uniffiCloneHandle()
+         } else {
+            // Swift object, generate a new vtable handle and return that.
+            return handleMap.insert(obj: value)
+         }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> LogSink {
+        let handle: UInt64 = try readInt(&buf)
+        return try lift(handle)
+    }
+
+    public static func write(_ value: LogSink, into buf: inout [UInt8]) {
+        writeInt(&buf, lower(value))
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLogSink_lift(_ handle: UInt64) throws -> LogSink {
+    return try FfiConverterTypeLogSink.lift(handle)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLogSink_lower(_ value: LogSink) -> UInt64 {
+    return FfiConverterTypeLogSink.lower(value)
+}
+
+
+
+
+
+
+/**
  * One Matrix device's Olm machine, for Swift, Kotlin and Python.
  */
 public protocol OlmMachineProtocol: AnyObject, Sendable {
@@ -1176,9 +1396,35 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
     func receiveToDeviceEvents(jsonArray: String) async throws  -> [ToDeviceResult]
     
     /**
+     * Failure counts per name (seen, reported, suppressed per rule), decrypted counts, since
+     * start and per hour, and listener drops, as JSON.
+     */
+    func reportingStatsJson() async  -> String
+    
+    /**
+     * The analytics consent switch: off produces no payloads at all; on does not replay.
+     */
+    func setAnalyticsEnabled(enabled: Bool) async 
+    
+    /**
+     * Replaces the reporting policy (which failures become PostHog events).
+     */
+    func setReportingPolicy(policy: ReportingPolicyFfi) async 
+    
+    /**
      * Our user id.
      */
     func userId()  -> String
+    
+    /**
+     * Marks a request as sent; for a keys claim, `response_json` is the server's response body.
+     */
+    func markRequestAsSent(requestId: String, responseJson: String?) async throws 
+    
+    /**
+     * Every request still to be sent, oldest first; an unsent request keeps its id.
+     */
+    func outgoingRequests() async throws  -> [OutgoingRequestFfi]
     
 }
 /**
@@ -1483,6 +1729,67 @@ open func receiveToDeviceEvents(jsonArray: String)async throws  -> [ToDeviceResu
 }
     
     /**
+     * Failure counts per name (seen, reported, suppressed per rule), decrypted counts, since
+     * start and per hour, and listener drops, as JSON.
+     */
+open func reportingStatsJson()async  -> String  {
+    return
+        try!  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_reporting_stats_json(
+                        self.uniffiCloneHandle()
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            freeFunc: ffi_to_device_crypto_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterString.lift,
+            errorHandler: nil
+            
+        )
+}
+    
+    /**
+     * The analytics consent switch: off produces no payloads at all; on does not replay.
+     */
+open func setAnalyticsEnabled(enabled: Bool)async   {
+    return
+        try!  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_set_analytics_enabled(
+                        self.uniffiCloneHandle(),FfiConverterBool.lower(enabled)
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_void,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_void,
+            freeFunc: ffi_to_device_crypto_rust_future_free_void,
+            liftFunc: { $0 },
+            errorHandler: nil
+            
+        )
+}
+    
+    /**
+     * Replaces the reporting policy (which failures become PostHog events).
+     */
+open func setReportingPolicy(policy: ReportingPolicyFfi)async   {
+    return
+        try!  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_set_reporting_policy(
+                        self.uniffiCloneHandle(),FfiConverterTypeReportingPolicyFfi_lower(policy)
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_void,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_void,
+            freeFunc: ffi_to_device_crypto_rust_future_free_void,
+            liftFunc: { $0 },
+            errorHandler: nil
+            
+        )
+}
+    
+    /**
      * Our user id.
      */
 open func userId() -> String  {
@@ -1492,6 +1799,44 @@ open func userId() -> String  {
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
+}
+    
+    /**
+     * Marks a request as sent; for a keys claim, `response_json` is the server's response body.
+     */
+open func markRequestAsSent(requestId: String, responseJson: String?)async throws   {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_mark_request_as_sent(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(requestId),FfiConverterOptionString.lower(responseJson)
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_void,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_void,
+            freeFunc: ffi_to_device_crypto_rust_future_free_void,
+            liftFunc: { $0 },
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
+}
+    
+    /**
+     * Every request still to be sent, oldest first; an unsent request keeps its id.
+     */
+open func outgoingRequests()async throws  -> [OutgoingRequestFfi]  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests(
+                        self.uniffiCloneHandle()
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            freeFunc: ffi_to_device_crypto_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterSequenceTypeOutgoingRequestFfi.lift,
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
 }
     
 
@@ -1847,6 +2192,85 @@ public func FfiConverterTypePosthogErrorEvent_lift(_ buf: RustBuffer) throws -> 
 #endif
 public func FfiConverterTypePosthogErrorEvent_lower(_ value: PosthogErrorEvent) -> RustBuffer {
     return FfiConverterTypePosthogErrorEvent.lower(value)
+}
+
+
+/**
+ * The reporting policy (see `ReportingPolicy` in the core).
+ */
+public struct ReportingPolicyFfi: Equatable, Hashable {
+    /**
+     * Whether payloads are produced at all (the user's analytics consent).
+     */
+    public var analyticsEnabled: Bool
+    /**
+     * At most one payload per (sender, sender key, name) in this many seconds; 0 disables.
+     */
+    public var suppressionWindowSecs: UInt64
+    /**
+     * At most this many payloads per minute; `None` disables the cap.
+     */
+    public var maxEventsPerMinute: UInt32?
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Whether payloads are produced at all (the user's analytics consent).
+         */analyticsEnabled: Bool, 
+        /**
+         * At most one payload per (sender, sender key, name) in this many seconds; 0 disables.
+         */suppressionWindowSecs: UInt64, 
+        /**
+         * At most this many payloads per minute; `None` disables the cap.
+         */maxEventsPerMinute: UInt32?) {
+        self.analyticsEnabled = analyticsEnabled
+        self.suppressionWindowSecs = suppressionWindowSecs
+        self.maxEventsPerMinute = maxEventsPerMinute
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension ReportingPolicyFfi: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeReportingPolicyFfi: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> ReportingPolicyFfi {
+        return
+            try ReportingPolicyFfi(
+                analyticsEnabled: FfiConverterBool.read(from: &buf), 
+                suppressionWindowSecs: FfiConverterUInt64.read(from: &buf), 
+                maxEventsPerMinute: FfiConverterOptionUInt32.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: ReportingPolicyFfi, into buf: inout [UInt8]) {
+        FfiConverterBool.write(value.analyticsEnabled, into: &buf)
+        FfiConverterUInt64.write(value.suppressionWindowSecs, into: &buf)
+        FfiConverterOptionUInt32.write(value.maxEventsPerMinute, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeReportingPolicyFfi_lift(_ buf: RustBuffer) throws -> ReportingPolicyFfi {
+    return try FfiConverterTypeReportingPolicyFfi.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeReportingPolicyFfi_lower(_ value: ReportingPolicyFfi) -> RustBuffer {
+    return FfiConverterTypeReportingPolicyFfi.lower(value)
 }
 
 
@@ -2387,6 +2811,199 @@ public func FfiConverterTypeFailureReasonFfi_lower(_ value: FailureReasonFfi) ->
 
 
 /**
+ * The severity of a log line, most severe first.
+ */
+
+public enum LogLevel: Equatable, Hashable {
+    
+    case error
+    case warn
+    case info
+    case debug
+    case trace
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension LogLevel: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeLogLevel: FfiConverterRustBuffer {
+    typealias SwiftType = LogLevel
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> LogLevel {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .error
+        
+        case 2: return .warn
+        
+        case 3: return .info
+        
+        case 4: return .debug
+        
+        case 5: return .trace
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: LogLevel, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case .error:
+            writeInt(&buf, Int32(1))
+        
+        
+        case .warn:
+            writeInt(&buf, Int32(2))
+        
+        
+        case .info:
+            writeInt(&buf, Int32(3))
+        
+        
+        case .debug:
+            writeInt(&buf, Int32(4))
+        
+        
+        case .trace:
+            writeInt(&buf, Int32(5))
+        
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLogLevel_lift(_ buf: RustBuffer) throws -> LogLevel {
+    return try FfiConverterTypeLogLevel.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeLogLevel_lower(_ value: LogLevel) -> RustBuffer {
+    return FfiConverterTypeLogLevel.lower(value)
+}
+
+
+
+/**
+ * A request for the app to send; bodies are JSON text.
+ */
+
+public enum OutgoingRequestFfi: Equatable, Hashable {
+    
+    /**
+     * `POST /_matrix/client/v3/keys/claim`; feed the response to `mark_request_as_sent`.
+     */
+    case keysClaim(
+        /**
+         * Pass to `mark_request_as_sent`.
+         */requestId: String, 
+        /**
+         * The request body.
+         */bodyJson: String
+    )
+    /**
+     * `PUT /_matrix/client/v3/sendToDevice/{event_type}/{txn_id}`.
+     */
+    case toDevice(
+        /**
+         * Pass to `mark_request_as_sent`.
+         */requestId: String, 
+        /**
+         * The event type in the URL.
+         */eventType: String, 
+        /**
+         * The transaction id in the URL.
+         */txnId: String, 
+        /**
+         * The request body.
+         */bodyJson: String
+    )
+
+
+
+
+
+}
+
+#if compiler(>=6)
+extension OutgoingRequestFfi: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeOutgoingRequestFfi: FfiConverterRustBuffer {
+    typealias SwiftType = OutgoingRequestFfi
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> OutgoingRequestFfi {
+        let variant: Int32 = try readInt(&buf)
+        switch variant {
+        
+        case 1: return .keysClaim(requestId: try FfiConverterString.read(from: &buf), bodyJson: try FfiConverterString.read(from: &buf)
+        )
+        
+        case 2: return .toDevice(requestId: try FfiConverterString.read(from: &buf), eventType: try FfiConverterString.read(from: &buf), txnId: try FfiConverterString.read(from: &buf), bodyJson: try FfiConverterString.read(from: &buf)
+        )
+        
+        default: throw UniffiInternalError.unexpectedEnumCase
+        }
+    }
+
+    public static func write(_ value: OutgoingRequestFfi, into buf: inout [UInt8]) {
+        switch value {
+        
+        
+        case let .keysClaim(requestId,bodyJson):
+            writeInt(&buf, Int32(1))
+            FfiConverterString.write(requestId, into: &buf)
+            FfiConverterString.write(bodyJson, into: &buf)
+            
+        
+        case let .toDevice(requestId,eventType,txnId,bodyJson):
+            writeInt(&buf, Int32(2))
+            FfiConverterString.write(requestId, into: &buf)
+            FfiConverterString.write(eventType, into: &buf)
+            FfiConverterString.write(txnId, into: &buf)
+            FfiConverterString.write(bodyJson, into: &buf)
+            
+        }
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeOutgoingRequestFfi_lift(_ buf: RustBuffer) throws -> OutgoingRequestFfi {
+    return try FfiConverterTypeOutgoingRequestFfi.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeOutgoingRequestFfi_lower(_ value: OutgoingRequestFfi) -> RustBuffer {
+    return FfiConverterTypeOutgoingRequestFfi.lower(value)
+}
+
+
+
+/**
  * The result for one event of a `/sync` batch.
  */
 
@@ -2483,6 +3100,30 @@ public func FfiConverterTypeToDeviceResult_lower(_ value: ToDeviceResult) -> Rus
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionUInt32: FfiConverterRustBuffer {
+    typealias SwiftType = UInt32?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterUInt32.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterUInt32.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
     typealias SwiftType = String?
 
@@ -2499,6 +3140,30 @@ fileprivate struct FfiConverterOptionString: FfiConverterRustBuffer {
         switch try readInt(&buf) as Int8 {
         case 0: return nil
         case 1: return try FfiConverterString.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterOptionTypeLogSink: FfiConverterRustBuffer {
+    typealias SwiftType = LogSink?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeLogSink.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeLogSink.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
     }
@@ -2525,6 +3190,31 @@ fileprivate struct FfiConverterOptionTypePosthogErrorEvent: FfiConverterRustBuff
         case 1: return try FfiConverterTypePosthogErrorEvent.read(from: &buf)
         default: throw UniffiInternalError.unexpectedOptionalTag
         }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeOutgoingRequestFfi: FfiConverterRustBuffer {
+    typealias SwiftType = [OutgoingRequestFfi]
+
+    public static func write(_ value: [OutgoingRequestFfi], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeOutgoingRequestFfi.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [OutgoingRequestFfi] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [OutgoingRequestFfi]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeOutgoingRequestFfi.read(from: &buf))
+        }
+        return seq
     }
 }
 
@@ -2626,6 +3316,20 @@ fileprivate func uniffiFutureContinuationCallback(handle: UInt64, pollResult: In
         print("uniffiFutureContinuationCallback invalid handle")
     }
 }
+/**
+ * Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and
+ * `Error`) to `sink`. A second call replaces the sink and the level; `None` stops forwarding.
+ *
+ * Lines never contain keys or plaintexts, and user ids only as `@…:server`.
+ */
+public func setLogSink(sink: LogSink?, maxLevel: LogLevel)  {try! rustCall() {
+        uniffiCallStatus in
+    uniffi_to_device_crypto_fn_func_set_log_sink(
+        FfiConverterOptionTypeLogSink.lower(sink),
+        FfiConverterTypeLogLevel_lower(maxLevel),uniffiCallStatus
+    )
+}
+}
 
 private enum InitializationResult {
     case ok
@@ -2641,6 +3345,9 @@ private let initializationResult: InitializationResult = {
     let scaffolding_contract_version = ffi_to_device_crypto_uniffi_contract_version()
     if bindings_contract_version != scaffolding_contract_version {
         return InitializationResult.contractVersionMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_func_set_log_sink() != 23046) {
+        return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 42663) {
         return InitializationResult.apiChecksumMismatch
@@ -2693,7 +3400,25 @@ private let initializationResult: InitializationResult = {
     if (uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events() != 16502) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json() != 24013) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_set_analytics_enabled() != 54639) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy() != 40143) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_user_id() != 15400) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_sent() != 5057) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests() != 1400) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_logsink_log() != 30402) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memory() != 39503) {
@@ -2704,6 +3429,7 @@ private let initializationResult: InitializationResult = {
     }
 
     uniffiCallbackInitDecryptionFailureListener()
+    uniffiCallbackInitLogSink()
     return InitializationResult.ok
 }()
 

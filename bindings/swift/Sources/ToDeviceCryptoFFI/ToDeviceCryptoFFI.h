@@ -250,6 +250,13 @@ typedef void (*UniffiCallbackInterfaceDecryptionFailureListenerMethod0)(uint64_t
     );
 
 #endif
+#ifndef UNIFFI_FFIDEF_CALLBACK_INTERFACE_LOG_SINK_METHOD0
+#define UNIFFI_FFIDEF_CALLBACK_INTERFACE_LOG_SINK_METHOD0
+typedef void (*UniffiCallbackInterfaceLogSinkMethod0)(uint64_t, RustBuffer, RustBuffer, RustBuffer, void* _Nonnull, 
+        RustCallStatus *_Nonnull uniffiCallStatus
+    );
+
+#endif
 #ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_DECRYPTION_FAILURE_LISTENER
 #define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_DECRYPTION_FAILURE_LISTENER
 typedef struct UniffiVTableCallbackInterfaceDecryptionFailureListener {
@@ -257,6 +264,15 @@ typedef struct UniffiVTableCallbackInterfaceDecryptionFailureListener {
     UniffiCallbackInterfaceClone _Nonnull uniffiClone;
     UniffiCallbackInterfaceDecryptionFailureListenerMethod0 _Nonnull onDecryptionFailure;
 } UniffiVTableCallbackInterfaceDecryptionFailureListener;
+
+#endif
+#ifndef UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_LOG_SINK
+#define UNIFFI_FFIDEF_V_TABLE_CALLBACK_INTERFACE_LOG_SINK
+typedef struct UniffiVTableCallbackInterfaceLogSink {
+    UniffiCallbackInterfaceFree _Nonnull uniffiFree;
+    UniffiCallbackInterfaceClone _Nonnull uniffiClone;
+    UniffiCallbackInterfaceLogSinkMethod0 _Nonnull log;
+} UniffiVTableCallbackInterfaceLogSink;
 
 #endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_CLONE_DECRYPTIONFAILURELISTENER
@@ -399,9 +415,59 @@ uint64_t uniffi_to_device_crypto_fn_method_olmmachine_receive_one_time_key_count
 uint64_t uniffi_to_device_crypto_fn_method_olmmachine_receive_to_device_events(uint64_t ptr, RustBuffer json_array
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_REPORTING_STATS_JSON
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_REPORTING_STATS_JSON
+uint64_t uniffi_to_device_crypto_fn_method_olmmachine_reporting_stats_json(uint64_t ptr
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_SET_ANALYTICS_ENABLED
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_SET_ANALYTICS_ENABLED
+uint64_t uniffi_to_device_crypto_fn_method_olmmachine_set_analytics_enabled(uint64_t ptr, int8_t enabled
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_SET_REPORTING_POLICY
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_SET_REPORTING_POLICY
+uint64_t uniffi_to_device_crypto_fn_method_olmmachine_set_reporting_policy(uint64_t ptr, RustBuffer policy
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_USER_ID
 #define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_USER_ID
 RustBuffer uniffi_to_device_crypto_fn_method_olmmachine_user_id(uint64_t ptr, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_MARK_REQUEST_AS_SENT
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_MARK_REQUEST_AS_SENT
+uint64_t uniffi_to_device_crypto_fn_method_olmmachine_mark_request_as_sent(uint64_t ptr, RustBuffer request_id, RustBuffer response_json
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_OUTGOING_REQUESTS
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_OLMMACHINE_OUTGOING_REQUESTS
+uint64_t uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests(uint64_t ptr
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_CLONE_LOGSINK
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_CLONE_LOGSINK
+uint64_t uniffi_to_device_crypto_fn_clone_logsink(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_FREE_LOGSINK
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_FREE_LOGSINK
+void uniffi_to_device_crypto_fn_free_logsink(uint64_t handle, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_INIT_CALLBACK_VTABLE_LOGSINK
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_INIT_CALLBACK_VTABLE_LOGSINK
+void uniffi_to_device_crypto_fn_init_callback_vtable_logsink(const UniffiVTableCallbackInterfaceLogSink* _Nonnull vtable
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_LOGSINK_LOG
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_METHOD_LOGSINK_LOG
+void uniffi_to_device_crypto_fn_method_logsink_log(uint64_t ptr, RustBuffer level, RustBuffer target, RustBuffer message, RustCallStatus *_Nonnull out_status
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_FUNC_SET_LOG_SINK
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_FN_FUNC_SET_LOG_SINK
+void uniffi_to_device_crypto_fn_func_set_log_sink(RustBuffer sink, RustBuffer max_level, RustCallStatus *_Nonnull out_status
 );
 #endif
 #ifndef UNIFFI_FFIDEF_FFI_TO_DEVICE_CRYPTO_RUSTBUFFER_ALLOC
@@ -664,6 +730,12 @@ void ffi_to_device_crypto_rust_future_free_void(uint64_t handle
 void ffi_to_device_crypto_rust_future_complete_void(uint64_t handle, RustCallStatus *_Nonnull out_status
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_FUNC_SET_LOG_SINK
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_FUNC_SET_LOG_SINK
+uint16_t uniffi_to_device_crypto_checksum_func_set_log_sink(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_DECRYPTIONFAILURELISTENER_ON_DECRYPTION_FAILURE
 #define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_DECRYPTIONFAILURELISTENER_ON_DECRYPTION_FAILURE
 uint16_t uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure(void
@@ -766,9 +838,45 @@ uint16_t uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_ev
     
 );
 #endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_REPORTING_STATS_JSON
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_REPORTING_STATS_JSON
+uint16_t uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_SET_ANALYTICS_ENABLED
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_SET_ANALYTICS_ENABLED
+uint16_t uniffi_to_device_crypto_checksum_method_olmmachine_set_analytics_enabled(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_SET_REPORTING_POLICY
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_SET_REPORTING_POLICY
+uint16_t uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy(void
+    
+);
+#endif
 #ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_USER_ID
 #define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_USER_ID
 uint16_t uniffi_to_device_crypto_checksum_method_olmmachine_user_id(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_MARK_REQUEST_AS_SENT
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_MARK_REQUEST_AS_SENT
+uint16_t uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_sent(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_OUTGOING_REQUESTS
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_OLMMACHINE_OUTGOING_REQUESTS
+uint16_t uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests(void
+    
+);
+#endif
+#ifndef UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_LOGSINK_LOG
+#define UNIFFI_FFIDEF_UNIFFI_TO_DEVICE_CRYPTO_CHECKSUM_METHOD_LOGSINK_LOG
+uint16_t uniffi_to_device_crypto_checksum_method_logsink_log(void
     
 );
 #endif

@@ -28,6 +28,11 @@ func encrypted(for bob: OlmMachine, content: String) async throws -> (OlmMachine
 
 struct UnexpectedSuccess: Error {}
 
+/// A distinct failing event per n: the reporting policy reports each distinct message once.
+func distinctBadEvent(_ n: Int) -> String {
+    badEvent.replacingOccurrences(of: "\"@a:b\"", with: "\"@a\(n):b\"")
+}
+
 @discardableResult
 func expectFailure(_ machine: OlmMachine, _ json: String = badEvent) async throws -> (FailureReasonFfi, String) {
     do {
@@ -81,6 +86,17 @@ final class PostHogSDK: @unchecked Sendable {
 final class PostHogForwarder: DecryptionFailureListener {
     func onDecryptionFailure(event: PosthogErrorEvent) {
         PostHogSDK.shared.capture(event.event, properties: event.properties)
+    }
+}
+
+/// The app's logger: what an app would forward to os_log / its bug-report log.
+final class CollectingLogSink: LogSink, @unchecked Sendable {
+    private let lock = NSLock()
+    private var _lines: [(LogLevel, String, String)] = []
+    var lines: [(LogLevel, String, String)] { lock.lock(); defer { lock.unlock() }; return _lines }
+    func log(level: LogLevel, target: String, message: String) {
+        lock.lock(); defer { lock.unlock() }
+        _lines.append((level, target, message))
     }
 }
 
@@ -138,7 +154,7 @@ final class ToDeviceCryptoTests: XCTestCase {
         let good = Collecting()
         let handles = [bob.addDecryptionFailureListener(listener: slow), bob.addDecryptionFailureListener(listener: good)]
         let start = Date()
-        for _ in 0..<3 { try await expectFailure(bob) }
+        for n in 0..<3 { try await expectFailure(bob, distinctBadEvent(n)) }
         XCTAssertLessThan(Date().timeIntervalSince(start), 0.3, "a slow listener held up decryption")
         XCTAssertTrue(waitUntil { good.events.count == 3 && slow.calls == 3 })
         let (_, json) = try await encrypted(for: bob, content: #"{"still":"works"}"#)
@@ -165,6 +181,25 @@ final class ToDeviceCryptoTests: XCTestCase {
         XCTAssertEqual(event, "Error")
         XCTAssertEqual(properties as? [String: String], expectedProperties)
         handle.cancel()
+    }
+
+    func testG_logsReachTheAppLoggerRedacted() async throws {
+        let bob = try await makeBob()
+        let sink = CollectingLogSink()
+        setLogSink(sink: sink, maxLevel: .debug)
+        defer { setLogSink(sink: nil, maxLevel: .trace) }
+        try await expectFailure(bob)
+        let aboutFailure = { sink.lines.first { $0.2.contains("UnsupportedAlgorithm") } }
+        XCTAssertTrue(waitUntil { aboutFailure() != nil }, "no log line about the failure")
+        guard let line = aboutFailure() else { return }
+        let (level, target, message) = line
+        XCTAssertEqual(level, .debug)
+        XCTAssertTrue(target.hasPrefix("to_device_crypto"), target)
+        XCTAssertTrue(message.contains("failed to decrypt"), message)
+        let keys = bob.identityKeys()
+        for secret in ["bob", "BOBDEVICE", keys.curve25519, keys.ed25519] {
+            XCTAssertFalse(message.contains(secret), "'\(secret)' in log line: \(message)")
+        }
     }
 
     func testSyncBatchAndSqliteStore() async throws {

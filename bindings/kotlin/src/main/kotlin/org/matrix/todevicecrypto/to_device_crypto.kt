@@ -662,6 +662,9 @@ internal interface UniffiForeignFutureCompleteVoid : com.sun.jna.Callback {
 internal interface UniffiCallbackInterfaceDecryptionFailureListenerMethod0 : com.sun.jna.Callback {
     fun callback(`uniffiHandle`: Long,`event`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
 }
+internal interface UniffiCallbackInterfaceLogSinkMethod0 : com.sun.jna.Callback {
+    fun callback(`uniffiHandle`: Long,`level`: RustBuffer.ByValue,`target`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,)
+}
 @Structure.FieldOrder("uniffiFree", "uniffiClone", "onDecryptionFailure")
 internal open class UniffiVTableCallbackInterfaceDecryptionFailureListener(
     @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
@@ -678,6 +681,25 @@ internal open class UniffiVTableCallbackInterfaceDecryptionFailureListener(
         `uniffiFree` = other.`uniffiFree`
         `uniffiClone` = other.`uniffiClone`
         `onDecryptionFailure` = other.`onDecryptionFailure`
+    }
+
+}
+@Structure.FieldOrder("uniffiFree", "uniffiClone", "log")
+internal open class UniffiVTableCallbackInterfaceLogSink(
+    @JvmField internal var `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+    @JvmField internal var `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+    @JvmField internal var `log`: UniffiCallbackInterfaceLogSinkMethod0? = null,
+) : Structure() {
+    class UniffiByValue(
+        `uniffiFree`: UniffiCallbackInterfaceFree? = null,
+        `uniffiClone`: UniffiCallbackInterfaceClone? = null,
+        `log`: UniffiCallbackInterfaceLogSinkMethod0? = null,
+    ): UniffiVTableCallbackInterfaceLogSink(`uniffiFree`,`uniffiClone`,`log`,), Structure.ByValue
+
+   internal fun uniffiSetValue(other: UniffiVTableCallbackInterfaceLogSink) {
+        `uniffiFree` = other.`uniffiFree`
+        `uniffiClone` = other.`uniffiClone`
+        `log` = other.`log`
     }
 
 }
@@ -706,6 +728,8 @@ internal object IntegrityCheckingUniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
+    external fun uniffi_to_device_crypto_checksum_func_set_log_sink(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_failuresubscription_missed(
@@ -740,7 +764,19 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_set_analytics_enabled(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_user_id(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_sent(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_logsink_log(
     ): Int
     external fun uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memory(
     ): Int
@@ -763,6 +799,7 @@ internal object UniffiLib {
     init {
         Native.register(UniffiLib::class.java, findLibraryName(componentName = "to_device_crypto"))
         uniffiCallbackInterfaceDecryptionFailureListener.register(this)
+        uniffiCallbackInterfaceLogSink.register(this)
         
     }
 
@@ -823,8 +860,28 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_receive_to_device_events(`ptr`: Long,`jsonArray`: RustBuffer.ByValue,
     ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_reporting_stats_json(`ptr`: Long,
+    ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_set_analytics_enabled(`ptr`: Long,`enabled`: Byte,
+    ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_set_reporting_policy(`ptr`: Long,`policy`: RustBuffer.ByValue,
+    ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_user_id(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_mark_request_as_sent(`ptr`: Long,`requestId`: RustBuffer.ByValue,`responseJson`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests(`ptr`: Long,
+    ): Long
+    external fun uniffi_to_device_crypto_fn_clone_logsink(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_to_device_crypto_fn_free_logsink(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_init_callback_vtable_logsink(`vtable`: UniffiVTableCallbackInterfaceLogSink,
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_method_logsink_log(`ptr`: Long,`level`: RustBuffer.ByValue,`target`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_func_set_log_sink(`sink`: RustBuffer.ByValue,`maxLevel`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
     external fun ffi_to_device_crypto_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun ffi_to_device_crypto_rustbuffer_from_bytes(`bytes`: ForeignBytes.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -944,6 +1001,9 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
+    if ((lib.uniffi_to_device_crypto_checksum_func_set_log_sink() and 0xFFFF) != 23046) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() and 0xFFFF) != 42663) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -995,7 +1055,25 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events() and 0xFFFF) != 16502) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json() and 0xFFFF) != 24013) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_set_analytics_enabled() and 0xFFFF) != 54639) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy() and 0xFFFF) != 40143) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_user_id() and 0xFFFF) != 15400) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_sent() and 0xFFFF) != 5057) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests() and 0xFFFF) != 1400) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_logsink_log() and 0xFFFF) != 30402) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memory() and 0xFFFF) != 39503) {
@@ -2383,6 +2461,337 @@ public object FfiConverterTypeListenerHandle: FfiConverter<ListenerHandle, Long>
 
 
 /**
+ * Receives the SDK's log lines, already filtered by level and redacted. Implement it with the
+ * app's logger (os_log / `Logger`, Timber / `android.util.Log`, `logging`).
+ */
+public interface LogSink {
+    
+    /**
+     * One log line. `target` is the Rust module that logged (e.g. `to_device_crypto::machine`),
+     * `message` the formatted, redacted line. Called on a background thread, in order.
+     */
+    fun `log`(`level`: LogLevel, `target`: kotlin.String, `message`: kotlin.String)
+    
+    companion object
+}
+
+/**
+ * Receives the SDK's log lines, already filtered by level and redacted. Implement it with the
+ * app's logger (os_log / `Logger`, Timber / `android.util.Log`, `logging`).
+ */
+open class LogSinkImpl: Disposable, AutoCloseable, LogSink
+{
+
+    @Suppress("UNUSED_PARAMETER")
+    /**
+     * @suppress
+     */
+    constructor(withHandle: UniffiWithHandle, handle: Long) {
+        this.handle = handle
+        this.cleanable = UniffiLib.CLEANER.register(this, UniffiCleanAction(handle))
+    }
+
+    /**
+     * @suppress
+     *
+     * This constructor can be used to instantiate a fake object. Only used for tests. Any
+     * attempt to actually use an object constructed this way will fail as there is no
+     * connected Rust object.
+     */
+    @Suppress("UNUSED_PARAMETER")
+    constructor(noHandle: NoHandle) {
+        this.handle = 0
+        this.cleanable = null
+    }
+
+    protected val handle: Long
+    protected val cleanable: UniffiCleaner.Cleanable?
+
+    private val wasDestroyed = AtomicBoolean(false)
+    private val callCounter = AtomicLong(1)
+
+    /**
+     * Whether the current object has been destroyed and its reference is gone in the Rust side.
+     */
+    val uniffiIsDestroyed: Boolean get() = wasDestroyed.get()
+
+    override fun destroy() {
+        // Only allow a single call to this method.
+        // TODO: maybe we should log a warning if called more than once?
+        if (this.wasDestroyed.compareAndSet(false, true)) {
+            // This decrement always matches the initial count of 1 given at creation time.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    @Synchronized
+    override fun close() {
+        this.destroy()
+    }
+
+    internal inline fun <R> callWithHandle(block: (handle: Long) -> R): R {
+        // Check and increment the call counter, to keep the object alive.
+        // This needs a compare-and-set retry loop in case of concurrent updates.
+        do {
+            val c = this.callCounter.get()
+            if (c == 0L) {
+                throw IllegalStateException("${this.javaClass.simpleName} object has already been destroyed")
+            }
+            if (c == Long.MAX_VALUE) {
+                throw IllegalStateException("${this.javaClass.simpleName} call counter would overflow")
+            }
+        } while (! this.callCounter.compareAndSet(c, c + 1L))
+        // Now we can safely do the method call without the handle being freed concurrently.
+        try {
+            return block(this.uniffiCloneHandle())
+        } finally {
+            // This decrement always matches the increment we performed above.
+            if (this.callCounter.decrementAndGet() == 0L) {
+                cleanable?.clean()
+            }
+        }
+    }
+
+    // Use a static inner class instead of a closure so as not to accidentally
+    // capture `this` as part of the cleanable's action.
+    private class UniffiCleanAction(private val handle: Long) : Runnable {
+        override fun run() {
+            if (handle == 0.toLong()) {
+                // Fake object created with `NoHandle`, don't try to free.
+                return;
+            }
+            uniffiRustCall { status ->
+                UniffiLib.uniffi_to_device_crypto_fn_free_logsink(handle, status)
+            }
+        }
+    }
+
+    /**
+     * @suppress
+     */
+    fun uniffiCloneHandle(): Long {
+        if (handle == 0.toLong()) {
+            throw InternalException("uniffiCloneHandle() called on NoHandle object");
+        }
+        return uniffiRustCall() { status ->
+            UniffiLib.uniffi_to_device_crypto_fn_clone_logsink(handle, status)
+        }
+    }
+
+    
+    /**
+     * One log line. `target` is the Rust module that logged (e.g. `to_device_crypto::machine`),
+     * `message` the formatted, redacted line. Called on a background thread, in order.
+     */override fun `log`(`level`: LogLevel, `target`: kotlin.String, `message`: kotlin.String)
+        = 
+    callWithHandle {
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_method_logsink_log(
+        it,
+        
+        FfiConverterTypeLogLevel.lower(`level`),
+        FfiConverterString.lower(`target`),
+        FfiConverterString.lower(`message`),_status)
+}
+    }
+    
+    
+
+    
+
+    
+
+
+    
+    
+    /**
+     * @suppress
+     */
+    companion object
+    
+}
+
+
+
+// Put the implementation in an object so we don't pollute the top-level namespace
+internal object uniffiCallbackInterfaceLogSink {
+    internal object `log`: UniffiCallbackInterfaceLogSinkMethod0 {
+        override fun callback(`uniffiHandle`: Long,`level`: RustBuffer.ByValue,`target`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,`uniffiOutReturn`: Pointer,uniffiCallStatus: UniffiRustCallStatus,) {
+            val uniffiObj = FfiConverterTypeLogSink.handleMap.get(uniffiHandle)
+            val makeCall = { ->
+                uniffiObj.`log`(
+                    FfiConverterTypeLogLevel.lift(`level`),
+                    FfiConverterString.lift(`target`),
+                    FfiConverterString.lift(`message`),
+                )
+            }
+            val writeReturn = { _: Unit -> Unit }
+            uniffiTraitInterfaceCall(uniffiCallStatus, makeCall, writeReturn)
+        }
+    }
+
+    internal object uniffiFree: UniffiCallbackInterfaceFree {
+        override fun callback(handle: Long) {
+            FfiConverterTypeLogSink.handleMap.remove(handle)
+        }
+    }
+
+    internal object uniffiClone: UniffiCallbackInterfaceClone {
+        override fun callback(handle: Long): Long {
+            return FfiConverterTypeLogSink.handleMap.clone(handle)
+        }
+    }
+
+    internal var vtable = UniffiVTableCallbackInterfaceLogSink.UniffiByValue(
+        uniffiFree,
+        uniffiClone,
+        `log`,
+    )
+
+    // Registers the foreign callback with the Rust side.
+    // This method is generated for each callback interface.
+    internal fun register(lib: UniffiLib) {
+        lib.uniffi_to_device_crypto_fn_init_callback_vtable_logsink(vtable)
+    }
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeLogSink: FfiConverter<LogSink, Long> {
+    internal val handleMap = UniffiHandleMap<LogSink>()
+
+    override fun lower(value: LogSink): Long {
+        if (value is LogSinkImpl) {
+             // Rust-implemented object.  Clone the handle and return it
+            return value.uniffiCloneHandle()
+         } else {
+            // Kotlin object, generate a new vtable handle and return that.
+            return handleMap.insert(value)
+         }
+    }
+
+    override fun lift(value: Long): LogSink {
+        if ((value and 1.toLong()) == 0.toLong()) {
+            // Rust-generated handle, construct a new class that uses the handle to implement the
+            // interface
+            return LogSinkImpl(UniffiWithHandle, value)
+        } else {
+            // Kotlin-generated handle, get the object from the handle map
+            return handleMap.remove(value)
+        }
+    }
+
+    override fun read(buf: ByteBuffer): LogSink {
+        return lift(buf.getLong())
+    }
+
+    override fun allocationSize(value: LogSink) = 8UL
+
+    override fun write(value: LogSink, buf: ByteBuffer) {
+        buf.putLong(lower(value))
+    }
+}
+
+
+// This template implements a class for working with a Rust struct via a handle
+// to the live Rust struct on the other side of the FFI.
+//
+// There's some subtlety here, because we have to be careful not to operate on a Rust
+// struct after it has been dropped, and because we must expose a public API for freeing
+// theq Kotlin wrapper object in lieu of reliable finalizers. The core requirements are:
+//
+//   * Each instance holds an opaque handle to the underlying Rust struct.
+//     Method calls need to read this handle from the object's state and pass it in to
+//     the Rust FFI.
+//
+//   * When an instance is no longer needed, its handle should be passed to a
+//     special destructor function provided by the Rust FFI, which will drop the
+//     underlying Rust struct.
+//
+//   * Given an instance, calling code is expected to call the special
+//     `destroy` method in order to free it after use, either by calling it explicitly
+//     or by using a higher-level helper like the `use` method. Failing to do so risks
+//     leaking the underlying Rust struct.
+//
+//   * We can't assume that calling code will do the right thing, and must be prepared
+//     to handle Kotlin method calls executing concurrently with or even after a call to
+//     `destroy`, and to handle multiple (possibly concurrent!) calls to `destroy`.
+//
+//   * We must never allow Rust code to operate on the underlying Rust struct after
+//     the destructor has been called, and must never call the destructor more than once.
+//     Doing so may trigger memory unsafety.
+//
+//   * To mitigate many of the risks of leaking memory and use-after-free unsafety, a `Cleaner`
+//     is implemented to call the destructor when the Kotlin object becomes unreachable.
+//     This is done in a background thread. This is not a panacea, and client code should be aware that
+//      1. the thread may starve if some there are objects that have poorly performing
+//     `drop` methods or do significant work in their `drop` methods.
+//      2. the thread is shared across the whole library. This can be tuned by using `android_cleaner = true`,
+//         or `android = true` in the [`kotlin` section of the `uniffi.toml` file](https://mozilla.github.io/uniffi-rs/kotlin/configuration.html).
+//
+// If we try to implement this with mutual exclusion on access to the handle, there is the
+// possibility of a race between a method call and a concurrent call to `destroy`:
+//
+//    * Thread A starts a method call, reads the value of the handle, but is interrupted
+//      before it can pass the handle over the FFI to Rust.
+//    * Thread B calls `destroy` and frees the underlying Rust struct.
+//    * Thread A resumes, passing the already-read handle value to Rust and triggering
+//      a use-after-free.
+//
+// One possible solution would be to use a `ReadWriteLock`, with each method call taking
+// a read lock (and thus allowed to run concurrently) and the special `destroy` method
+// taking a write lock (and thus blocking on live method calls). However, we aim not to
+// generate methods with any hidden blocking semantics, and a `destroy` method that might
+// block if called incorrectly seems to meet that bar.
+//
+// So, we achieve our goals by giving each instance an associated `AtomicLong` counter to track
+// the number of in-flight method calls, and an `AtomicBoolean` flag to indicate whether `destroy`
+// has been called. These are updated according to the following rules:
+//
+//    * The initial value of the counter is 1, indicating a live object with no in-flight calls.
+//      The initial value for the flag is false.
+//
+//    * At the start of each method call, we atomically check the counter.
+//      If it is 0 then the underlying Rust struct has already been destroyed and the call is aborted.
+//      If it is nonzero them we atomically increment it by 1 and proceed with the method call.
+//
+//    * At the end of each method call, we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+//    * When `destroy` is called, we atomically flip the flag from false to true.
+//      If the flag was already true we silently fail.
+//      Otherwise we atomically decrement and check the counter.
+//      If it has reached zero then we destroy the underlying Rust struct.
+//
+// Astute readers may observe that this all sounds very similar to the way that Rust's `Arc<T>` works,
+// and indeed it is, with the addition of a flag to guard against multiple calls to `destroy`.
+//
+// The overall effect is that the underlying Rust struct is destroyed only when `destroy` has been
+// called *and* all in-flight method calls have completed, avoiding violating any of the expectations
+// of the underlying Rust code.
+//
+// This makes a cleaner a better alternative to _not_ calling `destroy()` as
+// and when the object is finished with, but the abstraction is not perfect: if the Rust object's `drop`
+// method is slow, and/or there are many objects to cleanup, and it's on a low end Android device, then the cleaner
+// thread may be starved, and the app will leak memory.
+//
+// In this case, `destroy`ing manually may be a better solution.
+//
+// The cleaner can live side by side with the manual calling of `destroy`. In the order of responsiveness, uniffi objects
+// with Rust peers are reclaimed:
+//
+// 1. By calling the `destroy` method of the object, which calls `rustObject.free()`. If that doesn't happen:
+// 2. When the object becomes unreachable, AND the Cleaner thread gets to call `rustObject.free()`. If the thread is starved then:
+// 3. The memory is reclaimed when the process terminates.
+//
+// [1] https://stackoverflow.com/questions/24376768/can-java-finalize-an-object-when-it-is-still-in-scope/24380219
+//
+
+
+/**
  * One Matrix device's Olm machine, for Swift, Kotlin and Python.
  */
 public interface OlmMachineInterface {
@@ -2454,9 +2863,35 @@ public interface OlmMachineInterface {
     suspend fun `receiveToDeviceEvents`(`jsonArray`: kotlin.String): List<ToDeviceResult>
     
     /**
+     * Failure counts per name (seen, reported, suppressed per rule), decrypted counts, since
+     * start and per hour, and listener drops, as JSON.
+     */
+    suspend fun `reportingStatsJson`(): kotlin.String
+    
+    /**
+     * The analytics consent switch: off produces no payloads at all; on does not replay.
+     */
+    suspend fun `setAnalyticsEnabled`(`enabled`: kotlin.Boolean)
+    
+    /**
+     * Replaces the reporting policy (which failures become PostHog events).
+     */
+    suspend fun `setReportingPolicy`(`policy`: ReportingPolicyFfi)
+    
+    /**
      * Our user id.
      */
     fun `userId`(): kotlin.String
+    
+    /**
+     * Marks a request as sent; for a keys claim, `response_json` is the server's response body.
+     */
+    suspend fun `markRequestAsSent`(`requestId`: kotlin.String, `responseJson`: kotlin.String?)
+    
+    /**
+     * Every request still to be sent, oldest first; an unsent request keeps its id.
+     */
+    suspend fun `outgoingRequests`(): List<OutgoingRequestFfi>
     
     companion object
 }
@@ -2839,6 +3274,80 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
 
     
     /**
+     * Failure counts per name (seen, reported, suppressed per rule), decrypted counts, since
+     * start and per hour, and listener drops, as JSON.
+     */
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `reportingStatsJson`() : kotlin.String {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_reporting_stats_json(
+                uniffiHandle,
+                
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterString.lift(it) },
+        // Error FFI converter
+        UniffiNullRustCallStatusErrorHandler,
+    )
+    }
+
+    
+    /**
+     * The analytics consent switch: off produces no payloads at all; on does not replay.
+     */
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `setAnalyticsEnabled`(`enabled`: kotlin.Boolean) {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_set_analytics_enabled(
+                uniffiHandle,
+                
+        FfiConverterBoolean.lower(`enabled`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_void(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_void(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_void(future) },
+        // lift function
+        { },
+        
+        // Error FFI converter
+        UniffiNullRustCallStatusErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Replaces the reporting policy (which failures become PostHog events).
+     */
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `setReportingPolicy`(`policy`: ReportingPolicyFfi) {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_set_reporting_policy(
+                uniffiHandle,
+                
+        FfiConverterTypeReportingPolicyFfi.lower(`policy`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_void(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_void(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_void(future) },
+        // lift function
+        { },
+        
+        // Error FFI converter
+        UniffiNullRustCallStatusErrorHandler,
+    )
+    }
+
+    
+    /**
      * Our user id.
      */override fun `userId`(): kotlin.String {
             return FfiConverterString.lift(
@@ -2852,6 +3361,57 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
     )
     }
     
+
+    
+    /**
+     * Marks a request as sent; for a keys claim, `response_json` is the server's response body.
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `markRequestAsSent`(`requestId`: kotlin.String, `responseJson`: kotlin.String?) {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_mark_request_as_sent(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`requestId`),
+        FfiConverterOptionalString.lower(`responseJson`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_void(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_void(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_void(future) },
+        // lift function
+        { },
+        
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Every request still to be sent, oldest first; an unsent request keeps its id.
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `outgoingRequests`() : List<OutgoingRequestFfi> {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests(
+                uniffiHandle,
+                
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterSequenceTypeOutgoingRequestFfi.lift(it) },
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
 
     
 
@@ -3153,6 +3713,61 @@ public object FfiConverterTypePosthogErrorEvent: FfiConverterRustBuffer<PosthogE
             FfiConverterString.write(value.`analyticsName`, buf)
             FfiConverterMapStringString.write(value.`properties`, buf)
             FfiConverterString.write(value.`json`, buf)
+    }
+}
+
+
+
+/**
+ * The reporting policy (see `ReportingPolicy` in the core).
+ */
+data class ReportingPolicyFfi (
+    /**
+     * Whether payloads are produced at all (the user's analytics consent).
+     */
+    var `analyticsEnabled`: kotlin.Boolean
+    , 
+    /**
+     * At most one payload per (sender, sender key, name) in this many seconds; 0 disables.
+     */
+    var `suppressionWindowSecs`: kotlin.ULong
+    , 
+    /**
+     * At most this many payloads per minute; `None` disables the cap.
+     */
+    var `maxEventsPerMinute`: kotlin.UInt?
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeReportingPolicyFfi: FfiConverterRustBuffer<ReportingPolicyFfi> {
+    override fun read(buf: ByteBuffer): ReportingPolicyFfi {
+        return ReportingPolicyFfi(
+            FfiConverterBoolean.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterOptionalUInt.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: ReportingPolicyFfi) = (
+            FfiConverterBoolean.allocationSize(value.`analyticsEnabled`) +
+            FfiConverterULong.allocationSize(value.`suppressionWindowSecs`) +
+            FfiConverterOptionalUInt.allocationSize(value.`maxEventsPerMinute`)
+    )
+
+    override fun write(value: ReportingPolicyFfi, buf: ByteBuffer) {
+            FfiConverterBoolean.write(value.`analyticsEnabled`, buf)
+            FfiConverterULong.write(value.`suppressionWindowSecs`, buf)
+            FfiConverterOptionalUInt.write(value.`maxEventsPerMinute`, buf)
     }
 }
 
@@ -3524,6 +4139,172 @@ public object FfiConverterTypeFailureReasonFfi: FfiConverterRustBuffer<FailureRe
 
 
 /**
+ * The severity of a log line, most severe first.
+ */
+
+enum class LogLevel {
+    
+    ERROR,
+    WARN,
+    INFO,
+    DEBUG,
+    TRACE;
+
+    
+
+
+    companion object
+}
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeLogLevel: FfiConverterRustBuffer<LogLevel> {
+    override fun read(buf: ByteBuffer) = try {
+        LogLevel.values()[buf.getInt() - 1]
+    } catch (e: IndexOutOfBoundsException) {
+        throw RuntimeException("invalid enum value, something is very wrong!!", e)
+    }
+
+    override fun allocationSize(value: LogLevel) = 4UL
+
+    override fun write(value: LogLevel, buf: ByteBuffer) {
+        buf.putInt(value.ordinal + 1)
+    }
+}
+
+
+
+
+
+/**
+ * A request for the app to send; bodies are JSON text.
+ */
+sealed class OutgoingRequestFfi {
+    
+    /**
+     * `POST /_matrix/client/v3/keys/claim`; feed the response to `mark_request_as_sent`.
+     */
+    data class KeysClaim(
+        /**
+         * Pass to `mark_request_as_sent`.
+         */
+        val `requestId`: kotlin.String, 
+        /**
+         * The request body.
+         */
+        val `bodyJson`: kotlin.String) : OutgoingRequestFfi()
+        
+    {
+        
+
+        companion object
+    }
+    
+    /**
+     * `PUT /_matrix/client/v3/sendToDevice/{event_type}/{txn_id}`.
+     */
+    data class ToDevice(
+        /**
+         * Pass to `mark_request_as_sent`.
+         */
+        val `requestId`: kotlin.String, 
+        /**
+         * The event type in the URL.
+         */
+        val `eventType`: kotlin.String, 
+        /**
+         * The transaction id in the URL.
+         */
+        val `txnId`: kotlin.String, 
+        /**
+         * The request body.
+         */
+        val `bodyJson`: kotlin.String) : OutgoingRequestFfi()
+        
+    {
+        
+
+        companion object
+    }
+    
+
+    
+
+    
+    
+
+
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeOutgoingRequestFfi : FfiConverterRustBuffer<OutgoingRequestFfi>{
+    override fun read(buf: ByteBuffer): OutgoingRequestFfi {
+        return when(buf.getInt()) {
+            1 -> OutgoingRequestFfi.KeysClaim(
+                FfiConverterString.read(buf),
+                FfiConverterString.read(buf),
+                )
+            2 -> OutgoingRequestFfi.ToDevice(
+                FfiConverterString.read(buf),
+                FfiConverterString.read(buf),
+                FfiConverterString.read(buf),
+                FfiConverterString.read(buf),
+                )
+            else -> throw RuntimeException("invalid enum value, something is very wrong!!")
+        }
+    }
+
+    override fun allocationSize(value: OutgoingRequestFfi): ULong = when(value) {
+        is OutgoingRequestFfi.KeysClaim -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`requestId`)
+                + FfiConverterString.allocationSize(value.`bodyJson`)
+            )
+        }
+        is OutgoingRequestFfi.ToDevice -> {
+            // Add the size for the Int that specifies the variant plus the size needed for all fields
+            (
+                4UL
+                + FfiConverterString.allocationSize(value.`requestId`)
+                + FfiConverterString.allocationSize(value.`eventType`)
+                + FfiConverterString.allocationSize(value.`txnId`)
+                + FfiConverterString.allocationSize(value.`bodyJson`)
+            )
+        }
+    }
+
+    override fun write(value: OutgoingRequestFfi, buf: ByteBuffer) {
+        when(value) {
+            is OutgoingRequestFfi.KeysClaim -> {
+                buf.putInt(1)
+                FfiConverterString.write(value.`requestId`, buf)
+                FfiConverterString.write(value.`bodyJson`, buf)
+                Unit
+            }
+            is OutgoingRequestFfi.ToDevice -> {
+                buf.putInt(2)
+                FfiConverterString.write(value.`requestId`, buf)
+                FfiConverterString.write(value.`eventType`, buf)
+                FfiConverterString.write(value.`txnId`, buf)
+                FfiConverterString.write(value.`bodyJson`, buf)
+                Unit
+            }
+        }.let { /* this makes the `when` an expression, which ensures it is exhaustive */ }
+    }
+}
+
+
+
+
+
+/**
  * The result for one event of a `/sync` batch.
  */
 sealed class ToDeviceResult {
@@ -3650,6 +4431,38 @@ public object FfiConverterTypeToDeviceResult : FfiConverterRustBuffer<ToDeviceRe
 /**
  * @suppress
  */
+public object FfiConverterOptionalUInt: FfiConverterRustBuffer<kotlin.UInt?> {
+    override fun read(buf: ByteBuffer): kotlin.UInt? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterUInt.read(buf)
+    }
+
+    override fun allocationSize(value: kotlin.UInt?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterUInt.allocationSize(value)
+        }
+    }
+
+    override fun write(value: kotlin.UInt?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterUInt.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?> {
     override fun read(buf: ByteBuffer): kotlin.String? {
         if (buf.get().toInt() == 0) {
@@ -3682,6 +4495,38 @@ public object FfiConverterOptionalString: FfiConverterRustBuffer<kotlin.String?>
 /**
  * @suppress
  */
+public object FfiConverterOptionalTypeLogSink: FfiConverterRustBuffer<LogSink?> {
+    override fun read(buf: ByteBuffer): LogSink? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeLogSink.read(buf)
+    }
+
+    override fun allocationSize(value: LogSink?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeLogSink.allocationSize(value)
+        }
+    }
+
+    override fun write(value: LogSink?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeLogSink.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterOptionalTypePosthogErrorEvent: FfiConverterRustBuffer<PosthogErrorEvent?> {
     override fun read(buf: ByteBuffer): PosthogErrorEvent? {
         if (buf.get().toInt() == 0) {
@@ -3704,6 +4549,34 @@ public object FfiConverterOptionalTypePosthogErrorEvent: FfiConverterRustBuffer<
         } else {
             buf.put(1)
             FfiConverterTypePosthogErrorEvent.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeOutgoingRequestFfi: FfiConverterRustBuffer<List<OutgoingRequestFfi>> {
+    override fun read(buf: ByteBuffer): List<OutgoingRequestFfi> {
+        val len = buf.getInt()
+        return List<OutgoingRequestFfi>(len) {
+            FfiConverterTypeOutgoingRequestFfi.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<OutgoingRequestFfi>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeOutgoingRequestFfi.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<OutgoingRequestFfi>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeOutgoingRequestFfi.write(it, buf)
         }
     }
 }
@@ -3781,5 +4654,22 @@ public object FfiConverterMapStringString: FfiConverterRustBuffer<Map<kotlin.Str
 
 
 
+
+        /**
+         * Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and
+         * `Error`) to `sink`. A second call replaces the sink and the level; `None` stops forwarding.
+         *
+         * Lines never contain keys or plaintexts, and user ids only as `@…:server`.
+         */ fun `setLogSink`(`sink`: LogSink?, `maxLevel`: LogLevel)
+        = 
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_func_set_log_sink(
+    
+        
+        FfiConverterOptionalTypeLogSink.lower(`sink`),
+        FfiConverterTypeLogLevel.lower(`maxLevel`),_status)
+}
+    
+    
 
 

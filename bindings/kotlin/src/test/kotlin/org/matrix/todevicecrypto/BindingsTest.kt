@@ -26,6 +26,9 @@ fun check(condition: Boolean, message: () -> String) {
 
 fun <T> checkEquals(expected: T, actual: T) = check(expected == actual) { "expected <$expected>, got <$actual>" }
 
+/** A distinct failing event per n: the reporting policy reports each distinct message once. */
+fun badEvent(n: Int): String = BAD_EVENT.replace("\"@a:b\"", "\"@a$n:b\"")
+
 suspend fun expectFailure(machine: OlmMachine, json: String = BAD_EVENT): DecryptionFailure.Failed =
     try {
         machine.decryptToDeviceEvent(json)
@@ -84,6 +87,14 @@ class PostHogForwarder : DecryptionFailureListener {
     }
 }
 
+// The app's logger: what an app would forward to Timber / android.util.Log and its bug reports.
+class CollectingLogSink : LogSink {
+    val lines = LinkedBlockingQueue<Triple<LogLevel, String, String>>()
+    override fun log(level: LogLevel, target: String, message: String) {
+        lines.add(Triple(level, target, message))
+    }
+}
+
 val tests: List<Pair<String, suspend () -> Unit>> = listOf(
     "a decrypts a real event" to {
         val bob = bob()
@@ -124,7 +135,7 @@ val tests: List<Pair<String, suspend () -> Unit>> = listOf(
         val throwing = Throwing()
         val good = Collecting()
         val handles = listOf(bob.addDecryptionFailureListener(throwing), bob.addDecryptionFailureListener(good))
-        repeat(3) { expectFailure(bob) }
+        repeat(3) { expectFailure(bob, badEvent(it)) }
         waitUntil { throwing.calls.get() == 3 && good.events.size == 3 }
         val (_, json) = encryptedFor(bob, """{"still":"works"}""")
         checkEquals("""{"still":"works"}""", bob.decryptToDeviceEvent(json).contentJson)
@@ -144,6 +155,30 @@ val tests: List<Pair<String, suspend () -> Unit>> = listOf(
         waitUntil { PostHog.captured.size == 1 }
         checkEquals(listOf<Pair<String, Map<String, Any>>>("Error" to EXPECTED_PROPERTIES), PostHog.captured.toList())
         handle.close()
+    },
+    "g logs reach the app logger, redacted" to {
+        val bob = bob()
+        val sink = CollectingLogSink()
+        setLogSink(sink, LogLevel.DEBUG)
+        try {
+            expectFailure(bob)
+            var line: Triple<LogLevel, String, String>? = null
+            val deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(5)
+            while (line == null && System.nanoTime() < deadline) {
+                val next = sink.lines.poll(100, TimeUnit.MILLISECONDS) ?: continue
+                if ("UnsupportedAlgorithm" in next.third) line = next
+            }
+            val (level, target, message) = line ?: throw AssertionError("no log line about the failure")
+            checkEquals(LogLevel.DEBUG, level)
+            check(target.startsWith("to_device_crypto")) { target }
+            check("failed to decrypt" in message) { message }
+            val keys = bob.identityKeys()
+            for (secret in listOf("bob", "BOBDEVICE", keys.curve25519, keys.ed25519)) {
+                check(secret !in message) { "'$secret' in log line: $message" }
+            }
+        } finally {
+            setLogSink(null, LogLevel.TRACE)
+        }
     },
     "sync batch and SQLite store" to {
         try {

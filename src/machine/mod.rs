@@ -3,15 +3,20 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 use vodozemac::olm::{Account, AccountPickle, IdentityKeys, Session, SessionConfig, SessionPickle};
 use vodozemac::Curve25519PublicKey;
 
+use crate::analytics::policy::{
+    AnalyticsDecision, FailureKey, PolicyState, ReportingPolicy, ReportingStats, SuppressionRule,
+};
 use crate::analytics::FailureReason;
 use crate::error::{DecryptionError, EncryptionError, KeysError, OpenError, StoreError};
 use crate::olm::account::{keys_upload_body, one_time_key_target, signed_device_keys};
@@ -28,8 +33,10 @@ use crate::reporting::{
 };
 use crate::store::{
     Changes, CryptoStore, MemoryStore, SqliteStore, StoreKey, StoredAccount, StoredDevice,
-    StoredSession, Synchronous,
+    StoredRequest, StoredSession, Synchronous,
 };
+
+mod recovery;
 
 /// A decrypted to-device event that passed every check.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -59,6 +66,8 @@ pub struct FailedToDeviceEvent {
     pub error: DecryptionError,
     /// The envelope fields known when it failed.
     pub facts: EnvelopeFacts,
+    /// Whether the failure produced a PostHog payload, per the reporting policy.
+    pub analytics: AnalyticsDecision,
 }
 
 /// The result for one event of a `/sync` batch.
@@ -106,6 +115,7 @@ pub struct OlmMachine {
     store: Arc<dyn CryptoStore>,
     state: Mutex<MachineState>,
     reporter: FailureReporter,
+    listener_drops: AtomicU64,
 }
 
 impl std::fmt::Debug for OlmMachine {
@@ -125,6 +135,10 @@ struct MachineState {
     sessions: HashMap<[u8; 32], Vec<SessionEntry>>,
     devices: KnownDevices,
     verified_device_keys: VerifiedDeviceKeysCache,
+    policy: ReportingPolicy,
+    policy_state: PolicyState,
+    /// Whether `policy_state` changed outside a committed batch.
+    policy_dirty: bool,
     /// Set when a commit failed: the cache is ahead of the store and must be reloaded.
     stale: bool,
 }
@@ -137,6 +151,11 @@ struct BatchChanges {
     message_hashes: Vec<MessageHash>,
     seen_hashes: HashSet<MessageHash>,
     claimed_one_time_keys: Vec<String>,
+    failure_marks: Vec<MessageHash>,
+    policy_changed: bool,
+    outgoing_requests: Vec<StoredRequest>,
+    sent_requests: Vec<String>,
+    recovery_attempts: Vec<(String, u64)>,
 }
 
 fn now_millis() -> u64 {
@@ -172,11 +191,23 @@ fn validate_ids(user_id: &str, device_id: &str) -> Result<(), OpenError> {
 }
 
 impl OlmMachine {
-    /// Opens the machine for `user_id`/`device_id` on `store`, creating the account on first use.
+    /// Opens the machine for `user_id`/`device_id` on `store`, creating the account on first use,
+    /// with the default [`ReportingPolicy`].
     pub async fn open(
         user_id: &str,
         device_id: &str,
         store: Arc<dyn CryptoStore>,
+    ) -> Result<Self, OpenError> {
+        Self::open_with_policy(user_id, device_id, store, ReportingPolicy::default()).await
+    }
+
+    /// Opens the machine with an explicit reporting policy (changeable later with
+    /// [`set_reporting_policy`](Self::set_reporting_policy)).
+    pub async fn open_with_policy(
+        user_id: &str,
+        device_id: &str,
+        store: Arc<dyn CryptoStore>,
+        policy: ReportingPolicy,
     ) -> Result<Self, OpenError> {
         validate_ids(user_id, device_id)?;
         let (account, device_keys_published) = match store.load_account().await? {
@@ -207,6 +238,7 @@ impl OlmMachine {
             }
         };
         let devices = load_devices(store.as_ref()).await?;
+        let policy_state = load_policy_state(store.as_ref()).await?;
         let identity_keys = account.identity_keys();
         Ok(Self {
             user_id: user_id.to_owned(),
@@ -221,9 +253,13 @@ impl OlmMachine {
                 sessions: HashMap::new(),
                 devices,
                 verified_device_keys: VerifiedDeviceKeysCache::default(),
+                policy,
+                policy_state,
+                policy_dirty: false,
                 stale: false,
             }),
             reporter: FailureReporter::default(),
+            listener_drops: AtomicU64::new(0),
         })
     }
 
@@ -264,6 +300,36 @@ impl OlmMachine {
     /// and is told how many.
     pub fn to_device_decryption_failure_stream(&self) -> FailureStream {
         self.reporter.subscribe()
+    }
+
+    /// The reporting policy in force.
+    pub async fn reporting_policy(&self) -> ReportingPolicy {
+        self.state.lock().await.policy
+    }
+
+    /// Replaces the reporting policy; takes effect from the next failure.
+    pub async fn set_reporting_policy(&self, policy: ReportingPolicy) {
+        self.state.lock().await.policy = policy;
+    }
+
+    /// The analytics consent switch: when off, failures produce no payload at all (nothing is kept
+    /// for later); turning it back on does not replay earlier failures.
+    pub async fn set_analytics_enabled(&self, enabled: bool) {
+        self.state.lock().await.policy.analytics_enabled = enabled;
+    }
+
+    /// Failure counts per name (seen, reported, suppressed per rule) and decrypted counts, since
+    /// the store was created and per hour; persisted with each batch.
+    pub async fn reporting_stats(&self) -> ReportingStats {
+        let mut stats = self.state.lock().await.policy_state.stats().clone();
+        stats.listener_drops = self.listener_drops.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// Counts payloads a listener lost because its bounded queue was full (called by the
+    /// listener adapters; shown in [`reporting_stats`](Self::reporting_stats)).
+    pub fn record_listener_drops(&self, dropped: u64) {
+        self.listener_drops.fetch_add(dropped, Ordering::Relaxed);
     }
 
     /// Our signed device keys, as sent in `sender_device_keys`.
@@ -423,40 +489,68 @@ impl OlmMachine {
         let result = self
             .process_batch(&mut state, raw_events, require_encrypted)
             .await;
+        let store_failure = result.as_ref().err().map(|error| {
+            // The cache (policy state included) is ahead of the store: revert it now so that the
+            // retried batch is judged afresh, then count the Store failure itself.
+            state.stale = true;
+            state.policy_dirty = true;
+            let key = FailureKey {
+                reason: FailureReason::Store,
+                sender: None,
+                sender_key: None,
+                already_seen: false,
+            };
+            (error.to_string(), key)
+        });
+        let store_decision = match store_failure {
+            Some((error, key)) => {
+                if let Err(reload_error) = self.reload(&mut state).await {
+                    tracing::warn!(%reload_error, "cannot reload the store after a failed commit");
+                }
+                let policy = state.policy;
+                let decision = state.policy_state.decide(&policy, &key, now_millis());
+                Some((error, decision))
+            }
+            None => None,
+        };
         drop(state);
         match result {
             Ok(outcomes) => {
                 for (index, outcome) in outcomes.iter().enumerate() {
                     if let ToDeviceOutcome::Failed(failed) = outcome {
-                        self.publish_failure(index, &failed.error, &failed.facts);
+                        self.publish_failure(index, failed);
                     }
                 }
                 Ok(outcomes)
             }
             Err(error) => {
+                let (message, decision) = store_decision.expect("set for every error");
                 self.reporter.publish(ToDeviceDecryptionFailure::new(
                     FailureReason::Store,
                     FailureDiagnostics {
-                        error: error.to_string(),
+                        error: message,
                         ..FailureDiagnostics::default()
                     },
+                    decision,
                 ));
                 Err(error)
             }
         }
     }
 
-    fn publish_failure(&self, index: usize, error: &DecryptionError, facts: &EnvelopeFacts) {
-        tracing::debug!(index, reason = %error.reason(), "to-device event failed to decrypt");
+    fn publish_failure(&self, index: usize, failed: &FailedToDeviceEvent) {
+        let reason = failed.error.reason();
+        tracing::debug!(index, %reason, "to-device event failed to decrypt");
         self.reporter.publish(ToDeviceDecryptionFailure::new(
-            error.reason(),
+            reason,
             FailureDiagnostics {
-                sender: facts.sender.clone(),
-                sender_key: facts.sender_key.clone(),
-                message_type: facts.message_type,
+                sender: failed.facts.sender.clone(),
+                sender_key: failed.facts.sender_key.clone(),
+                message_type: failed.facts.message_type,
                 index,
-                error: error.to_string(),
+                error: failed.error.to_string(),
             },
+            failed.analytics,
         ));
     }
 
@@ -484,6 +578,10 @@ impl OlmMachine {
                 }
             }
         }
+        self.apply_reporting_policy(state, &mut batch, &mut outcomes, raw_events, now)
+            .await?;
+        self.schedule_recovery(state, &mut batch, &outcomes, now)
+            .await?;
         let changes = self.collect_changes(state, batch)?;
         if let Err(error) = self.store.save_changes(changes).await {
             state.stale = true;
@@ -512,10 +610,15 @@ impl OlmMachine {
                 Err(error) => ToDeviceOutcome::Failed(FailedToDeviceEvent {
                     error: DecryptionError::MalformedEvent(error.to_string()),
                     facts,
+                    analytics: UNDECIDED,
                 }),
             },
             Err(DecryptionError::Store(error)) => return Err(error),
-            Err(error) => ToDeviceOutcome::Failed(FailedToDeviceEvent { error, facts }),
+            Err(error) => ToDeviceOutcome::Failed(FailedToDeviceEvent {
+                error,
+                facts,
+                analytics: UNDECIDED,
+            }),
         })
     }
 
@@ -617,6 +720,51 @@ impl OlmMachine {
         Ok(())
     }
 
+    /// Decides, for every failure of the batch, whether it produces a payload, and records the
+    /// once-per-message marks and the policy state in the batch (so they commit with it).
+    async fn apply_reporting_policy<S: AsRef<str>>(
+        &self,
+        state: &mut MachineState,
+        batch: &mut BatchChanges,
+        outcomes: &mut [ToDeviceOutcome],
+        raw_events: &[S],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let mut decrypted = 0;
+        let mut marked_in_batch = HashSet::new();
+        for (outcome, raw) in outcomes.iter_mut().zip(raw_events) {
+            let failed = match outcome {
+                ToDeviceOutcome::Failed(failed) => failed,
+                ToDeviceOutcome::Decrypted(_) => {
+                    decrypted += 1;
+                    continue;
+                }
+                ToDeviceOutcome::Plaintext(_) => continue,
+            };
+            // A message is identified by its Olm message hash when it got that far, else by its
+            // raw text; hashed with the reason so that a replay of a once-decrypted message is
+            // still reported once.
+            let mark = failure_mark(&failed.facts, failed.error.reason(), raw.as_ref());
+            let already_seen =
+                !marked_in_batch.insert(mark) || self.store.contains_failure_mark(&mark).await?;
+            if !already_seen {
+                batch.failure_marks.push(mark);
+            }
+            let key = FailureKey {
+                reason: failed.error.reason(),
+                sender: failed.facts.sender.as_deref(),
+                sender_key: failed.facts.sender_key.as_deref(),
+                already_seen,
+            };
+            let policy = state.policy;
+            failed.analytics = state.policy_state.decide(&policy, &key, now);
+            batch.policy_changed = true;
+        }
+        state.policy_state.record_decrypted(decrypted, now);
+        batch.policy_changed |= decrypted > 0;
+        Ok(())
+    }
+
     fn collect_changes(
         &self,
         state: &mut MachineState,
@@ -625,8 +773,16 @@ impl OlmMachine {
         let mut changes = Changes {
             message_hashes: batch.message_hashes,
             claimed_one_time_keys: batch.claimed_one_time_keys,
+            failure_marks: batch.failure_marks,
+            outgoing_requests: batch.outgoing_requests,
+            sent_requests: batch.sent_requests,
+            recovery_attempts: batch.recovery_attempts,
             ..Changes::default()
         };
+        if batch.policy_changed || state.policy_dirty {
+            changes.policy_state = Some(state.policy_state.to_json());
+            state.policy_dirty = false;
+        }
         if batch.account_changed {
             changes.account = Some(stored_account(
                 &state.account,
@@ -668,6 +824,7 @@ impl OlmMachine {
         state.device_keys_published = stored.device_keys_published;
         state.sessions.clear();
         state.devices = load_devices(self.store.as_ref()).await?;
+        state.policy_state = load_policy_state(self.store.as_ref()).await?;
         state.stale = false;
         Ok(())
     }
@@ -742,33 +899,17 @@ impl OlmMachine {
             .expect("a session exists or was just created");
         let mut events = Vec::with_capacity(contents.len());
         for content in contents {
-            let plaintext = json!({
-                "type": event_type,
-                "content": content,
-                "sender": self.user_id,
-                "recipient": device.user_id,
-                "recipient_keys": {"ed25519": device.ed25519.to_base64()},
-                "keys": {"ed25519": self.ed25519_base64},
-                "sender_device_keys": our_device_keys,
-            });
-            let message = entry
-                .session
-                .encrypt(plaintext.to_string())
-                .map_err(|e| EncryptionError::Olm(e.to_string()))?;
-            let (message_type, body) = message.to_parts();
+            let encrypted = self.encrypted_content(
+                &mut entry.session,
+                device,
+                event_type,
+                content,
+                &our_device_keys,
+            )?;
             events.push(json!({
                 "type": ENCRYPTED_EVENT_TYPE,
                 "sender": self.user_id,
-                "content": {
-                    "algorithm": OLM_V1_ALGORITHM,
-                    "sender_key": self.curve25519_base64,
-                    "ciphertext": {
-                        device.curve25519.to_base64(): {
-                            "type": message_type,
-                            "body": vodozemac::base64_encode(body),
-                        }
-                    }
-                }
+                "content": encrypted,
             }));
         }
         entry.last_used = now_millis();
@@ -780,6 +921,41 @@ impl OlmMachine {
             return Err(error.into());
         }
         Ok(events)
+    }
+
+    /// The `m.room.encrypted` content of one Olm-encrypted event for `device`, with the plaintext
+    /// fields the spec requires and our `sender_device_keys`.
+    fn encrypted_content(
+        &self,
+        session: &mut Session,
+        device: &DeviceKeys,
+        event_type: &str,
+        content: &Value,
+        our_device_keys: &Value,
+    ) -> Result<Value, EncryptionError> {
+        let plaintext = json!({
+            "type": event_type,
+            "content": content,
+            "sender": self.user_id,
+            "recipient": device.user_id,
+            "recipient_keys": {"ed25519": device.ed25519.to_base64()},
+            "keys": {"ed25519": self.ed25519_base64},
+            "sender_device_keys": our_device_keys,
+        });
+        let message = session
+            .encrypt(plaintext.to_string())
+            .map_err(|e| EncryptionError::Olm(e.to_string()))?;
+        let (message_type, body) = message.to_parts();
+        Ok(json!({
+            "algorithm": OLM_V1_ALGORITHM,
+            "sender_key": self.curve25519_base64,
+            "ciphertext": {
+                device.curve25519.to_base64(): {
+                    "type": message_type,
+                    "body": vodozemac::base64_encode(body),
+                }
+            }
+        }))
     }
 
     async fn create_outbound_session(
@@ -811,6 +987,26 @@ impl OlmMachine {
             user_id: recipient.device.user_id.clone(),
             device_id: recipient.device.device_id.clone(),
         })
+    }
+}
+
+/// Placeholder until [`OlmMachine::apply_reporting_policy`] decides; never published.
+const UNDECIDED: AnalyticsDecision = AnalyticsDecision::Suppressed(SuppressionRule::AlreadySeen);
+
+fn failure_mark(facts: &EnvelopeFacts, reason: FailureReason, raw: &str) -> MessageHash {
+    let mut hasher = Sha256::new();
+    hasher.update(reason.as_str().as_bytes());
+    match &facts.message_hash {
+        Some(hash) => hasher.update(hash.0),
+        None => hasher.update(raw.as_bytes()),
+    }
+    MessageHash(hasher.finalize().into())
+}
+
+async fn load_policy_state(store: &dyn CryptoStore) -> Result<PolicyState, StoreError> {
+    match store.load_policy_state().await? {
+        Some(json) => PolicyState::from_json(&json).map_err(corrupted("reporting policy state")),
+        None => Ok(PolicyState::default()),
     }
 }
 
