@@ -195,6 +195,9 @@ pub enum StoreError {
         /// The requested device id.
         device: String,
     },
+    /// The store was wiped (logout); this machine can no longer be used.
+    #[error("the store was wiped (logout): open a new machine")]
+    Wiped,
     /// Injected by tests to prove that a failed commit leaves no trace.
     #[error("simulated store failure: {0}")]
     Simulated(String),

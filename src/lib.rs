@@ -22,6 +22,7 @@ uniffi::setup_scaffolding!();
 
 pub mod analytics;
 pub mod error;
+pub mod fail_point;
 pub mod ffi;
 pub mod json;
 pub mod machine;
@@ -35,7 +36,8 @@ pub mod sync_input;
 pub use analytics::{AnalyticsEvent, FailureReason};
 pub use error::{DecryptionError, EncryptionError, KeysError, OpenError, StoreError};
 pub use machine::{
-    DecryptedToDeviceEvent, FailedToDeviceEvent, KeysQueryOutcome, OlmMachine, ToDeviceOutcome,
+    DecryptedToDeviceEvent, FailedToDeviceEvent, KeysQueryOutcome, OlmMachine,
+    PendingDecryptedEvent, ToDeviceOutcome,
 };
 pub use reporting::{FailureStream, MissedFailures, ToDeviceDecryptionFailure};
 pub use requests::{OutgoingRequest, OutgoingRequestKind, RequestError};

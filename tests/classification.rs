@@ -332,7 +332,13 @@ async fn fixture_table_classifies_every_rule() {
             .await
             .unwrap();
         let got = match &outcome[0] {
-            ToDeviceOutcome::Decrypted(_) => "decrypted".to_owned(),
+            ToDeviceOutcome::Decrypted(event) => {
+                // The app handled it: acknowledged results make a re-delivery a replay.
+                bob.acknowledge(std::slice::from_ref(&event.id))
+                    .await
+                    .unwrap();
+                "decrypted".to_owned()
+            }
             ToDeviceOutcome::Plaintext(_) => "plaintext".to_owned(),
             ToDeviceOutcome::Failed(failed) => failed.error.reason().analytics_name().to_owned(),
         };

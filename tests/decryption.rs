@@ -132,7 +132,7 @@ async fn a_message_that_fails_a_plaintext_check_still_commits_its_session_and_ha
 }
 
 #[tokio::test]
-async fn a_replay_within_one_batch_is_detected() {
+async fn a_repeat_is_re_emitted_while_pending_and_a_replay_once_acknowledged() {
     let (bob, _store, keys) = bob_with_store().await;
     let mut alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
     let to_bob = alice.create_session(&keys, None);
@@ -141,10 +141,32 @@ async fn a_replay_within_one_batch_is_detected() {
         .receive_to_device_events(&[&event, &event])
         .await
         .unwrap();
-    assert!(matches!(outcomes[0], ToDeviceOutcome::Decrypted(_)));
-    assert!(
-        matches!(&outcomes[1], ToDeviceOutcome::Failed(f) if f.error.reason() == FailureReason::ReplayedMessage)
+    let (ToDeviceOutcome::Decrypted(first), ToDeviceOutcome::Decrypted(repeat)) =
+        (&outcomes[0], &outcomes[1])
+    else {
+        panic!("expected the result and its re-emission, got {outcomes:?}");
+    };
+    assert!(!first.re_emitted);
+    assert!(repeat.re_emitted);
+    assert_eq!(repeat.id, first.id);
+    // Still pending in a later batch, and listed for the app.
+    let later = bob.decrypt_to_device_event(&event).await.unwrap();
+    assert!(later.re_emitted);
+    let pending = bob.pending_decrypted_events().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].batch, pending[0].index),
+        (1, 0),
+        "original batch and index"
     );
+    assert_eq!(pending[0].event.id, first.id);
+    // Once acknowledged, a re-delivery is a replay.
+    bob.acknowledge(std::slice::from_ref(&first.id))
+        .await
+        .unwrap();
+    assert!(bob.pending_decrypted_events().await.unwrap().is_empty());
+    let error = bob.decrypt_to_device_event(&event).await.unwrap_err();
+    assert_eq!(error.reason(), FailureReason::ReplayedMessage);
 }
 
 #[tokio::test]
@@ -255,6 +277,22 @@ async fn sqlite_state_survives_a_reopen() {
         .await
         .unwrap();
     assert_eq!(decrypted.sender_device_id.as_deref(), Some("ALICEPHONE"));
+    // The first result was never acknowledged: it survived the restart in the outbox.
+    let again = bob
+        .decrypt_to_device_event(&first.to_string())
+        .await
+        .unwrap();
+    assert!(again.re_emitted);
+    assert_eq!(again.content["seq"], 0);
+    let pending: Vec<String> = bob
+        .pending_decrypted_events()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.event.id)
+        .collect();
+    assert_eq!(pending.len(), 2);
+    bob.acknowledge(&pending).await.unwrap();
     let error = bob
         .decrypt_to_device_event(&first.to_string())
         .await

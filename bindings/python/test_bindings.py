@@ -220,6 +220,27 @@ class BindingsTest(unittest.TestCase):
 
         run(body())
 
+    def test_h_outbox_and_sync_token(self):
+        async def body():
+            alice, bob = await alice_and_bob()
+            event = await encrypted_for(alice, bob, {"n": 1})
+            results = await bob.receive_sync("[%s]" % event, "s42_1")
+            self.assertEqual(await bob.sync_token(), "s42_1")
+            decrypted = results[0].event
+            self.assertFalse(decrypted.re_emitted)
+            # Not acknowledged yet: listed, and a re-delivery is a marked re-emission.
+            pending = await bob.pending_decrypted_events()
+            self.assertEqual([(p.batch, p.index, p.event.id) for p in pending], [(1, 0, decrypted.id)])
+            again = await bob.decrypt_to_device_event(event)
+            self.assertTrue(again.re_emitted)
+            await bob.acknowledge([decrypted.id])
+            self.assertEqual(await bob.pending_decrypted_events(), [])
+            with self.assertRaises(DecryptionFailure) as failure:
+                await bob.decrypt_to_device_event(event)
+            self.assertEqual(failure.exception.reason, FailureReasonFfi.REPLAYED_MESSAGE)
+
+        run(body())
+
     def test_f_forwarding_to_posthog(self):
         async def body():
             bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")

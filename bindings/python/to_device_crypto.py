@@ -539,6 +539,8 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_logsink_log() != 30402:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() != 64413:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 1983:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() != 14123:
@@ -561,11 +563,17 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests() != 1400:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events() != 28732:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response() != 1167:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count() != 27106:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_sync() != 44666:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events() != 16502:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_rekey() != 64096:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json() != 24013:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -573,7 +581,11 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy() != 40143:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_sync_token() != 26394:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_user_id() != 15400:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_wipe() != 35478:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memory() != 39503:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -629,6 +641,9 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled.r
 _UniffiLib.uniffi_to_device_crypto_checksum_method_logsink_log.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_logsink_log.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener.restype = ctypes.c_uint16
@@ -662,15 +677,24 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_se
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_sync.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_sync.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_rekey.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_rekey.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json.restype = ctypes.c_uint16
@@ -680,9 +704,15 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_set_analytics_enab
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_sync_token.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_sync_token.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_user_id.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_user_id.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_wipe.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_wipe.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memory.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memory.restype = ctypes.c_uint16
@@ -728,6 +758,11 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_logsink_log.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_logsink_log.restype = None
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_acknowledge.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_acknowledge.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_add_decryption_failure_listener.argtypes = (
     ctypes.c_uint64,
     ctypes.c_uint64,
@@ -784,6 +819,10 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests.argtyp
     ctypes.c_uint64,
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_pending_decrypted_events.argtypes = (
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_pending_decrypted_events.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query_response.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -795,11 +834,22 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_one_time_key_cou
     ctypes.c_int8,
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_one_time_key_count.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_sync.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_sync.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_to_device_events.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_to_device_events.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_rekey.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_rekey.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_reporting_stats_json.argtypes = (
     ctypes.c_uint64,
 )
@@ -814,11 +864,19 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_set_reporting_policy.arg
     _UniffiRustBuffer,
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_set_reporting_policy.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_sync_token.argtypes = (
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_sync_token.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_user_id.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_user_id.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_wipe.argtypes = (
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_wipe.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_constructor_olmmachine_open_in_memory.argtypes = (
     _UniffiRustBuffer,
     _UniffiRustBuffer,
@@ -1248,6 +1306,27 @@ class _UniffiFfiConverterString:
             builder.write(value.encode("utf-8"))
             return builder.finalize()
 
+class _UniffiFfiConverterBoolean:
+    @classmethod
+    def check_lower(cls, value):
+        return not not value
+
+    @classmethod
+    def lower(cls, value):
+        return 1 if value else 0
+
+    @staticmethod
+    def lift(value):
+        return value != 0
+
+    @classmethod
+    def read(cls, buf):
+        return cls.lift(buf.read_u8())
+
+    @classmethod
+    def write(cls, value, buf):
+        buf.write_u8(value)
+
 class _UniffiFfiConverterOptionalString(_UniffiConverterRustBuffer):
     @classmethod
     def check_lower(cls, value):
@@ -1273,33 +1352,14 @@ class _UniffiFfiConverterOptionalString(_UniffiConverterRustBuffer):
         else:
             raise InternalError("Unexpected flag byte for optional type")
 
-class _UniffiFfiConverterBoolean:
-    @classmethod
-    def check_lower(cls, value):
-        return not not value
-
-    @classmethod
-    def lower(cls, value):
-        return 1 if value else 0
-
-    @staticmethod
-    def lift(value):
-        return value != 0
-
-    @classmethod
-    def read(cls, buf):
-        return cls.lift(buf.read_u8())
-
-    @classmethod
-    def write(cls, value, buf):
-        buf.write_u8(value)
-
 @dataclass
 class DecryptedEvent:
     """
     A decrypted to-device event that passed every check.
 """
-    def __init__(self, *, event_type:str, content_json:str, sender:str, sender_curve25519_key:str, sender_ed25519_key:str, sender_device_id:typing.Optional[str], sender_device_verified:bool):
+    def __init__(self, *, id:str, re_emitted:bool, event_type:str, content_json:str, sender:str, sender_curve25519_key:str, sender_ed25519_key:str, sender_device_id:typing.Optional[str], sender_device_verified:bool):
+        self.id = id
+        self.re_emitted = re_emitted
         self.event_type = event_type
         self.content_json = content_json
         self.sender = sender
@@ -1312,8 +1372,12 @@ class DecryptedEvent:
 
     
     def __str__(self):
-        return "DecryptedEvent(event_type={}, content_json={}, sender={}, sender_curve25519_key={}, sender_ed25519_key={}, sender_device_id={}, sender_device_verified={})".format(self.event_type, self.content_json, self.sender, self.sender_curve25519_key, self.sender_ed25519_key, self.sender_device_id, self.sender_device_verified)
+        return "DecryptedEvent(id={}, re_emitted={}, event_type={}, content_json={}, sender={}, sender_curve25519_key={}, sender_ed25519_key={}, sender_device_id={}, sender_device_verified={})".format(self.id, self.re_emitted, self.event_type, self.content_json, self.sender, self.sender_curve25519_key, self.sender_ed25519_key, self.sender_device_id, self.sender_device_verified)
     def __eq__(self, other):
+        if self.id != other.id:
+            return False
+        if self.re_emitted != other.re_emitted:
+            return False
         if self.event_type != other.event_type:
             return False
         if self.content_json != other.content_json:
@@ -1334,6 +1398,8 @@ class _UniffiFfiConverterTypeDecryptedEvent(_UniffiConverterRustBuffer):
     @staticmethod
     def read(buf):
         return DecryptedEvent(
+            id=_UniffiFfiConverterString.read(buf),
+            re_emitted=_UniffiFfiConverterBoolean.read(buf),
             event_type=_UniffiFfiConverterString.read(buf),
             content_json=_UniffiFfiConverterString.read(buf),
             sender=_UniffiFfiConverterString.read(buf),
@@ -1345,6 +1411,8 @@ class _UniffiFfiConverterTypeDecryptedEvent(_UniffiConverterRustBuffer):
 
     @staticmethod
     def check_lower(value):
+        _UniffiFfiConverterString.check_lower(value.id)
+        _UniffiFfiConverterBoolean.check_lower(value.re_emitted)
         _UniffiFfiConverterString.check_lower(value.event_type)
         _UniffiFfiConverterString.check_lower(value.content_json)
         _UniffiFfiConverterString.check_lower(value.sender)
@@ -1355,6 +1423,8 @@ class _UniffiFfiConverterTypeDecryptedEvent(_UniffiConverterRustBuffer):
 
     @staticmethod
     def write(value, buf):
+        _UniffiFfiConverterString.write(value.id, buf)
+        _UniffiFfiConverterBoolean.write(value.re_emitted, buf)
         _UniffiFfiConverterString.write(value.event_type, buf)
         _UniffiFfiConverterString.write(value.content_json, buf)
         _UniffiFfiConverterString.write(value.sender, buf)
@@ -1401,6 +1471,64 @@ class _UniffiFfiConverterTypeIdentityKeysFfi(_UniffiConverterRustBuffer):
     def write(value, buf):
         _UniffiFfiConverterString.write(value.curve25519, buf)
         _UniffiFfiConverterString.write(value.ed25519, buf)
+
+class _UniffiFfiConverterUInt64(_UniffiConverterPrimitiveInt):
+    CLASS_NAME = "u64"
+    VALUE_MIN = 0
+    VALUE_MAX = 2**64
+
+    @staticmethod
+    def read(buf):
+        return buf.read_u64()
+
+    @staticmethod
+    def write(value, buf):
+        buf.write_u64(value)
+
+@dataclass
+class PendingEvent:
+    """
+    A decrypted result still waiting for `acknowledge`.
+"""
+    def __init__(self, *, batch:int, index:int, event:DecryptedEvent):
+        self.batch = batch
+        self.index = index
+        self.event = event
+        
+        
+
+    
+    def __str__(self):
+        return "PendingEvent(batch={}, index={}, event={})".format(self.batch, self.index, self.event)
+    def __eq__(self, other):
+        if self.batch != other.batch:
+            return False
+        if self.index != other.index:
+            return False
+        if self.event != other.event:
+            return False
+        return True
+
+class _UniffiFfiConverterTypePendingEvent(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return PendingEvent(
+            batch=_UniffiFfiConverterUInt64.read(buf),
+            index=_UniffiFfiConverterUInt64.read(buf),
+            event=_UniffiFfiConverterTypeDecryptedEvent.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterUInt64.check_lower(value.batch)
+        _UniffiFfiConverterUInt64.check_lower(value.index)
+        _UniffiFfiConverterTypeDecryptedEvent.check_lower(value.event)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterUInt64.write(value.batch, buf)
+        _UniffiFfiConverterUInt64.write(value.index, buf)
+        _UniffiFfiConverterTypeDecryptedEvent.write(value.event, buf)
 
 
 
@@ -1759,19 +1887,6 @@ class _UniffiFfiConverterTypePosthogErrorEvent(_UniffiConverterRustBuffer):
         _UniffiFfiConverterString.write(value.analytics_name, buf)
         _UniffiFfiConverterMapStringString.write(value.properties, buf)
         _UniffiFfiConverterString.write(value.json, buf)
-
-class _UniffiFfiConverterUInt64(_UniffiConverterPrimitiveInt):
-    CLASS_NAME = "u64"
-    VALUE_MIN = 0
-    VALUE_MAX = 2**64
-
-    @staticmethod
-    def read(buf):
-        return buf.read_u64()
-
-    @staticmethod
-    def write(value, buf):
-        buf.write_u64(value)
 
 class _UniffiFfiConverterUInt32(_UniffiConverterPrimitiveInt):
     CLASS_NAME = "u32"
@@ -3030,6 +3145,29 @@ class _UniffiFfiConverterTypeLogSink:
     def write(cls, value: LogSink, buf: _UniffiRustBuffer):
         buf.write_u64(cls.lower(value))
 
+class _UniffiFfiConverterSequenceString(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterString.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterString.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterString.read(buf) for i in range(count)
+        ]
+
 class _UniffiFfiConverterSequenceTypeOutgoingRequestFfi(_UniffiConverterRustBuffer):
     @classmethod
     def check_lower(cls, value):
@@ -3051,6 +3189,29 @@ class _UniffiFfiConverterSequenceTypeOutgoingRequestFfi(_UniffiConverterRustBuff
 
         return [
             _UniffiFfiConverterTypeOutgoingRequestFfi.read(buf) for i in range(count)
+        ]
+
+class _UniffiFfiConverterSequenceTypePendingEvent(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterTypePendingEvent.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterTypePendingEvent.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterTypePendingEvent.read(buf) for i in range(count)
         ]
 
 class _UniffiFfiConverterSequenceTypeToDeviceResult(_UniffiConverterRustBuffer):
@@ -3076,12 +3237,37 @@ class _UniffiFfiConverterSequenceTypeToDeviceResult(_UniffiConverterRustBuffer):
             _UniffiFfiConverterTypeToDeviceResult.read(buf) for i in range(count)
         ]
 
+class _UniffiFfiConverterBytes(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        size = buf.read_i32()
+        if size < 0:
+            raise InternalError("Unexpected negative byte string length")
+        return buf.read(size)
+
+    @staticmethod
+    def check_lower(value):
+        try:
+            memoryview(value)
+        except TypeError:
+            raise TypeError("a bytes-like object is required, not {!r}".format(type(value).__name__))
+
+    @staticmethod
+    def write(value, buf):
+        buf.write_i32(len(value))
+        buf.write(value)
+
 
 class OlmMachineProtocol(typing.Protocol):
     """
     One Matrix device's Olm machine, for Swift, Kotlin and Python.
 """
     
+    async def acknowledge(self, ids: typing.List[str]) -> None:
+        """
+        Removes handled results from the outbox; a later re-delivery is then a replay.
+"""
+        raise NotImplementedError
     def add_decryption_failure_listener(self, listener: DecryptionFailureListener) -> ListenerHandle:
         """
         Calls `listener` once per decryption failure, in order, on a background thread (never on
@@ -3142,6 +3328,11 @@ class OlmMachineProtocol(typing.Protocol):
         Every request still to be sent, oldest first; an unsent request keeps its id.
 """
         raise NotImplementedError
+    async def pending_decrypted_events(self, ) -> typing.List[PendingEvent]:
+        """
+        Decrypted results not yet acknowledged (after a crash, hand them to the app again).
+"""
+        raise NotImplementedError
     async def receive_keys_query_response(self, json: str) -> int:
         """
         Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
@@ -3153,9 +3344,19 @@ class OlmMachineProtocol(typing.Protocol):
         generated.
 """
         raise NotImplementedError
+    async def receive_sync(self, json_array: str,next_batch: typing.Optional[str]) -> typing.List[ToDeviceResult]:
+        """
+        Like `receive_to_device_events`, committing the `/sync` `next_batch` token with the batch.
+"""
+        raise NotImplementedError
     async def receive_to_device_events(self, json_array: str) -> typing.List[ToDeviceResult]:
         """
         Decrypts the `to_device.events` array (JSON) of one `/sync` response, in order.
+"""
+        raise NotImplementedError
+    async def rekey(self, new_store_key: bytes) -> None:
+        """
+        Re-encrypts the store with a new 32-byte key (key rotation).
 """
         raise NotImplementedError
     async def reporting_stats_json(self, ) -> str:
@@ -3174,9 +3375,19 @@ class OlmMachineProtocol(typing.Protocol):
         Replaces the reporting policy (which failures become PostHog events).
 """
         raise NotImplementedError
+    async def sync_token(self, ) -> typing.Optional[str]:
+        """
+        The `next_batch` token committed with the last `receive_sync`: resume `/sync` from it.
+"""
+        raise NotImplementedError
     def user_id(self, ) -> str:
         """
         Our user id.
+"""
+        raise NotImplementedError
+    async def wipe(self, ) -> None:
+        """
+        Deletes everything in the store (logout); the machine refuses every later write.
 """
         raise NotImplementedError
 
@@ -3260,6 +3471,26 @@ class OlmMachine(OlmMachineProtocol):
         inst = cls.__new__(cls)
         inst._handle = handle
         return inst
+    async def acknowledge(self, ids: typing.List[str]) -> None:
+        """
+        Removes handled results from the outbox; a later re-delivery is then a replay.
+"""
+        
+        _UniffiFfiConverterSequenceString.check_lower(ids)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterSequenceString.lower(ids),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_acknowledge(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_void,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     def add_decryption_failure_listener(self, listener: DecryptionFailureListener) -> ListenerHandle:
         """
         Calls `listener` once per decryption failure, in order, on a background thread (never on
@@ -3468,6 +3699,23 @@ class OlmMachine(OlmMachineProtocol):
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
+    async def pending_decrypted_events(self, ) -> typing.List[PendingEvent]:
+        """
+        Decrypted results not yet acknowledged (after a crash, hand them to the app again).
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterSequenceTypePendingEvent.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_pending_decrypted_events(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     async def receive_keys_query_response(self, json: str) -> int:
         """
         Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
@@ -3512,6 +3760,29 @@ class OlmMachine(OlmMachineProtocol):
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
+    async def receive_sync(self, json_array: str,next_batch: typing.Optional[str]) -> typing.List[ToDeviceResult]:
+        """
+        Like `receive_to_device_events`, committing the `/sync` `next_batch` token with the batch.
+"""
+        
+        _UniffiFfiConverterString.check_lower(json_array)
+
+        _UniffiFfiConverterOptionalString.check_lower(next_batch)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(json_array),
+            _UniffiFfiConverterOptionalString.lower(next_batch),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterSequenceTypeToDeviceResult.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_sync(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     async def receive_to_device_events(self, json_array: str) -> typing.List[ToDeviceResult]:
         """
         Decrypts the `to_device.events` array (JSON) of one `/sync` response, in order.
@@ -3529,6 +3800,26 @@ class OlmMachine(OlmMachineProtocol):
             _UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer,
             _UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer,
             _UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
+    async def rekey(self, new_store_key: bytes) -> None:
+        """
+        Re-encrypts the store with a new 32-byte key (key rotation).
+"""
+        
+        _UniffiFfiConverterBytes.check_lower(new_store_key)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterBytes.lower(new_store_key),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_rekey(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_void,
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
@@ -3590,6 +3881,23 @@ class OlmMachine(OlmMachineProtocol):
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
+    async def sync_token(self, ) -> typing.Optional[str]:
+        """
+        The `next_batch` token committed with the last `receive_sync`: resume `/sync` from it.
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterOptionalString.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_sync_token(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     def user_id(self, ) -> str:
         """
         Our user id.
@@ -3605,6 +3913,23 @@ class OlmMachine(OlmMachineProtocol):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    async def wipe(self, ) -> None:
+        """
+        Deletes everything in the store (logout); the machine refuses every later write.
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = lambda val: None
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_wipe(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_void,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_void,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
 
 
 
@@ -3659,26 +3984,6 @@ class _UniffiFfiConverterOptionalTypeLogSink(_UniffiConverterRustBuffer):
             return _UniffiFfiConverterTypeLogSink.read(buf)
         else:
             raise InternalError("Unexpected flag byte for optional type")
-
-class _UniffiFfiConverterBytes(_UniffiConverterRustBuffer):
-    @staticmethod
-    def read(buf):
-        size = buf.read_i32()
-        if size < 0:
-            raise InternalError("Unexpected negative byte string length")
-        return buf.read(size)
-
-    @staticmethod
-    def check_lower(value):
-        try:
-            memoryview(value)
-        except TypeError:
-            raise TypeError("a bytes-like object is required, not {!r}".format(type(value).__name__))
-
-    @staticmethod
-    def write(value, buf):
-        buf.write_i32(len(value))
-        buf.write(value)
 def set_log_sink(sink: typing.Optional[LogSink],max_level: LogLevel) -> None:
     """
     Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and
@@ -3715,6 +4020,7 @@ __all__ = [
     "ToDeviceResult",
     "DecryptedEvent",
     "IdentityKeysFfi",
+    "PendingEvent",
     "PosthogErrorEvent",
     "ReportingPolicyFfi",
     "set_log_sink",

@@ -55,9 +55,13 @@ impl Bob {
             .await
             .map_err(|e| e.to_string())?;
         let mut failed = 0;
+        let mut handled = Vec::new();
         for outcome in &outcomes {
             match outcome {
-                ToDeviceOutcome::Decrypted(_) => tally.decrypted += 1,
+                ToDeviceOutcome::Decrypted(event) => {
+                    tally.decrypted += 1;
+                    handled.push(event.id.clone());
+                }
                 ToDeviceOutcome::Plaintext(_) => tally.plaintext += 1,
                 ToDeviceOutcome::Failed(_) => failed += 1,
             }
@@ -80,6 +84,12 @@ impl Bob {
                 counts.1 += 1;
             }
         }
+        // The app has handled the decrypted events: acknowledge them so that a redelivery is a
+        // replay rather than a re-emission.
+        self.machine
+            .acknowledge(&handled)
+            .await
+            .map_err(|e| e.to_string())?;
         eprintln!("{label}: {} events, {} failed", outcomes.len(), failed);
         Ok(())
     }

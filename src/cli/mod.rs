@@ -14,7 +14,7 @@ use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
 use to_device_crypto::olm::device_keys::parse_keys_upload_body;
 use to_device_crypto::sync_input::split_events;
-use to_device_crypto::{OlmMachine, ToDeviceOutcome};
+use to_device_crypto::{DecryptedToDeviceEvent, OlmMachine, ToDeviceOutcome};
 
 /// Decrypt Matrix Olm to-device events and report every failure as a PostHog `Error` event.
 #[derive(Parser)]
@@ -229,14 +229,38 @@ async fn decrypt(
             eprintln!("warning: ignoring device keys {rejected}");
         }
     }
+    // Results of earlier batches that were never acknowledged (the previous run was killed after
+    // committing): print them first, marked as pending, with their original batch and index.
+    let earlier = machine
+        .pending_decrypted_events()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut printed: Vec<String> = Vec::new();
+    for pending in &earlier {
+        let mut line = decrypted_line(pending.index, &pending.event);
+        line["batch"] = json!(pending.batch);
+        print_line(&line)?;
+        printed.push(pending.event.id.clone());
+    }
     let mut failures = machine.to_device_decryption_failure_stream();
     let outcomes = machine
-        .receive_to_device_events(&input.events)
+        .receive_sync(&input.events, input.next_batch.as_deref())
         .await
         .map_err(|e| e.to_string())?;
     for (index, outcome) in outcomes.iter().enumerate() {
-        print_line(&outcome_line(index, outcome))?;
+        print_line(&outcome_line(index as u64, outcome))?;
+        if let ToDeviceOutcome::Decrypted(event) = outcome {
+            printed.push(event.id.clone());
+        }
     }
+    std::io::stdout()
+        .flush()
+        .map_err(|e| format!("cannot write to stdout: {e}"))?;
+    to_device_crypto::fail_point::hit("after_print");
+    machine
+        .acknowledge(&printed)
+        .await
+        .map_err(|e| e.to_string())?;
     if let Some(path) = analytics_out {
         let mut file = OpenOptions::new()
             .create(true)
@@ -295,18 +319,26 @@ async fn requests(
     }
 }
 
-fn outcome_line(index: usize, outcome: &ToDeviceOutcome) -> Value {
+fn decrypted_line(index: u64, event: &DecryptedToDeviceEvent) -> Value {
+    let mut line = json!({
+        "index": index,
+        "result": "decrypted",
+        "type": event.event_type,
+        "sender": event.sender,
+        "content": event.content,
+        "sender_key": event.sender_curve25519_key,
+        "sender_device_id": event.sender_device_id,
+        "sender_device_verified": event.sender_device_verified,
+    });
+    if event.re_emitted {
+        line["pending"] = json!(true);
+    }
+    line
+}
+
+fn outcome_line(index: u64, outcome: &ToDeviceOutcome) -> Value {
     match outcome {
-        ToDeviceOutcome::Decrypted(event) => json!({
-            "index": index,
-            "result": "decrypted",
-            "type": event.event_type,
-            "sender": event.sender,
-            "content": event.content,
-            "sender_key": event.sender_curve25519_key,
-            "sender_device_id": event.sender_device_id,
-            "sender_device_verified": event.sender_device_verified,
-        }),
+        ToDeviceOutcome::Decrypted(event) => decrypted_line(index, event),
         ToDeviceOutcome::Plaintext(event) => json!({
             "index": index,
             "result": "plaintext",

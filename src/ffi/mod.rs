@@ -34,7 +34,7 @@ pub use logging::{redact, set_log_sink, LogLevel, LogSink, QUEUE_CAPACITY, REDAC
 pub use requests::OutgoingRequestFfi;
 pub use types::{
     CryptoError, CryptoSdkFfi, DecryptedEvent, DecryptionFailure, ErrorDomainFfi, FailureReasonFfi,
-    IdentityKeysFfi, PosthogErrorEvent, ReportingPolicyFfi, ToDeviceResult,
+    IdentityKeysFfi, PendingEvent, PosthogErrorEvent, ReportingPolicyFfi, ToDeviceResult,
 };
 
 /// The runtime on which listener tasks run. Foreign callers are usually not inside a tokio
@@ -193,6 +193,59 @@ impl OlmMachine {
         let raw: Vec<&str> = events.iter().map(|e| e.get()).collect();
         let outcomes = self.inner.receive_to_device_events(&raw).await?;
         Ok(outcomes.into_iter().map(ToDeviceResult::from).collect())
+    }
+
+    /// Like `receive_to_device_events`, committing the `/sync` `next_batch` token with the batch.
+    pub async fn receive_sync(
+        &self,
+        json_array: String,
+        next_batch: Option<String>,
+    ) -> Result<Vec<ToDeviceResult>, CryptoError> {
+        let events: Vec<Box<RawValue>> =
+            serde_json::from_str(&json_array).map_err(|e| CryptoError::InvalidJson {
+                detail: e.to_string(),
+            })?;
+        let raw: Vec<&str> = events.iter().map(|e| e.get()).collect();
+        let outcomes = self.inner.receive_sync(&raw, next_batch.as_deref()).await?;
+        Ok(outcomes.into_iter().map(ToDeviceResult::from).collect())
+    }
+
+    /// The `next_batch` token committed with the last `receive_sync`: resume `/sync` from it.
+    pub async fn sync_token(&self) -> Result<Option<String>, CryptoError> {
+        Ok(self.inner.sync_token().await?)
+    }
+
+    /// Decrypted results not yet acknowledged (after a crash, hand them to the app again).
+    pub async fn pending_decrypted_events(&self) -> Result<Vec<PendingEvent>, CryptoError> {
+        Ok(self
+            .inner
+            .pending_decrypted_events()
+            .await?
+            .into_iter()
+            .map(PendingEvent::from)
+            .collect())
+    }
+
+    /// Removes handled results from the outbox; a later re-delivery is then a replay.
+    pub async fn acknowledge(&self, ids: Vec<String>) -> Result<(), CryptoError> {
+        Ok(self.inner.acknowledge(&ids).await?)
+    }
+
+    /// Re-encrypts the store with a new 32-byte key (key rotation).
+    pub async fn rekey(&self, new_store_key: Vec<u8>) -> Result<(), CryptoError> {
+        let bytes: [u8; 32] =
+            new_store_key
+                .as_slice()
+                .try_into()
+                .map_err(|_| CryptoError::InvalidStoreKey {
+                    length: new_store_key.len() as u64,
+                })?;
+        Ok(self.inner.rekey_store(StoreKey::from_bytes(bytes)).await?)
+    }
+
+    /// Deletes everything in the store (logout); the machine refuses every later write.
+    pub async fn wipe(&self) -> Result<(), CryptoError> {
+        Ok(self.inner.wipe().await?)
     }
 
     /// Encrypts one `event_type` event with `content_json` for the device whose `/keys/upload`

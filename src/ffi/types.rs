@@ -133,6 +133,10 @@ impl From<AnalyticsEvent> for PosthogErrorEvent {
 /// A decrypted to-device event that passed every check.
 #[derive(Clone, Debug, PartialEq, Eq, uniffi::Record)]
 pub struct DecryptedEvent {
+    /// The outbox id: pass it to `acknowledge` once the event is handled.
+    pub id: String,
+    /// Whether this result was delivered before and is emitted again (handle idempotently).
+    pub re_emitted: bool,
     /// The decrypted event type, e.g. `m.room_key`.
     pub event_type: String,
     /// The decrypted content, JSON.
@@ -152,6 +156,8 @@ pub struct DecryptedEvent {
 impl From<DecryptedToDeviceEvent> for DecryptedEvent {
     fn from(event: DecryptedToDeviceEvent) -> Self {
         Self {
+            id: event.id,
+            re_emitted: event.re_emitted,
             event_type: event.event_type,
             content_json: event.content.to_string(),
             sender: event.sender,
@@ -276,6 +282,27 @@ impl From<ReportingPolicyFfi> for crate::analytics::ReportingPolicy {
             analytics_enabled: policy.analytics_enabled,
             suppression_window_secs: policy.suppression_window_secs,
             max_events_per_minute: policy.max_events_per_minute,
+        }
+    }
+}
+
+/// A decrypted result still waiting for `acknowledge`.
+#[derive(Clone, Debug, PartialEq, Eq, uniffi::Record)]
+pub struct PendingEvent {
+    /// The batch that produced it.
+    pub batch: u64,
+    /// Its index in that batch.
+    pub index: u64,
+    /// The result.
+    pub event: DecryptedEvent,
+}
+
+impl From<crate::PendingDecryptedEvent> for PendingEvent {
+    fn from(pending: crate::PendingDecryptedEvent) -> Self {
+        Self {
+            batch: pending.batch,
+            index: pending.index,
+            event: pending.event.into(),
         }
     }
 }

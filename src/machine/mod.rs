@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
@@ -33,14 +33,20 @@ use crate::reporting::{
 };
 use crate::store::{
     Changes, CryptoStore, MemoryStore, SqliteStore, StoreKey, StoredAccount, StoredDevice,
-    StoredRequest, StoredSession, Synchronous,
+    StoredRequest, StoredResult, StoredSession, Synchronous, WriteLock,
 };
 
 mod recovery;
 
 /// A decrypted to-device event that passed every check.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DecryptedToDeviceEvent {
+    /// The result's id in the outbox: pass it to [`OlmMachine::acknowledge`] once handled.
+    pub id: String,
+    /// Whether this is a result delivered before and not yet acknowledged, emitted again because
+    /// the same event came in again (at-least-once delivery): handle it idempotently.
+    #[serde(default)]
+    pub re_emitted: bool,
     /// The decrypted event type, e.g. `m.room_key`.
     pub event_type: String,
     /// The decrypted content.
@@ -57,6 +63,17 @@ pub struct DecryptedToDeviceEvent {
     /// Whether the Ed25519 key was confirmed by validly signed device keys (`/keys/query` or
     /// `sender_device_keys`). `false` only for `m.room_key` events from unknown devices.
     pub sender_device_verified: bool,
+}
+
+/// A decrypted result still waiting in the outbox for [`OlmMachine::acknowledge`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PendingDecryptedEvent {
+    /// The batch that produced it (counted per store).
+    pub batch: u64,
+    /// Its index in that batch.
+    pub index: u64,
+    /// The result.
+    pub event: DecryptedToDeviceEvent,
 }
 
 /// A to-device event that failed, with what the checks learned before failing.
@@ -139,8 +156,21 @@ struct MachineState {
     policy_state: PolicyState,
     /// Whether `policy_state` changed outside a committed batch.
     policy_dirty: bool,
+    /// The store generation this cache reflects; another process's commit changes it.
+    generation: u64,
+    /// Set by [`OlmMachine::wipe`]: nothing may be written any more.
+    wiped: bool,
     /// Set when a commit failed: the cache is ahead of the store and must be reloaded.
     stale: bool,
+}
+
+/// Where one event sits: its index in the batch, the batch's time, and whether it must be
+/// encrypted (the single-event API) or may be a plain to-device event (a `/sync` batch).
+#[derive(Clone, Copy)]
+struct EventPosition {
+    index: usize,
+    now: u64,
+    require_encrypted: bool,
 }
 
 /// What one batch changed, besides the dirty flags on session entries.
@@ -156,6 +186,10 @@ struct BatchChanges {
     outgoing_requests: Vec<StoredRequest>,
     sent_requests: Vec<String>,
     recovery_attempts: Vec<(String, u64)>,
+    batch_number: Option<u64>,
+    sync_token: Option<String>,
+    pending_results: Vec<StoredResult>,
+    decrypted_in_batch: HashMap<MessageHash, DecryptedToDeviceEvent>,
 }
 
 fn now_millis() -> u64 {
@@ -239,6 +273,7 @@ impl OlmMachine {
         };
         let devices = load_devices(store.as_ref()).await?;
         let policy_state = load_policy_state(store.as_ref()).await?;
+        let generation = store.generation().await?;
         let identity_keys = account.identity_keys();
         Ok(Self {
             user_id: user_id.to_owned(),
@@ -256,6 +291,8 @@ impl OlmMachine {
                 policy,
                 policy_state,
                 policy_dirty: false,
+                generation,
+                wiped: false,
                 stale: false,
             }),
             reporter: FailureReporter::default(),
@@ -359,6 +396,7 @@ impl OlmMachine {
     /// the server accepted the upload.
     pub async fn mark_keys_as_published(&self) -> Result<(), StoreError> {
         let mut state = self.state.lock().await;
+        let _lock = self.begin_write(&mut state).await?;
         state.account.mark_keys_as_published();
         state.device_keys_published = true;
         self.save_account(&mut state).await
@@ -368,6 +406,7 @@ impl OlmMachine {
     /// fallback key if there is no unpublished one. Returns how many one-time keys were made.
     pub async fn generate_one_time_keys(&self, count: usize) -> Result<usize, StoreError> {
         let mut state = self.state.lock().await;
+        let _lock = self.begin_write(&mut state).await?;
         let room = state
             .account
             .max_number_of_one_time_keys()
@@ -391,6 +430,7 @@ impl OlmMachine {
         fallback_key_unused: bool,
     ) -> Result<usize, StoreError> {
         let mut state = self.state.lock().await;
+        let _lock = self.begin_write(&mut state).await?;
         let target = one_time_key_target(&state.account);
         let published = usize::try_from(server_count).unwrap_or(usize::MAX);
         let unpublished = state.account.one_time_keys().len();
@@ -416,6 +456,7 @@ impl OlmMachine {
             detail: "expected an object with a `device_keys` object".to_owned(),
         })?;
         let mut state = self.state.lock().await;
+        let _lock = self.begin_write(&mut state).await?;
         let changes = Changes {
             devices: parsed
                 .valid
@@ -428,7 +469,7 @@ impl OlmMachine {
                 .collect(),
             ..Changes::default()
         };
-        self.store.save_changes(changes).await?;
+        self.commit(&mut state, changes).await?;
         let stored = parsed.valid.len();
         for device in parsed.valid {
             state.devices.insert(device);
@@ -455,7 +496,7 @@ impl OlmMachine {
         &self,
         raw_event: &str,
     ) -> Result<DecryptedToDeviceEvent, DecryptionError> {
-        let mut outcomes = self.receive_batch(&[raw_event], true).await?;
+        let mut outcomes = self.receive_batch(&[raw_event], None, true).await?;
         match outcomes.pop() {
             Some(ToDeviceOutcome::Decrypted(event)) => Ok(event),
             Some(ToDeviceOutcome::Failed(failed)) => Err(failed.error),
@@ -477,17 +518,87 @@ impl OlmMachine {
         &self,
         raw_events: &[S],
     ) -> Result<Vec<ToDeviceOutcome>, StoreError> {
-        self.receive_batch(raw_events, false).await
+        self.receive_batch(raw_events, None, false).await
+    }
+
+    /// Like [`receive_to_device_events`](Self::receive_to_device_events), and also commits the
+    /// `/sync` response's `next_batch` token with the batch, so that an app that restarts resumes
+    /// exactly from the committed point ([`sync_token`](Self::sync_token)).
+    pub async fn receive_sync<S: AsRef<str>>(
+        &self,
+        raw_events: &[S],
+        next_batch: Option<&str>,
+    ) -> Result<Vec<ToDeviceOutcome>, StoreError> {
+        self.receive_batch(raw_events, next_batch, false).await
+    }
+
+    /// The `next_batch` token committed with the last [`receive_sync`](Self::receive_sync).
+    pub async fn sync_token(&self) -> Result<Option<String>, StoreError> {
+        self.store.sync_token().await
+    }
+
+    /// Every decrypted result not yet acknowledged, oldest first: after a crash, hand these to the
+    /// app again (delivery is at least once).
+    pub async fn pending_decrypted_events(&self) -> Result<Vec<PendingDecryptedEvent>, StoreError> {
+        self.store
+            .load_pending_results()
+            .await?
+            .into_iter()
+            .map(|stored| {
+                let mut event: DecryptedToDeviceEvent =
+                    serde_json::from_str(&stored.json).map_err(corrupted("decrypted result"))?;
+                event.re_emitted = true;
+                Ok(PendingDecryptedEvent {
+                    batch: stored.batch,
+                    index: stored.index,
+                    event,
+                })
+            })
+            .collect()
+    }
+
+    /// Re-encrypts the store's secrets with `new_key` (key rotation). Afterwards only `new_key`
+    /// opens the store; on failure nothing changed.
+    pub async fn rekey_store(&self, new_key: StoreKey) -> Result<(), StoreError> {
+        let mut state = self.state.lock().await;
+        let _lock = self.begin_write(&mut state).await?;
+        self.store.rekey(new_key).await
+    }
+
+    /// Deletes everything the store holds (logout). The machine refuses every later write.
+    pub async fn wipe(&self) -> Result<(), StoreError> {
+        let mut state = self.state.lock().await;
+        let _lock = self.begin_write(&mut state).await?;
+        self.store.wipe().await?;
+        state.wiped = true;
+        state.sessions.clear();
+        Ok(())
+    }
+
+    /// Removes handled results from the outbox; a later re-delivery of their messages is then a
+    /// `ReplayedMessage`.
+    pub async fn acknowledge(&self, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.state.lock().await;
+        let _lock = self.begin_write(&mut state).await?;
+        let changes = Changes {
+            acknowledged: ids.to_vec(),
+            ..Changes::default()
+        };
+        self.commit(&mut state, changes).await
     }
 
     async fn receive_batch<S: AsRef<str>>(
         &self,
         raw_events: &[S],
+        next_batch: Option<&str>,
         require_encrypted: bool,
     ) -> Result<Vec<ToDeviceOutcome>, StoreError> {
         let mut state = self.state.lock().await;
         let result = self
-            .process_batch(&mut state, raw_events, require_encrypted)
+            .process_batch(&mut state, raw_events, next_batch, require_encrypted)
             .await;
         let store_failure = result.as_ref().err().map(|error| {
             // The cache (policy state included) is ahead of the store: revert it now so that the
@@ -558,17 +669,27 @@ impl OlmMachine {
         &self,
         state: &mut MachineState,
         raw_events: &[S],
+        next_batch: Option<&str>,
         require_encrypted: bool,
     ) -> Result<Vec<ToDeviceOutcome>, StoreError> {
-        if state.stale {
-            self.reload(state).await?;
-        }
-        let mut batch = BatchChanges::default();
+        let _lock = self.begin_write(state).await?;
+        let mut batch = BatchChanges {
+            batch_number: Some(self.store.last_batch_number().await? + 1),
+            sync_token: next_batch.map(str::to_owned),
+            ..BatchChanges::default()
+        };
         let mut outcomes = Vec::with_capacity(raw_events.len());
         let now = now_millis();
-        for raw in raw_events {
+        for (index, raw) in raw_events.iter().enumerate() {
             let outcome = self
-                .process_event(state, &mut batch, raw.as_ref(), now, require_encrypted)
+                .process_event(
+                    state,
+                    &mut batch,
+                    raw.as_ref(),
+                    index,
+                    now,
+                    require_encrypted,
+                )
                 .await;
             match outcome {
                 Ok(outcome) => outcomes.push(outcome),
@@ -583,10 +704,9 @@ impl OlmMachine {
         self.schedule_recovery(state, &mut batch, &outcomes, now)
             .await?;
         let changes = self.collect_changes(state, batch)?;
-        if let Err(error) = self.store.save_changes(changes).await {
-            state.stale = true;
-            return Err(error);
-        }
+        crate::fail_point::hit("before_commit");
+        self.commit(state, changes).await?;
+        crate::fail_point::hit("after_commit");
         Ok(outcomes)
     }
 
@@ -596,12 +716,18 @@ impl OlmMachine {
         state: &mut MachineState,
         batch: &mut BatchChanges,
         raw: &str,
+        index: usize,
         now: u64,
         require_encrypted: bool,
     ) -> Result<ToDeviceOutcome, StoreError> {
         let mut facts = EnvelopeFacts::default();
+        let position = EventPosition {
+            index,
+            now,
+            require_encrypted,
+        };
         let result = self
-            .decrypt_event(state, batch, raw, now, require_encrypted, &mut facts)
+            .decrypt_event(state, batch, raw, position, &mut facts)
             .await;
         Ok(match result {
             Ok(Some(event)) => ToDeviceOutcome::Decrypted(event),
@@ -627,10 +753,14 @@ impl OlmMachine {
         state: &mut MachineState,
         batch: &mut BatchChanges,
         raw: &str,
-        now: u64,
-        require_encrypted: bool,
+        event: EventPosition,
         facts: &mut EnvelopeFacts,
     ) -> Result<Option<DecryptedToDeviceEvent>, DecryptionError> {
+        let EventPosition {
+            index,
+            now,
+            require_encrypted,
+        } = event;
         let envelope = match parse_event(raw, &self.curve25519_base64, facts)? {
             ParsedEvent::Plain { event_type } if require_encrypted => {
                 return Err(DecryptionError::UnsupportedAlgorithm(Some(format!(
@@ -640,12 +770,27 @@ impl OlmMachine {
             ParsedEvent::Plain { .. } => return Ok(None),
             ParsedEvent::Olm(envelope) => envelope,
         };
+        // A message decrypted before is re-emitted while its result is pending (not yet
+        // acknowledged), and a replay once it was acknowledged (or never accepted).
+        if let Some(event) = batch.decrypted_in_batch.get(&envelope.message_hash) {
+            return Ok(Some(DecryptedToDeviceEvent {
+                re_emitted: true,
+                ..event.clone()
+            }));
+        }
         if batch.seen_hashes.contains(&envelope.message_hash)
             || self
                 .store
                 .contains_message_hash(&envelope.message_hash)
                 .await?
         {
+            let id = result_id(&envelope.message_hash);
+            if let Some(stored) = self.store.pending_result(&id).await? {
+                let mut event: DecryptedToDeviceEvent =
+                    serde_json::from_str(&stored.json).map_err(corrupted("decrypted result"))?;
+                event.re_emitted = true;
+                return Ok(Some(event));
+            }
             return Err(DecryptionError::ReplayedMessage {
                 sender_key: envelope.sender_key.to_base64(),
             });
@@ -686,7 +831,9 @@ impl OlmMachine {
             known_devices: devices,
         };
         let accepted = check_plaintext(&plaintext, &context, verified_device_keys)?;
-        Ok(Some(DecryptedToDeviceEvent {
+        let event = DecryptedToDeviceEvent {
+            id: result_id(&envelope.message_hash),
+            re_emitted: false,
             event_type: accepted.event_type,
             content: accepted.content,
             sender: envelope.sender,
@@ -694,7 +841,17 @@ impl OlmMachine {
             sender_ed25519_key: accepted.sender_ed25519,
             sender_device_id: accepted.sender_device_id,
             sender_device_verified: accepted.sender_device_verified,
-        }))
+        };
+        batch.pending_results.push(StoredResult {
+            id: event.id.clone(),
+            batch: batch.batch_number.unwrap_or_default(),
+            index: index as u64,
+            json: serde_json::to_string(&event).map_err(corrupted("decrypted result"))?,
+        });
+        batch
+            .decrypted_in_batch
+            .insert(envelope.message_hash, event.clone());
+        Ok(Some(event))
     }
 
     async fn ensure_sessions_loaded(
@@ -735,8 +892,8 @@ impl OlmMachine {
         for (outcome, raw) in outcomes.iter_mut().zip(raw_events) {
             let failed = match outcome {
                 ToDeviceOutcome::Failed(failed) => failed,
-                ToDeviceOutcome::Decrypted(_) => {
-                    decrypted += 1;
+                ToDeviceOutcome::Decrypted(event) => {
+                    decrypted += u64::from(!event.re_emitted);
                     continue;
                 }
                 ToDeviceOutcome::Plaintext(_) => continue,
@@ -777,6 +934,9 @@ impl OlmMachine {
             outgoing_requests: batch.outgoing_requests,
             sent_requests: batch.sent_requests,
             recovery_attempts: batch.recovery_attempts,
+            pending_results: batch.pending_results,
+            sync_token: batch.sync_token,
+            batch_number: batch.batch_number,
             ..Changes::default()
         };
         if batch.policy_changed || state.policy_dirty {
@@ -830,9 +990,6 @@ impl OlmMachine {
     }
 
     async fn save_account(&self, state: &mut MachineState) -> Result<(), StoreError> {
-        if state.stale {
-            self.reload(state).await?;
-        }
         let changes = Changes {
             account: Some(stored_account(
                 &state.account,
@@ -842,11 +999,35 @@ impl OlmMachine {
             )?),
             ..Changes::default()
         };
-        let result = self.store.save_changes(changes).await;
-        if result.is_err() {
-            state.stale = true;
+        self.commit(state, changes).await
+    }
+
+    /// Takes the cross-process write lock and makes sure the cache reflects the store: after a
+    /// failed commit, or when another process (e.g. the iOS notification extension) committed.
+    async fn begin_write(&self, state: &mut MachineState) -> Result<WriteLock, StoreError> {
+        if state.wiped {
+            return Err(StoreError::Wiped);
         }
-        result
+        let lock = self.store.lock_for_writing().await?;
+        let generation = self.store.generation().await?;
+        if state.stale || generation != state.generation {
+            self.reload(state).await?;
+            state.generation = generation;
+        }
+        Ok(lock)
+    }
+
+    /// Commits `changes`; on failure the cache is ahead of the store and marked stale.
+    async fn commit(&self, state: &mut MachineState, changes: Changes) -> Result<(), StoreError> {
+        if let Err(error) = self.store.save_changes(changes).await {
+            state.stale = true;
+            return Err(error);
+        }
+        match self.store.generation().await {
+            Ok(generation) => state.generation = generation,
+            Err(_) => state.stale = true,
+        }
+        Ok(())
     }
 
     // ----- encryption -------------------------------------------------------------------------
@@ -867,9 +1048,7 @@ impl OlmMachine {
             return Err(EncryptionError::ContentNotAnObject);
         }
         let mut state = self.state.lock().await;
-        if state.stale {
-            self.reload(&mut state).await?;
-        }
+        let _lock = self.begin_write(&mut state).await?;
         let device = &recipient.device;
         self.ensure_sessions_loaded(&mut state, &device.curve25519)
             .await?;
@@ -916,10 +1095,7 @@ impl OlmMachine {
         entry.dirty = true;
         batch.dirty_sender_keys.insert(device.curve25519.to_bytes());
         let changes = self.collect_changes(&mut state, batch)?;
-        if let Err(error) = self.store.save_changes(changes).await {
-            state.stale = true;
-            return Err(error.into());
-        }
+        self.commit(&mut state, changes).await?;
         Ok(events)
     }
 
@@ -992,6 +1168,11 @@ impl OlmMachine {
 
 /// Placeholder until [`OlmMachine::apply_reporting_policy`] decides; never published.
 const UNDECIDED: AnalyticsDecision = AnalyticsDecision::Suppressed(SuppressionRule::AlreadySeen);
+
+/// The outbox id of a decrypted message.
+fn result_id(hash: &MessageHash) -> String {
+    hash.to_hex()[..32].to_owned()
+}
 
 fn failure_mark(facts: &EnvelopeFacts, reason: FailureReason, raw: &str) -> MessageHash {
     let mut hasher = Sha256::new();

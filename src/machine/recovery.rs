@@ -121,9 +121,7 @@ impl OlmMachine {
             .find(|r| r.request_id == request_id)
             .ok_or_else(|| RequestError::UnknownRequest(request_id.to_owned()))?;
         let mut state = self.state.lock().await;
-        if state.stale {
-            self.reload(&mut state).await?;
-        }
+        let _lock = self.begin_write(&mut state).await?;
         let mut batch = BatchChanges::default();
         batch.sent_requests.push(request_id.to_owned());
         if let OutgoingRequestKind::KeysClaim { .. } = request.request {
@@ -135,10 +133,7 @@ impl OlmMachine {
                 .await?;
         }
         let changes = self.collect_changes(&mut state, batch)?;
-        if let Err(error) = self.store.save_changes(changes).await {
-            state.stale = true;
-            return Err(error.into());
-        }
+        self.commit(&mut state, changes).await?;
         Ok(())
     }
 

@@ -6,7 +6,10 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 
-use super::{Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredSession};
+use super::{
+    Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredResult, StoredSession,
+    WriteLock,
+};
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 
@@ -21,6 +24,10 @@ struct Contents {
     policy_state: Option<String>,
     outgoing_requests: Vec<StoredRequest>,
     recovery_attempts: HashMap<String, u64>,
+    pending_results: Vec<StoredResult>,
+    sync_token: Option<String>,
+    batch_number: u64,
+    generation: u64,
 }
 
 /// A store that keeps everything in memory. Cloning a snapshot of it (see
@@ -111,6 +118,44 @@ impl CryptoStore for MemoryStore {
         Ok(self.lock().recovery_attempts.get(sender_key).copied())
     }
 
+    async fn load_pending_results(&self) -> Result<Vec<StoredResult>, StoreError> {
+        Ok(self.lock().pending_results.clone())
+    }
+
+    async fn pending_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError> {
+        Ok(self
+            .lock()
+            .pending_results
+            .iter()
+            .find(|r| r.id == id)
+            .cloned())
+    }
+
+    async fn sync_token(&self) -> Result<Option<String>, StoreError> {
+        Ok(self.lock().sync_token.clone())
+    }
+
+    async fn last_batch_number(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().batch_number)
+    }
+
+    async fn generation(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().generation)
+    }
+
+    async fn lock_for_writing(&self) -> Result<WriteLock, StoreError> {
+        Ok(WriteLock::none())
+    }
+
+    async fn rekey(&self, _new_key: crate::store::StoreKey) -> Result<(), StoreError> {
+        Ok(()) // nothing is encrypted in memory
+    }
+
+    async fn wipe(&self) -> Result<(), StoreError> {
+        *self.lock() = Contents::default();
+        Ok(())
+    }
+
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
         if self.fail_next_save.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Simulated("save_changes failed".to_owned()));
@@ -144,6 +189,17 @@ impl CryptoStore for MemoryStore {
             .retain(|r| !changes.sent_requests.contains(&r.request_id));
         contents.outgoing_requests.extend(changes.outgoing_requests);
         contents.recovery_attempts.extend(changes.recovery_attempts);
+        contents
+            .pending_results
+            .retain(|r| !changes.acknowledged.contains(&r.id));
+        contents.pending_results.extend(changes.pending_results);
+        if let Some(token) = changes.sync_token {
+            contents.sync_token = Some(token);
+        }
+        if let Some(batch_number) = changes.batch_number {
+            contents.batch_number = batch_number;
+        }
+        contents.generation += 1;
         Ok(())
     }
 }

@@ -77,6 +77,49 @@ pub struct Changes {
     pub sent_requests: Vec<String>,
     /// `(sender key, time)` of each device recovery started (the once-per-hour limit).
     pub recovery_attempts: Vec<(String, u64)>,
+    /// Decrypted results of this batch, kept until acknowledged (the outbox).
+    pub pending_results: Vec<StoredResult>,
+    /// Ids of results the app acknowledged (removed from the outbox).
+    pub acknowledged: Vec<String>,
+    /// The `/sync` `next_batch` token that came with this batch.
+    pub sync_token: Option<String>,
+    /// The number of this batch (results carry it), when a batch was processed.
+    pub batch_number: Option<u64>,
+}
+
+/// A decrypted result waiting in the outbox for the app's acknowledgement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredResult {
+    /// The result id (derived from the message hash).
+    pub id: String,
+    /// The batch that produced it.
+    pub batch: u64,
+    /// Its index in that batch.
+    pub index: u64,
+    /// The serialized result (secret: stores must protect it).
+    pub json: String,
+}
+
+/// Holds the store's cross-process write lock; dropping it releases the lock.
+///
+/// The machine takes it for the duration of one batch or one key operation only, never while idle
+/// (iOS kills a suspended app that holds a file lock).
+#[derive(Debug, Default)]
+pub struct WriteLock {
+    /// Held only for its `Drop`: closing the file releases the OS lock.
+    _file: Option<std::fs::File>,
+}
+
+impl WriteLock {
+    /// A lock backed by an OS file lock (released when the file is closed).
+    pub fn file(file: std::fs::File) -> Self {
+        Self { _file: Some(file) }
+    }
+
+    /// No lock: for stores that only one process can open.
+    pub fn none() -> Self {
+        Self { _file: None }
+    }
 }
 
 /// An outgoing request as stored.
@@ -103,6 +146,10 @@ impl Changes {
             && self.outgoing_requests.is_empty()
             && self.sent_requests.is_empty()
             && self.recovery_attempts.is_empty()
+            && self.pending_results.is_empty()
+            && self.acknowledged.is_empty()
+            && self.sync_token.is_none()
+            && self.batch_number.is_none()
     }
 }
 
@@ -130,6 +177,22 @@ pub trait CryptoStore: Send + Sync + std::fmt::Debug {
     async fn load_outgoing_requests(&self) -> Result<Vec<StoredRequest>, StoreError>;
     /// When recovery of the device with this sender key last started, if ever.
     async fn last_recovery_attempt(&self, sender_key: &str) -> Result<Option<u64>, StoreError>;
+    /// Every result still waiting for acknowledgement, in batch and index order.
+    async fn load_pending_results(&self) -> Result<Vec<StoredResult>, StoreError>;
+    /// One pending result, if it is still pending.
+    async fn pending_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError>;
+    /// The last committed `/sync` `next_batch` token.
+    async fn sync_token(&self) -> Result<Option<String>, StoreError>;
+    /// The number of the last committed batch (0 before the first).
+    async fn last_batch_number(&self) -> Result<u64, StoreError>;
+    /// A counter that every commit increments: when it changed, another process wrote.
+    async fn generation(&self) -> Result<u64, StoreError>;
+    /// Takes the cross-process write lock, waiting for another process's batch to finish.
+    async fn lock_for_writing(&self) -> Result<WriteLock, StoreError>;
+    /// Re-encrypts every secret with `new_key` (stores that encrypt nothing do nothing).
+    async fn rekey(&self, new_key: crate::store::StoreKey) -> Result<(), StoreError>;
+    /// Deletes everything the store holds (logout).
+    async fn wipe(&self) -> Result<(), StoreError>;
     /// Commits `changes` atomically.
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError>;
 }

@@ -12,12 +12,18 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::cipher::StoreKey;
-use super::{Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredSession};
+use super::{
+    Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredResult, StoredSession,
+    WriteLock,
+};
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 
-/// The schema version this build writes.
-pub const SCHEMA_VERSION: i64 = 1;
+/// The schema version this build writes. Version 1 had no outbox; [`migrate`] upgrades it.
+pub const SCHEMA_VERSION: i64 = 2;
+
+/// How long a batch waits for another process's batch before failing.
+const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 const KEY_CHECK_PLAINTEXT: &[u8] = b"to-device-crypto store key check";
 
@@ -35,7 +41,7 @@ pub enum Synchronous {
 #[derive(Debug)]
 pub struct SqliteStore {
     connection: Mutex<Connection>,
-    key: StoreKey,
+    key: Mutex<StoreKey>,
     path: PathBuf,
 }
 
@@ -76,9 +82,10 @@ impl SqliteStore {
         if version == 0 {
             create_schema(&connection, &key)?;
         }
+        migrate(&connection)?;
         Ok(Self {
             connection: Mutex::new(connection),
-            key,
+            key: Mutex::new(key),
             path,
         })
     }
@@ -88,6 +95,89 @@ impl SqliteStore {
         &self.path
     }
 
+    fn current_key(&self) -> StoreKey {
+        self.key.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-encrypts every secret with `new_key` in one transaction; afterwards only `new_key`
+    /// opens the store. On failure nothing changes.
+    pub fn rekey(&self, new_key: StoreKey) -> Result<(), StoreError> {
+        let old_key = self.current_key();
+        let mut connection = self.lock();
+        let transaction = connection.transaction()?;
+        let reseal = |data: &[u8], context: &str, what: &'static str| {
+            let plaintext =
+                old_key
+                    .decrypt(data, context.as_bytes())
+                    .ok_or(StoreError::Corrupted {
+                        what,
+                        detail: "the value does not decrypt with the current store key".to_owned(),
+                    })?;
+            new_key.encrypt(&plaintext, context.as_bytes())
+        };
+        let check = new_key.encrypt(KEY_CHECK_PLAINTEXT, b"key_check")?;
+        transaction.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'key_check'",
+            params![check],
+        )?;
+        let account: Option<Vec<u8>> = transaction
+            .query_row("SELECT pickle FROM account WHERE id = 0", [], |row| {
+                row.get(0)
+            })
+            .optional()?;
+        if let Some(pickle) = account {
+            let sealed = reseal(&pickle, "account", "account pickle")?;
+            transaction.execute(
+                "UPDATE account SET pickle = ?1 WHERE id = 0",
+                params![sealed],
+            )?;
+        }
+        let sessions: Vec<(String, String, Vec<u8>)> = transaction
+            .prepare("SELECT sender_key, session_id, pickle FROM sessions")?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        for (sender_key, session_id, pickle) in sessions {
+            let context = session_context(&sender_key, &session_id);
+            let sealed = reseal(&pickle, &context, "session pickle")?;
+            transaction.execute(
+                "UPDATE sessions SET pickle = ?1 WHERE sender_key = ?2 AND session_id = ?3",
+                params![sealed, sender_key, session_id],
+            )?;
+        }
+        let results: Vec<(String, Vec<u8>)> = transaction
+            .prepare("SELECT id, data FROM pending_results")?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (id, data) in results {
+            let sealed = reseal(&data, &result_context(&id), "decrypted result")?;
+            transaction.execute(
+                "UPDATE pending_results SET data = ?1 WHERE id = ?2",
+                params![sealed, id],
+            )?;
+        }
+        transaction.commit()?;
+        *self.key.lock().unwrap_or_else(|p| p.into_inner()) = new_key;
+        Ok(())
+    }
+
+    /// Deletes everything (logout): every row is removed with SQLite's secure delete, which
+    /// overwrites the freed content, and the file is compacted. The store is empty afterwards.
+    pub fn wipe(&self) -> Result<(), StoreError> {
+        let connection = self.lock();
+        connection.pragma_update(None, "secure_delete", "ON")?;
+        connection.execute_batch(
+            "BEGIN IMMEDIATE;
+             DELETE FROM account; DELETE FROM sessions; DELETE FROM devices;
+             DELETE FROM message_hashes; DELETE FROM claimed_one_time_keys;
+             DELETE FROM failure_marks; DELETE FROM outgoing_requests;
+             DELETE FROM recovery_attempts; DELETE FROM pending_results;
+             DELETE FROM meta WHERE key != 'key_check';
+             COMMIT;",
+        )?;
+        connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM;")?;
+        Ok(())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         // SQLite rolls back an unfinished transaction when its guard is dropped during a panic,
         // so a poisoned connection is still consistent.
@@ -95,7 +185,23 @@ impl SqliteStore {
     }
 
     fn seal(&self, plaintext: &str, context: &str) -> Result<Vec<u8>, StoreError> {
-        self.key.encrypt(plaintext.as_bytes(), context.as_bytes())
+        self.current_key()
+            .encrypt(plaintext.as_bytes(), context.as_bytes())
+    }
+
+    fn open_result(
+        &self,
+        id: String,
+        batch: i64,
+        index: i64,
+        data: &[u8],
+    ) -> Result<StoredResult, StoreError> {
+        Ok(StoredResult {
+            json: self.open_sealed(data, &result_context(&id), "decrypted result")?,
+            id,
+            batch: u64::try_from(batch).unwrap_or_default(),
+            index: u64::try_from(index).unwrap_or_default(),
+        })
     }
 
     fn open_sealed(
@@ -104,13 +210,13 @@ impl SqliteStore {
         context: &str,
         what: &'static str,
     ) -> Result<String, StoreError> {
-        let bytes =
-            self.key
-                .decrypt(data, context.as_bytes())
-                .ok_or_else(|| StoreError::Corrupted {
-                    what,
-                    detail: "the value does not decrypt with the store key".to_owned(),
-                })?;
+        let bytes = self
+            .current_key()
+            .decrypt(data, context.as_bytes())
+            .ok_or_else(|| StoreError::Corrupted {
+                what,
+                detail: "the value does not decrypt with the store key".to_owned(),
+            })?;
         String::from_utf8(bytes).map_err(|e| StoreError::Corrupted {
             what,
             detail: e.to_string(),
@@ -184,13 +290,61 @@ fn create_schema(connection: &Connection, key: &StoreKey) -> Result<(), StoreErr
             "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
             params![check],
         )
-        .and_then(|_| connection.pragma_update(None, "user_version", SCHEMA_VERSION))
+        .and_then(|_| connection.pragma_update(None, "user_version", 1))
         .and_then(|_| connection.execute_batch("COMMIT"));
     if let Err(error) = result {
         let _ = connection.execute_batch("ROLLBACK");
         return Err(error.into());
     }
     Ok(())
+}
+
+/// Upgrades an older schema in place, one version per transaction; every new store goes through
+/// the same steps, so the migrations are exercised on every run.
+fn migrate(connection: &Connection) -> Result<(), StoreError> {
+    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if version < 2 {
+        connection.execute_batch(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE pending_results (
+                 id TEXT PRIMARY KEY NOT NULL,
+                 batch INTEGER NOT NULL,
+                 idx INTEGER NOT NULL,
+                 data BLOB NOT NULL);
+             CREATE INDEX pending_results_order ON pending_results (batch, idx);
+             PRAGMA user_version = 2;
+             COMMIT;",
+        )?;
+    }
+    Ok(())
+}
+
+fn meta_text(connection: &Connection, key: &str) -> Result<Option<String>, StoreError> {
+    let value: Option<Vec<u8>> = connection
+        .query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            params![key],
+            |row| row.get(0),
+        )
+        .optional()?;
+    value
+        .map(|v| {
+            String::from_utf8(v).map_err(|e| StoreError::Corrupted {
+                what: "meta value",
+                detail: e.to_string(),
+            })
+        })
+        .transpose()
+}
+
+fn meta_number(connection: &Connection, key: &str) -> Result<u64, StoreError> {
+    Ok(meta_text(connection, key)?
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_default())
+}
+
+fn result_context(id: &str) -> String {
+    format!("result:{id}")
 }
 
 fn session_context(sender_key: &str, session_id: &str) -> String {
@@ -338,6 +492,86 @@ impl CryptoStore for SqliteStore {
         Ok(at.map(|at| u64::try_from(at).unwrap_or_default()))
     }
 
+    async fn load_pending_results(&self) -> Result<Vec<StoredResult>, StoreError> {
+        let rows: Vec<(String, i64, i64, Vec<u8>)> = {
+            let connection = self.lock();
+            let mut statement = connection.prepare_cached(
+                "SELECT id, batch, idx, data FROM pending_results ORDER BY batch, idx",
+            )?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            rows
+        };
+        rows.into_iter()
+            .map(|(id, batch, index, data)| self.open_result(id, batch, index, &data))
+            .collect()
+    }
+
+    async fn pending_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError> {
+        let row: Option<(i64, i64, Vec<u8>)> = {
+            let connection = self.lock();
+            let mut statement = connection
+                .prepare_cached("SELECT batch, idx, data FROM pending_results WHERE id = ?1")?;
+            statement
+                .query_row(params![id], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })
+                .optional()?
+        };
+        row.map(|(batch, index, data)| self.open_result(id.to_owned(), batch, index, &data))
+            .transpose()
+    }
+
+    async fn sync_token(&self) -> Result<Option<String>, StoreError> {
+        meta_text(&self.lock(), "sync_token")
+    }
+
+    async fn last_batch_number(&self) -> Result<u64, StoreError> {
+        meta_number(&self.lock(), "batch_number")
+    }
+
+    async fn generation(&self) -> Result<u64, StoreError> {
+        meta_number(&self.lock(), "generation")
+    }
+
+    async fn lock_for_writing(&self) -> Result<WriteLock, StoreError> {
+        let mut lock_path = self.path.clone().into_os_string();
+        lock_path.push(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        let deadline = std::time::Instant::now() + LOCK_TIMEOUT;
+        // Polled rather than blocking, so that waiting never blocks the async runtime's thread.
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(WriteLock::file(file)),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "another process held the store's write lock for over 30 s",
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(error)) => return Err(error.into()),
+            }
+        }
+    }
+
+    async fn rekey(&self, new_key: StoreKey) -> Result<(), StoreError> {
+        SqliteStore::rekey(self, new_key)
+    }
+
+    async fn wipe(&self) -> Result<(), StoreError> {
+        SqliteStore::wipe(self)
+    }
+
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
         if changes.is_empty() {
             return Ok(());
@@ -354,6 +588,15 @@ impl CryptoStore for SqliteStore {
             .map(|s| {
                 self.seal(&s.pickle, &session_context(&s.sender_key, &s.session_id))
                     .map(|p| (s, p))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let results = changes
+            .pending_results
+            .iter()
+            .map(|r| {
+                self.seal(&r.json, &result_context(&r.id))
+                    .map(|data| (r, data))
             })
             .collect::<Result<Vec<_>, _>>()?;
 
@@ -421,6 +664,32 @@ impl CryptoStore for SqliteStore {
             for (sender_key, at) in &changes.recovery_attempts {
                 statement.execute(params![sender_key, i64::try_from(*at).unwrap_or(i64::MAX)])?;
             }
+            let mut statement = transaction.prepare_cached(
+                "INSERT OR REPLACE INTO pending_results (id, batch, idx, data) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            for (result, data) in &results {
+                statement.execute(params![
+                    result.id,
+                    i64::try_from(result.batch).unwrap_or(i64::MAX),
+                    i64::try_from(result.index).unwrap_or(i64::MAX),
+                    data
+                ])?;
+            }
+            let mut statement =
+                transaction.prepare_cached("DELETE FROM pending_results WHERE id = ?1")?;
+            for id in &changes.acknowledged {
+                statement.execute(params![id])?;
+            }
+            let mut statement = transaction
+                .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
+            if let Some(token) = &changes.sync_token {
+                statement.execute(params!["sync_token", token.as_bytes()])?;
+            }
+            if let Some(batch_number) = changes.batch_number {
+                statement.execute(params!["batch_number", batch_number.to_string().as_bytes()])?;
+            }
+            let generation = meta_number(&transaction, "generation")? + 1;
+            statement.execute(params!["generation", generation.to_string().as_bytes()])?;
             if let Some(policy_state) = &changes.policy_state {
                 transaction.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('policy_state', ?1)",

@@ -1330,6 +1330,11 @@ public func FfiConverterTypeLogSink_lower(_ value: LogSink) -> UInt64 {
 public protocol OlmMachineProtocol: AnyObject, Sendable {
     
     /**
+     * Removes handled results from the outbox; a later re-delivery is then a replay.
+     */
+    func acknowledge(ids: [String]) async throws 
+    
+    /**
      * Calls `listener` once per decryption failure, in order, on a background thread (never on
      * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
      * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
@@ -1380,6 +1385,11 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
     func markKeysAsPublished() async throws 
     
     /**
+     * Decrypted results not yet acknowledged (after a crash, hand them to the app again).
+     */
+    func pendingDecryptedEvents() async throws  -> [PendingEvent]
+    
+    /**
      * Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
      */
     func receiveKeysQueryResponse(json: String) async throws  -> UInt32
@@ -1391,9 +1401,19 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
     func receiveOneTimeKeyCount(serverCount: UInt64, fallbackKeyUnused: Bool) async throws  -> UInt32
     
     /**
+     * Like `receive_to_device_events`, committing the `/sync` `next_batch` token with the batch.
+     */
+    func receiveSync(jsonArray: String, nextBatch: String?) async throws  -> [ToDeviceResult]
+    
+    /**
      * Decrypts the `to_device.events` array (JSON) of one `/sync` response, in order.
      */
     func receiveToDeviceEvents(jsonArray: String) async throws  -> [ToDeviceResult]
+    
+    /**
+     * Re-encrypts the store with a new 32-byte key (key rotation).
+     */
+    func rekey(newStoreKey: Data) async throws 
     
     /**
      * Failure counts per name (seen, reported, suppressed per rule), decrypted counts, since
@@ -1412,9 +1432,19 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
     func setReportingPolicy(policy: ReportingPolicyFfi) async 
     
     /**
+     * The `next_batch` token committed with the last `receive_sync`: resume `/sync` from it.
+     */
+    func syncToken() async throws  -> String?
+    
+    /**
      * Our user id.
      */
     func userId()  -> String
+    
+    /**
+     * Deletes everything in the store (logout); the machine refuses every later write.
+     */
+    func wipe() async throws 
     
     /**
      * Marks a request as sent; for a keys claim, `response_json` is the server's response body.
@@ -1519,6 +1549,25 @@ public static func openSqlite(userId: String, deviceId: String, path: String, st
 }
     
 
+    
+    /**
+     * Removes handled results from the outbox; a later re-delivery is then a replay.
+     */
+open func acknowledge(ids: [String])async throws   {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_acknowledge(
+                        self.uniffiCloneHandle(),FfiConverterSequenceString.lower(ids)
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_void,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_void,
+            freeFunc: ffi_to_device_crypto_rust_future_free_void,
+            liftFunc: { $0 },
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
+}
     
     /**
      * Calls `listener` once per decryption failure, in order, on a background thread (never on
@@ -1671,6 +1720,25 @@ open func markKeysAsPublished()async throws   {
 }
     
     /**
+     * Decrypted results not yet acknowledged (after a crash, hand them to the app again).
+     */
+open func pendingDecryptedEvents()async throws  -> [PendingEvent]  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_pending_decrypted_events(
+                        self.uniffiCloneHandle()
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            freeFunc: ffi_to_device_crypto_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterSequenceTypePendingEvent.lift,
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
+}
+    
+    /**
      * Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
      */
 open func receiveKeysQueryResponse(json: String)async throws  -> UInt32  {
@@ -1710,6 +1778,25 @@ open func receiveOneTimeKeyCount(serverCount: UInt64, fallbackKeyUnused: Bool)as
 }
     
     /**
+     * Like `receive_to_device_events`, committing the `/sync` `next_batch` token with the batch.
+     */
+open func receiveSync(jsonArray: String, nextBatch: String?)async throws  -> [ToDeviceResult]  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_receive_sync(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(jsonArray),FfiConverterOptionString.lower(nextBatch)
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            freeFunc: ffi_to_device_crypto_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterSequenceTypeToDeviceResult.lift,
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
+}
+    
+    /**
      * Decrypts the `to_device.events` array (JSON) of one `/sync` response, in order.
      */
 open func receiveToDeviceEvents(jsonArray: String)async throws  -> [ToDeviceResult]  {
@@ -1724,6 +1811,25 @@ open func receiveToDeviceEvents(jsonArray: String)async throws  -> [ToDeviceResu
             completeFunc: ffi_to_device_crypto_rust_future_complete_rust_buffer,
             freeFunc: ffi_to_device_crypto_rust_future_free_rust_buffer,
             liftFunc: FfiConverterSequenceTypeToDeviceResult.lift,
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
+}
+    
+    /**
+     * Re-encrypts the store with a new 32-byte key (key rotation).
+     */
+open func rekey(newStoreKey: Data)async throws   {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_rekey(
+                        self.uniffiCloneHandle(),FfiConverterData.lower(newStoreKey)
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_void,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_void,
+            freeFunc: ffi_to_device_crypto_rust_future_free_void,
+            liftFunc: { $0 },
             errorHandler: FfiConverterTypeCryptoError_lift
         )
 }
@@ -1790,6 +1896,25 @@ open func setReportingPolicy(policy: ReportingPolicyFfi)async   {
 }
     
     /**
+     * The `next_batch` token committed with the last `receive_sync`: resume `/sync` from it.
+     */
+open func syncToken()async throws  -> String?  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_sync_token(
+                        self.uniffiCloneHandle()
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            freeFunc: ffi_to_device_crypto_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterOptionString.lift,
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
+}
+    
+    /**
      * Our user id.
      */
 open func userId() -> String  {
@@ -1799,6 +1924,25 @@ open func userId() -> String  {
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
+}
+    
+    /**
+     * Deletes everything in the store (logout); the machine refuses every later write.
+     */
+open func wipe()async throws   {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_wipe(
+                        self.uniffiCloneHandle()
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_void,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_void,
+            freeFunc: ffi_to_device_crypto_rust_future_free_void,
+            liftFunc: { $0 },
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
 }
     
     /**
@@ -1892,6 +2036,14 @@ public func FfiConverterTypeOlmMachine_lower(_ value: OlmMachine) -> UInt64 {
  */
 public struct DecryptedEvent: Equatable, Hashable {
     /**
+     * The outbox id: pass it to `acknowledge` once the event is handled.
+     */
+    public var id: String
+    /**
+     * Whether this result was delivered before and is emitted again (handle idempotently).
+     */
+    public var reEmitted: Bool
+    /**
      * The decrypted event type, e.g. `m.room_key`.
      */
     public var eventType: String
@@ -1924,6 +2076,12 @@ public struct DecryptedEvent: Equatable, Hashable {
     // declare one manually.
     public init(
         /**
+         * The outbox id: pass it to `acknowledge` once the event is handled.
+         */id: String, 
+        /**
+         * Whether this result was delivered before and is emitted again (handle idempotently).
+         */reEmitted: Bool, 
+        /**
          * The decrypted event type, e.g. `m.room_key`.
          */eventType: String, 
         /**
@@ -1944,6 +2102,8 @@ public struct DecryptedEvent: Equatable, Hashable {
         /**
          * Whether the Ed25519 key was confirmed by validly signed device keys.
          */senderDeviceVerified: Bool) {
+        self.id = id
+        self.reEmitted = reEmitted
         self.eventType = eventType
         self.contentJson = contentJson
         self.sender = sender
@@ -1969,6 +2129,8 @@ public struct FfiConverterTypeDecryptedEvent: FfiConverterRustBuffer {
     public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> DecryptedEvent {
         return
             try DecryptedEvent(
+                id: FfiConverterString.read(from: &buf), 
+                reEmitted: FfiConverterBool.read(from: &buf), 
                 eventType: FfiConverterString.read(from: &buf), 
                 contentJson: FfiConverterString.read(from: &buf), 
                 sender: FfiConverterString.read(from: &buf), 
@@ -1980,6 +2142,8 @@ public struct FfiConverterTypeDecryptedEvent: FfiConverterRustBuffer {
     }
 
     public static func write(_ value: DecryptedEvent, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.id, into: &buf)
+        FfiConverterBool.write(value.reEmitted, into: &buf)
         FfiConverterString.write(value.eventType, into: &buf)
         FfiConverterString.write(value.contentJson, into: &buf)
         FfiConverterString.write(value.sender, into: &buf)
@@ -2072,6 +2236,85 @@ public func FfiConverterTypeIdentityKeysFfi_lift(_ buf: RustBuffer) throws -> Id
 #endif
 public func FfiConverterTypeIdentityKeysFfi_lower(_ value: IdentityKeysFfi) -> RustBuffer {
     return FfiConverterTypeIdentityKeysFfi.lower(value)
+}
+
+
+/**
+ * A decrypted result still waiting for `acknowledge`.
+ */
+public struct PendingEvent: Equatable, Hashable {
+    /**
+     * The batch that produced it.
+     */
+    public var batch: UInt64
+    /**
+     * Its index in that batch.
+     */
+    public var index: UInt64
+    /**
+     * The result.
+     */
+    public var event: DecryptedEvent
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The batch that produced it.
+         */batch: UInt64, 
+        /**
+         * Its index in that batch.
+         */index: UInt64, 
+        /**
+         * The result.
+         */event: DecryptedEvent) {
+        self.batch = batch
+        self.index = index
+        self.event = event
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension PendingEvent: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypePendingEvent: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> PendingEvent {
+        return
+            try PendingEvent(
+                batch: FfiConverterUInt64.read(from: &buf), 
+                index: FfiConverterUInt64.read(from: &buf), 
+                event: FfiConverterTypeDecryptedEvent.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: PendingEvent, into buf: inout [UInt8]) {
+        FfiConverterUInt64.write(value.batch, into: &buf)
+        FfiConverterUInt64.write(value.index, into: &buf)
+        FfiConverterTypeDecryptedEvent.write(value.event, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePendingEvent_lift(_ buf: RustBuffer) throws -> PendingEvent {
+    return try FfiConverterTypePendingEvent.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypePendingEvent_lower(_ value: PendingEvent) -> RustBuffer {
+    return FfiConverterTypePendingEvent.lower(value)
 }
 
 
@@ -3196,6 +3439,56 @@ fileprivate struct FfiConverterOptionTypePosthogErrorEvent: FfiConverterRustBuff
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceString: FfiConverterRustBuffer {
+    typealias SwiftType = [String]
+
+    public static func write(_ value: [String], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterString.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [String] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [String]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterString.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypePendingEvent: FfiConverterRustBuffer {
+    typealias SwiftType = [PendingEvent]
+
+    public static func write(_ value: [PendingEvent], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypePendingEvent.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [PendingEvent] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [PendingEvent]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypePendingEvent.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypeOutgoingRequestFfi: FfiConverterRustBuffer {
     typealias SwiftType = [OutgoingRequestFfi]
 
@@ -3364,6 +3657,9 @@ private let initializationResult: InitializationResult = {
     if (uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 58370) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() != 64413) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 1983) {
         return InitializationResult.apiChecksumMismatch
     }
@@ -3391,13 +3687,22 @@ private let initializationResult: InitializationResult = {
     if (uniffi_to_device_crypto_checksum_method_olmmachine_mark_keys_as_published() != 33219) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events() != 28732) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response() != 1167) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count() != 27106) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_receive_sync() != 44666) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events() != 16502) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_rekey() != 64096) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json() != 24013) {
@@ -3409,7 +3714,13 @@ private let initializationResult: InitializationResult = {
     if (uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy() != 40143) {
         return InitializationResult.apiChecksumMismatch
     }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_sync_token() != 26394) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_user_id() != 15400) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_wipe() != 35478) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_sent() != 5057) {

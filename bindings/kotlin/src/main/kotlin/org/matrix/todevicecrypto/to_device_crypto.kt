@@ -740,6 +740,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event(
@@ -758,11 +760,17 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_mark_keys_as_published(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_receive_sync(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_rekey(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json(
     ): Int
@@ -770,7 +778,11 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_sync_token(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_user_id(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_wipe(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_sent(
     ): Int
@@ -836,6 +848,8 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite(`userId`: RustBuffer.ByValue,`deviceId`: RustBuffer.ByValue,`path`: RustBuffer.ByValue,`storeKey`: RustBuffer.ByValue,
     ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_acknowledge(`ptr`: Long,`ids`: RustBuffer.ByValue,
+    ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_add_decryption_failure_listener(`ptr`: Long,`listener`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_decrypt_to_device_event(`ptr`: Long,`json`: RustBuffer.ByValue,
@@ -854,11 +868,17 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_mark_keys_as_published(`ptr`: Long,
     ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_pending_decrypted_events(`ptr`: Long,
+    ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query_response(`ptr`: Long,`json`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_receive_one_time_key_count(`ptr`: Long,`serverCount`: Long,`fallbackKeyUnused`: Byte,
     ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_receive_sync(`ptr`: Long,`jsonArray`: RustBuffer.ByValue,`nextBatch`: RustBuffer.ByValue,
+    ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_receive_to_device_events(`ptr`: Long,`jsonArray`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_rekey(`ptr`: Long,`newStoreKey`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_reporting_stats_json(`ptr`: Long,
     ): Long
@@ -866,8 +886,12 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_set_reporting_policy(`ptr`: Long,`policy`: RustBuffer.ByValue,
     ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_sync_token(`ptr`: Long,
+    ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_user_id(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_wipe(`ptr`: Long,
+    ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_mark_request_as_sent(`ptr`: Long,`requestId`: RustBuffer.ByValue,`responseJson`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests(`ptr`: Long,
@@ -1019,6 +1043,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() and 0xFFFF) != 58370) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() and 0xFFFF) != 64413) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() and 0xFFFF) != 1983) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
@@ -1046,13 +1073,22 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_mark_keys_as_published() and 0xFFFF) != 33219) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events() and 0xFFFF) != 28732) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response() and 0xFFFF) != 1167) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count() and 0xFFFF) != 27106) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_sync() and 0xFFFF) != 44666) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_to_device_events() and 0xFFFF) != 16502) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_rekey() and 0xFFFF) != 64096) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_reporting_stats_json() and 0xFFFF) != 24013) {
@@ -1064,7 +1100,13 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_set_reporting_policy() and 0xFFFF) != 40143) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_sync_token() and 0xFFFF) != 26394) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_user_id() and 0xFFFF) != 15400) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_wipe() and 0xFFFF) != 35478) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_mark_request_as_sent() and 0xFFFF) != 5057) {
@@ -2797,6 +2839,11 @@ public object FfiConverterTypeLogSink: FfiConverter<LogSink, Long> {
 public interface OlmMachineInterface {
     
     /**
+     * Removes handled results from the outbox; a later re-delivery is then a replay.
+     */
+    suspend fun `acknowledge`(`ids`: List<kotlin.String>)
+    
+    /**
      * Calls `listener` once per decryption failure, in order, on a background thread (never on
      * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
      * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
@@ -2847,6 +2894,11 @@ public interface OlmMachineInterface {
     suspend fun `markKeysAsPublished`()
     
     /**
+     * Decrypted results not yet acknowledged (after a crash, hand them to the app again).
+     */
+    suspend fun `pendingDecryptedEvents`(): List<PendingEvent>
+    
+    /**
      * Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
      */
     suspend fun `receiveKeysQueryResponse`(`json`: kotlin.String): kotlin.UInt
@@ -2858,9 +2910,19 @@ public interface OlmMachineInterface {
     suspend fun `receiveOneTimeKeyCount`(`serverCount`: kotlin.ULong, `fallbackKeyUnused`: kotlin.Boolean): kotlin.UInt
     
     /**
+     * Like `receive_to_device_events`, committing the `/sync` `next_batch` token with the batch.
+     */
+    suspend fun `receiveSync`(`jsonArray`: kotlin.String, `nextBatch`: kotlin.String?): List<ToDeviceResult>
+    
+    /**
      * Decrypts the `to_device.events` array (JSON) of one `/sync` response, in order.
      */
     suspend fun `receiveToDeviceEvents`(`jsonArray`: kotlin.String): List<ToDeviceResult>
+    
+    /**
+     * Re-encrypts the store with a new 32-byte key (key rotation).
+     */
+    suspend fun `rekey`(`newStoreKey`: kotlin.ByteArray)
     
     /**
      * Failure counts per name (seen, reported, suppressed per rule), decrypted counts, since
@@ -2879,9 +2941,19 @@ public interface OlmMachineInterface {
     suspend fun `setReportingPolicy`(`policy`: ReportingPolicyFfi)
     
     /**
+     * The `next_batch` token committed with the last `receive_sync`: resume `/sync` from it.
+     */
+    suspend fun `syncToken`(): kotlin.String?
+    
+    /**
      * Our user id.
      */
     fun `userId`(): kotlin.String
+    
+    /**
+     * Deletes everything in the store (logout); the machine refuses every later write.
+     */
+    suspend fun `wipe`()
     
     /**
      * Marks a request as sent; for a keys claim, `response_json` is the server's response body.
@@ -2998,6 +3070,32 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
         return uniffiRustCall() { status ->
             UniffiLib.uniffi_to_device_crypto_fn_clone_olmmachine(handle, status)
         }
+    }
+
+    
+    /**
+     * Removes handled results from the outbox; a later re-delivery is then a replay.
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `acknowledge`(`ids`: List<kotlin.String>) {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_acknowledge(
+                uniffiHandle,
+                
+        FfiConverterSequenceString.lower(`ids`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_void(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_void(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_void(future) },
+        // lift function
+        { },
+        
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
     }
 
     
@@ -3197,6 +3295,30 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
 
     
     /**
+     * Decrypted results not yet acknowledged (after a crash, hand them to the app again).
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `pendingDecryptedEvents`() : List<PendingEvent> {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_pending_decrypted_events(
+                uniffiHandle,
+                
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterSequenceTypePendingEvent.lift(it) },
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
+
+    
+    /**
      * Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
      */
     @Throws(CryptoException::class)
@@ -3249,6 +3371,32 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
 
     
     /**
+     * Like `receive_to_device_events`, committing the `/sync` `next_batch` token with the batch.
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `receiveSync`(`jsonArray`: kotlin.String, `nextBatch`: kotlin.String?) : List<ToDeviceResult> {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_sync(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`jsonArray`),
+        FfiConverterOptionalString.lower(`nextBatch`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterSequenceTypeToDeviceResult.lift(it) },
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
+
+    
+    /**
      * Decrypts the `to_device.events` array (JSON) of one `/sync` response, in order.
      */
     @Throws(CryptoException::class)
@@ -3267,6 +3415,32 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
         { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer(future) },
         // lift function
         { FfiConverterSequenceTypeToDeviceResult.lift(it) },
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Re-encrypts the store with a new 32-byte key (key rotation).
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `rekey`(`newStoreKey`: kotlin.ByteArray) {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_rekey(
+                uniffiHandle,
+                
+        FfiConverterByteArray.lower(`newStoreKey`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_void(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_void(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_void(future) },
+        // lift function
+        { },
+        
         // Error FFI converter
         CryptoException.ErrorHandler,
     )
@@ -3348,6 +3522,30 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
 
     
     /**
+     * The `next_batch` token committed with the last `receive_sync`: resume `/sync` from it.
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `syncToken`() : kotlin.String? {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_sync_token(
+                uniffiHandle,
+                
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterOptionalString.lift(it) },
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
+
+    
+    /**
      * Our user id.
      */override fun `userId`(): kotlin.String {
             return FfiConverterString.lift(
@@ -3361,6 +3559,31 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
     )
     }
     
+
+    
+    /**
+     * Deletes everything in the store (logout); the machine refuses every later write.
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `wipe`() {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_wipe(
+                uniffiHandle,
+                
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_void(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_void(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_void(future) },
+        // lift function
+        { },
+        
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
 
     
     /**
@@ -3501,6 +3724,16 @@ public object FfiConverterTypeOlmMachine: FfiConverter<OlmMachine, Long> {
  */
 data class DecryptedEvent (
     /**
+     * The outbox id: pass it to `acknowledge` once the event is handled.
+     */
+    var `id`: kotlin.String
+    , 
+    /**
+     * Whether this result was delivered before and is emitted again (handle idempotently).
+     */
+    var `reEmitted`: kotlin.Boolean
+    , 
+    /**
      * The decrypted event type, e.g. `m.room_key`.
      */
     var `eventType`: kotlin.String
@@ -3551,6 +3784,8 @@ public object FfiConverterTypeDecryptedEvent: FfiConverterRustBuffer<DecryptedEv
     override fun read(buf: ByteBuffer): DecryptedEvent {
         return DecryptedEvent(
             FfiConverterString.read(buf),
+            FfiConverterBoolean.read(buf),
+            FfiConverterString.read(buf),
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
             FfiConverterString.read(buf),
@@ -3561,6 +3796,8 @@ public object FfiConverterTypeDecryptedEvent: FfiConverterRustBuffer<DecryptedEv
     }
 
     override fun allocationSize(value: DecryptedEvent) = (
+            FfiConverterString.allocationSize(value.`id`) +
+            FfiConverterBoolean.allocationSize(value.`reEmitted`) +
             FfiConverterString.allocationSize(value.`eventType`) +
             FfiConverterString.allocationSize(value.`contentJson`) +
             FfiConverterString.allocationSize(value.`sender`) +
@@ -3571,6 +3808,8 @@ public object FfiConverterTypeDecryptedEvent: FfiConverterRustBuffer<DecryptedEv
     )
 
     override fun write(value: DecryptedEvent, buf: ByteBuffer) {
+            FfiConverterString.write(value.`id`, buf)
+            FfiConverterBoolean.write(value.`reEmitted`, buf)
             FfiConverterString.write(value.`eventType`, buf)
             FfiConverterString.write(value.`contentJson`, buf)
             FfiConverterString.write(value.`sender`, buf)
@@ -3625,6 +3864,61 @@ public object FfiConverterTypeIdentityKeysFfi: FfiConverterRustBuffer<IdentityKe
     override fun write(value: IdentityKeysFfi, buf: ByteBuffer) {
             FfiConverterString.write(value.`curve25519`, buf)
             FfiConverterString.write(value.`ed25519`, buf)
+    }
+}
+
+
+
+/**
+ * A decrypted result still waiting for `acknowledge`.
+ */
+data class PendingEvent (
+    /**
+     * The batch that produced it.
+     */
+    var `batch`: kotlin.ULong
+    , 
+    /**
+     * Its index in that batch.
+     */
+    var `index`: kotlin.ULong
+    , 
+    /**
+     * The result.
+     */
+    var `event`: DecryptedEvent
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypePendingEvent: FfiConverterRustBuffer<PendingEvent> {
+    override fun read(buf: ByteBuffer): PendingEvent {
+        return PendingEvent(
+            FfiConverterULong.read(buf),
+            FfiConverterULong.read(buf),
+            FfiConverterTypeDecryptedEvent.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: PendingEvent) = (
+            FfiConverterULong.allocationSize(value.`batch`) +
+            FfiConverterULong.allocationSize(value.`index`) +
+            FfiConverterTypeDecryptedEvent.allocationSize(value.`event`)
+    )
+
+    override fun write(value: PendingEvent, buf: ByteBuffer) {
+            FfiConverterULong.write(value.`batch`, buf)
+            FfiConverterULong.write(value.`index`, buf)
+            FfiConverterTypeDecryptedEvent.write(value.`event`, buf)
     }
 }
 
@@ -4549,6 +4843,62 @@ public object FfiConverterOptionalTypePosthogErrorEvent: FfiConverterRustBuffer<
         } else {
             buf.put(1)
             FfiConverterTypePosthogErrorEvent.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceString: FfiConverterRustBuffer<List<kotlin.String>> {
+    override fun read(buf: ByteBuffer): List<kotlin.String> {
+        val len = buf.getInt()
+        return List<kotlin.String>(len) {
+            FfiConverterString.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<kotlin.String>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterString.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<kotlin.String>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterString.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypePendingEvent: FfiConverterRustBuffer<List<PendingEvent>> {
+    override fun read(buf: ByteBuffer): List<PendingEvent> {
+        val len = buf.getInt()
+        return List<PendingEvent>(len) {
+            FfiConverterTypePendingEvent.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<PendingEvent>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypePendingEvent.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<PendingEvent>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypePendingEvent.write(it, buf)
         }
     }
 }

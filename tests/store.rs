@@ -1,0 +1,178 @@
+//! The SQLite store: schema migration, newer and corrupted files, key rotation, wipe, the sync
+//! token and the outbox across a restart.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::*;
+use serde_json::json;
+use to_device_crypto::simulator::SimulatedDevice;
+use to_device_crypto::store::{SqliteStore, Synchronous};
+use to_device_crypto::{OlmMachine, StoreError, StoreKey};
+
+async fn open(path: &Path, key: &StoreKey) -> OlmMachine {
+    let store = SqliteStore::open(path, key.clone(), Synchronous::Normal).unwrap();
+    OlmMachine::open(BOB, "BOBPHONE", Arc::new(store))
+        .await
+        .unwrap()
+}
+
+fn user_version(path: &Path) -> i64 {
+    let connection = rusqlite::Connection::open(path).unwrap();
+    connection
+        .query_row("PRAGMA user_version", [], |row| row.get(0))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_version_1_store_is_migrated_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let key = StoreKey::generate().unwrap();
+    let identity = open(&path, &key).await.identity_keys();
+    // Turn it into what version 1 wrote: no outbox table.
+    {
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        connection
+            .execute_batch("DROP TABLE pending_results; PRAGMA user_version = 1;")
+            .unwrap();
+    }
+    assert_eq!(user_version(&path), 1);
+    let bob = open(&path, &key).await;
+    assert_eq!(user_version(&path), 2);
+    assert_eq!(
+        bob.identity_keys(),
+        identity,
+        "the account survived the migration"
+    );
+    let keys = publish(&bob, 1).await;
+    let mut alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
+    let to_bob = alice.create_session(&keys, None);
+    let event = alice.encrypt(&to_bob, "m.room_key", json!({}));
+    bob.decrypt_to_device_event(&event.to_string())
+        .await
+        .unwrap();
+    assert_eq!(
+        bob.pending_decrypted_events().await.unwrap().len(),
+        1,
+        "the new table works"
+    );
+}
+
+#[tokio::test]
+async fn newer_and_corrupted_files_are_refused_clearly_and_left_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::generate().unwrap();
+    let newer = dir.path().join("newer.sqlite3");
+    open(&newer, &key).await;
+    rusqlite::Connection::open(&newer)
+        .unwrap()
+        .execute_batch("PRAGMA user_version = 99;")
+        .unwrap();
+    let before = std::fs::read(&newer).unwrap();
+    let error = SqliteStore::open(&newer, key.clone(), Synchronous::Normal).unwrap_err();
+    assert!(
+        matches!(
+            error,
+            StoreError::NewerSchema {
+                found: 99,
+                supported: 2
+            }
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("newer"));
+    assert_eq!(std::fs::read(&newer).unwrap(), before);
+
+    let corrupted = dir.path().join("corrupted.sqlite3");
+    std::fs::write(
+        &corrupted,
+        b"this is not a database, it is a shopping list".repeat(100),
+    )
+    .unwrap();
+    let before = std::fs::read(&corrupted).unwrap();
+    let error = SqliteStore::open(&corrupted, key, Synchronous::Normal).unwrap_err();
+    assert!(matches!(error, StoreError::Corrupted { .. }), "{error}");
+    assert!(
+        error.to_string().contains("not a SQLite database"),
+        "{error}"
+    );
+    assert_eq!(std::fs::read(&corrupted).unwrap(), before);
+}
+
+#[tokio::test]
+async fn rekey_re_encrypts_everything_and_wipe_deletes_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let old_key = StoreKey::generate().unwrap();
+    let new_key = StoreKey::generate().unwrap();
+    let bob = open(&path, &old_key).await;
+    let identity = bob.identity_keys();
+    let keys = publish(&bob, 1).await;
+    let mut alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
+    let to_bob = alice.create_session(&keys, None);
+    let first = alice.encrypt(&to_bob, "m.room_key", json!({"n": 1}));
+    bob.decrypt_to_device_event(&first.to_string())
+        .await
+        .unwrap();
+    bob.rekey_store(new_key.clone()).await.unwrap();
+    drop(bob);
+
+    let error = SqliteStore::open(&path, old_key, Synchronous::Normal).unwrap_err();
+    assert!(matches!(error, StoreError::WrongStoreKey));
+    let bob = open(&path, &new_key).await;
+    assert_eq!(bob.identity_keys(), identity);
+    assert_eq!(
+        bob.pending_decrypted_events().await.unwrap()[0]
+            .event
+            .content["n"],
+        1
+    );
+    let second = alice.encrypt(&to_bob, "m.room_key", json!({"n": 2}));
+    bob.decrypt_to_device_event(&second.to_string())
+        .await
+        .unwrap();
+
+    bob.wipe().await.unwrap();
+    let third = alice.encrypt(&to_bob, "m.room_key", json!({"n": 3}));
+    assert!(bob
+        .decrypt_to_device_event(&third.to_string())
+        .await
+        .is_err());
+    drop(bob);
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    for table in [
+        "account",
+        "sessions",
+        "message_hashes",
+        "pending_results",
+        "devices",
+    ] {
+        let rows: i64 = connection
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| {
+                row.get(0)
+            })
+            .unwrap();
+        assert_eq!(rows, 0, "{table} still has rows");
+    }
+}
+
+#[tokio::test]
+async fn the_sync_token_commits_with_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let key = StoreKey::generate().unwrap();
+    let bob = open(&path, &key).await;
+    assert_eq!(bob.sync_token().await.unwrap(), None);
+    bob.receive_sync(&["not json"], Some("s72594_4483_1934"))
+        .await
+        .unwrap();
+    drop(bob);
+    let bob = open(&path, &key).await;
+    assert_eq!(
+        bob.sync_token().await.unwrap().as_deref(),
+        Some("s72594_4483_1934")
+    );
+}
