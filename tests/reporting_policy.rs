@@ -255,15 +255,25 @@ async fn blocked_and_panicking_listeners_disturb_neither_decryption_nor_each_oth
             .await
             .unwrap();
         assert_eq!(results.len(), 100, "decryption results are unaffected");
+        // Paced like /sync batches: a healthy listener keeps up (its queue holds 256), whatever
+        // the blocked one does.
+        let expected = (chunk + 1) * 100;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while collecting.0.lock().unwrap().len() < expected && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
-    // The healthy listener gets every payload, in order; the blocked one got almost none, and its
+    // The healthy listener got every payload, in order; the blocked one got almost none, and its
     // bounded queue dropped the oldest at once (counted), so memory stayed bounded.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while collecting.0.lock().unwrap().len() < total && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let collected = collecting.0.lock().unwrap().len();
-    assert_eq!(collected, total);
+    let collected: Vec<String> = collecting
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.json.clone())
+        .collect();
+    assert_eq!(collected.len(), total);
     let stats: serde_json::Value =
         serde_json::from_str(&machine.reporting_stats_json().await).unwrap();
     let drops = stats["listener_drops"].as_u64().unwrap();
