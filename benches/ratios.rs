@@ -14,7 +14,7 @@ use to_device_crypto::simulator::{
     publish_machine_keys, recipient_of, tamper_with_body, Recipient, SimulatedDevice,
 };
 use to_device_crypto::store::{SqliteStore, Synchronous};
-use to_device_crypto::{MemoryStore, OlmMachine, StoreKey, ToDeviceOutcome};
+use to_device_crypto::{ffi, MemoryStore, OlmMachine, StoreKey, ToDeviceOutcome};
 use vodozemac::olm::{Account, SessionConfig};
 
 const BOB: &str = "@bob:example.org";
@@ -280,6 +280,29 @@ fn main() {
         target: "<= 1.05",
     });
 
+    // 4b: the same through the FFI adapter, with a foreign-style listener that blocks.
+    let (with, without) = rt.block_on(ffi_failure_path());
+    rows.push(Row {
+        name: "4b same over FFI, listener blocked / no listener",
+        ours: per_event(with, BATCH),
+        baseline: per_event(without, BATCH),
+        target: "<= 1.05",
+    });
+
+    // 6: cost per event with 10 … 10,000 sessions in the (SQLite) store: must stay flat.
+    for (sessions, per_event_us, base_us) in rt.block_on(scale(dir.path())) {
+        rows.push(Row {
+            name: match sessions {
+                100 => "6 SQLite batch, 100 sessions in store / 10 sessions",
+                1_000 => "6 SQLite batch, 1,000 sessions in store / 10 sessions",
+                _ => "6 SQLite batch, 10,000 sessions in store / 10 sessions",
+            },
+            ours: per_event_us,
+            baseline: base_us,
+            target: "flat (~1.0)",
+        });
+    }
+
     println!(
         "{:<62} {:>10} {:>10} {:>7}  target",
         "row (median per event)", "ours µs", "base µs", "ratio"
@@ -294,4 +317,127 @@ fn main() {
             row.target
         );
     }
+}
+
+struct Blocked;
+
+impl ffi::DecryptionFailureListener for Blocked {
+    fn on_decryption_failure(&self, _: ffi::PosthogErrorEvent) {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Per-batch medians of 100 SessionWedged messages through the FFI machine, with a blocked
+/// listener attached and without one.
+async fn ffi_failure_path() -> (Duration, Duration) {
+    let every_message = ffi::ReportingPolicyFfi {
+        analytics_enabled: true,
+        suppression_window_secs: 0,
+        max_events_per_minute: None,
+    };
+    let mut times = Vec::new();
+    for blocked in [true, false] {
+        let bob = ffi::OlmMachine::open_in_memory(BOB.into(), "FFI".into())
+            .await
+            .unwrap();
+        bob.set_reporting_policy(every_message).await;
+        bob.generate_one_time_keys(SENDERS as u32).await.unwrap();
+        let keys = parse_keys_upload_body(
+            &serde_json::from_str(&bob.keys_for_upload().await.unwrap()).unwrap(),
+        )
+        .unwrap();
+        let to_bob = Recipient::from_device(&keys.device);
+        let mut senders: Vec<SimulatedDevice> = (0..SENDERS)
+            .map(|i| {
+                let mut sender = SimulatedDevice::new(&format!("@ffi{i}:example.org"), "DEV");
+                sender.create_session(&keys, Some(keys.one_time_keys[i].key));
+                sender
+            })
+            .collect();
+        let first: Vec<Value> = senders
+            .iter_mut()
+            .map(|s| s.encrypt(&to_bob, "m.dummy", json!({})))
+            .collect();
+        bob.receive_to_device_events(Value::Array(first).to_string())
+            .await
+            .unwrap();
+        let _handle = blocked.then(|| bob.add_decryption_failure_listener(Arc::new(Blocked)));
+        let mut samples = Vec::new();
+        for _ in 0..ROUNDS {
+            let batch: Vec<Value> = (0..BATCH)
+                .map(|i| {
+                    tamper_with_body(senders[i % SENDERS].encrypt(
+                        &to_bob,
+                        "m.room_key",
+                        room_key(i),
+                    ))
+                })
+                .collect();
+            let json = Value::Array(batch).to_string();
+            let start = Instant::now();
+            let results = bob.receive_to_device_events(json).await.unwrap();
+            samples.push(start.elapsed());
+            assert_eq!(results.len(), BATCH);
+        }
+        times.push(median(samples));
+    }
+    (times[0], times[1])
+}
+
+/// Per-event medians of batches of 100 normal messages on SQLite while the store holds
+/// 10, 100, 1,000 and 10,000 sessions (fillers from other senders).
+async fn scale(dir: &std::path::Path) -> Vec<(usize, f64, f64)> {
+    let store = SqliteStore::open(
+        dir.join("scale.sqlite3"),
+        StoreKey::generate().unwrap(),
+        Synchronous::Normal,
+    )
+    .unwrap();
+    let bob = OlmMachine::open(BOB, "SCALE", Arc::new(store))
+        .await
+        .unwrap();
+    let (mut senders, to_bob) = senders_for(&bob).await;
+    let mut sessions = SENDERS;
+    let mut results = Vec::new();
+    let mut base = 0.0;
+    for target in [10, 100, 1_000, 10_000] {
+        while sessions < target {
+            let count = (target - sessions).min(50);
+            let keys = publish(&bob, count).await;
+            let fillers: Vec<String> = keys
+                .one_time_keys
+                .iter()
+                .take(count)
+                .enumerate()
+                .map(|(i, key)| {
+                    let mut filler =
+                        SimulatedDevice::new(&format!("@filler{}:example.org", sessions + i), "F");
+                    filler.create_session(&keys, Some(key.key));
+                    filler.encrypt(&to_bob, "m.dummy", json!({})).to_string()
+                })
+                .collect();
+            let outcomes = bob.receive_to_device_events(&fillers).await.unwrap();
+            let ids: Vec<String> = outcomes
+                .iter()
+                .filter_map(|o| match o {
+                    ToDeviceOutcome::Decrypted(event) => Some(event.id.clone()),
+                    _ => None,
+                })
+                .collect();
+            bob.acknowledge(&ids).await.unwrap();
+            sessions += count;
+        }
+        let mut samples = Vec::new();
+        for _ in 0..ROUNDS / 2 {
+            let batch = batch_for(&mut senders, &to_bob, |e| e);
+            samples.push(time_batch(&bob, &batch, true).await);
+        }
+        let us = per_event(median(samples), BATCH);
+        if target == 10 {
+            base = us;
+        } else {
+            results.push((target, us, base));
+        }
+    }
+    results
 }

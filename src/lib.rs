@@ -21,6 +21,7 @@
 uniffi::setup_scaffolding!();
 
 pub mod analytics;
+pub mod encoding;
 pub mod error;
 pub mod fail_point;
 pub mod ffi;

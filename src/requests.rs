@@ -55,7 +55,7 @@ pub(crate) fn new_id() -> String {
             .unwrap_or_default();
         bytes.copy_from_slice(&nanos.to_le_bytes()[..12]);
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::encoding::to_hex(&bytes)
 }
 
 /// Why a request could not be marked as sent.

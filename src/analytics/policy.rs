@@ -189,10 +189,7 @@ fn window_key(key: &FailureKey<'_>) -> String {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
     }
-    hasher.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::encoding::to_hex(&hasher.finalize()[..16])
 }
 
 impl PolicyState {

@@ -189,7 +189,8 @@ struct BatchChanges {
     batch_number: Option<u64>,
     sync_token: Option<String>,
     pending_results: Vec<StoredResult>,
-    decrypted_in_batch: HashMap<MessageHash, DecryptedToDeviceEvent>,
+    /// Index into `pending_results` of each message decrypted in this batch.
+    decrypted_in_batch: HashMap<MessageHash, usize>,
 }
 
 fn now_millis() -> u64 {
@@ -772,11 +773,12 @@ impl OlmMachine {
         };
         // A message decrypted before is re-emitted while its result is pending (not yet
         // acknowledged), and a replay once it was acknowledged (or never accepted).
-        if let Some(event) = batch.decrypted_in_batch.get(&envelope.message_hash) {
-            return Ok(Some(DecryptedToDeviceEvent {
-                re_emitted: true,
-                ..event.clone()
-            }));
+        if let Some(&position) = batch.decrypted_in_batch.get(&envelope.message_hash) {
+            let mut event: DecryptedToDeviceEvent =
+                serde_json::from_str(&batch.pending_results[position].json)
+                    .map_err(corrupted("decrypted result"))?;
+            event.re_emitted = true;
+            return Ok(Some(event));
         }
         if batch.seen_hashes.contains(&envelope.message_hash)
             || self
@@ -842,15 +844,15 @@ impl OlmMachine {
             sender_device_id: accepted.sender_device_id,
             sender_device_verified: accepted.sender_device_verified,
         };
+        batch
+            .decrypted_in_batch
+            .insert(envelope.message_hash, batch.pending_results.len());
         batch.pending_results.push(StoredResult {
             id: event.id.clone(),
             batch: batch.batch_number.unwrap_or_default(),
             index: index as u64,
             json: serde_json::to_string(&event).map_err(corrupted("decrypted result"))?,
         });
-        batch
-            .decrypted_in_batch
-            .insert(envelope.message_hash, event.clone());
         Ok(Some(event))
     }
 
@@ -1171,7 +1173,7 @@ const UNDECIDED: AnalyticsDecision = AnalyticsDecision::Suppressed(SuppressionRu
 
 /// The outbox id of a decrypted message.
 fn result_id(hash: &MessageHash) -> String {
-    hash.to_hex()[..32].to_owned()
+    crate::encoding::to_hex(&hash.0[..16])
 }
 
 fn failure_mark(facts: &EnvelopeFacts, reason: FailureReason, raw: &str) -> MessageHash {

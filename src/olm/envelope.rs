@@ -73,7 +73,7 @@ impl MessageHash {
 
     /// Lower-case hex, for logs and the CLI.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        crate::encoding::to_hex(&self.0)
     }
 }
 

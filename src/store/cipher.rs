@@ -48,7 +48,7 @@ impl StoreKey {
 
     /// The key as 64 lower-case hex digits.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        crate::encoding::to_hex(&self.0)
     }
 
     /// Encrypts `plaintext`; `context` (e.g. the row a value belongs to) is authenticated, so a

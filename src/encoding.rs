@@ -1,0 +1,17 @@
+//! Lower-case hex encoding for ids, hashes and key files.
+
+/// `bytes` as lower-case hex, without the per-byte formatting and allocation of `format!`
+/// (this runs once per decrypted message, for the outbox id).
+///
+/// ```
+/// assert_eq!(to_device_crypto::encoding::to_hex(&[0x00, 0xab, 0x7f]), "00ab7f");
+/// ```
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+    }
+    out
+}
