@@ -7,14 +7,14 @@
 //! re-emission (`"pending": true`), and no session ever breaks (no SessionWedged, MissingSession,
 //! UnknownOneTimeKey or SessionCreation).
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use to_device_crypto::olm::device_keys::parse_keys_upload_body;
-use to_device_crypto::simulator::{Recipient, SimulatedDevice};
 
 const BIN: &str = env!("CARGO_BIN_EXE_to-device-crypto");
 const SENDERS: usize = 4;
@@ -109,29 +109,7 @@ fn killed_at_random_points_and_at_fail_points_no_message_is_lost_and_no_session_
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("bob");
-    let keys = Command::new(BIN)
-        .args([
-            "keys",
-            "--store",
-            store.to_str().unwrap(),
-            "--user-id",
-            "@bob:example.org",
-            "--device-id",
-            "BOBPHONE",
-        ])
-        .output()
-        .unwrap();
-    assert!(keys.status.success());
-    let bob_keys = parse_keys_upload_body(&serde_json::from_slice(&keys.stdout).unwrap()).unwrap();
-    let to_bob = Recipient::from_device(&bob_keys.device);
-    let mut senders: Vec<SimulatedDevice> = (0..SENDERS)
-        .map(|i| {
-            let mut sender =
-                SimulatedDevice::new(&format!("@sender{i}:example.org"), &format!("DEV{i}"));
-            sender.create_session(&bob_keys, Some(bob_keys.one_time_keys[i].key));
-            sender
-        })
-        .collect();
+    let (to_bob, mut senders) = common::cli_bob_with_senders(BIN, &store, SENDERS);
 
     let mut rng = Rng(0x5eed_1234_abcd_9876);
     let mut tally = Tally::default();

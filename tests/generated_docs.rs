@@ -13,17 +13,24 @@ fn bless() -> bool {
     std::env::var_os("TDC_BLESS").is_some()
 }
 
-#[test]
-fn committed_json_schema_is_fresh() {
-    let path = format!("{ROOT}/schemas/to-device-error-event.schema.json");
-    let expected = payload_json_schema_text();
+/// Fails when the committed file at `relative` differs from `expected` (rewrites it when blessing).
+fn assert_committed_file_is_fresh(relative: &str, expected: &str) {
+    let path = format!("{ROOT}/{relative}");
     if bless() {
-        std::fs::write(&path, &expected).unwrap();
+        std::fs::write(&path, expected).unwrap();
     }
     let committed = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         committed == expected,
         "{path} is stale: run `TDC_BLESS=1 cargo test --test generated_docs`"
+    );
+}
+
+#[test]
+fn committed_json_schema_is_fresh() {
+    assert_committed_file_is_fresh(
+        "schemas/to-device-error-event.schema.json",
+        &payload_json_schema_text(),
     );
 }
 
@@ -53,14 +60,8 @@ fn readme_failure_table_is_fresh() {
 
 #[test]
 fn committed_upstream_schema_proposal_is_fresh() {
-    let path = format!("{ROOT}/docs/analytics-schema.md");
-    let expected = upstream_schema_proposal_markdown();
-    if bless() {
-        std::fs::write(&path, &expected).unwrap();
-    }
-    let committed = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        committed == expected,
-        "{path} is stale: run `TDC_BLESS=1 cargo test --test generated_docs`"
+    assert_committed_file_is_fresh(
+        "docs/analytics-schema.md",
+        &upstream_schema_proposal_markdown(),
     );
 }

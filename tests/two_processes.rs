@@ -2,12 +2,13 @@
 //! batches for the same device. The cross-process lock and the generation counter make each
 //! process reload state another process wrote, so no ratchet step is lost and no session breaks.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use to_device_crypto::olm::device_keys::parse_keys_upload_body;
 use to_device_crypto::simulator::{publish_machine_keys, recipient_of, Recipient, SimulatedDevice};
 use to_device_crypto::store::{SqliteStore, Synchronous};
 use to_device_crypto::{OlmMachine, StoreKey, ToDeviceOutcome};
@@ -103,28 +104,7 @@ fn decrypt_process(store: &Path, input: &Path) -> std::process::Child {
 fn two_real_processes_decrypt_interleaved_batches_for_the_same_device() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("bob");
-    let keys = Command::new(BIN)
-        .args([
-            "keys",
-            "--store",
-            store.to_str().unwrap(),
-            "--user-id",
-            "@bob:example.org",
-            "--device-id",
-            "BOBPHONE",
-        ])
-        .output()
-        .unwrap();
-    assert!(keys.status.success());
-    let bob_keys = parse_keys_upload_body(&serde_json::from_slice(&keys.stdout).unwrap()).unwrap();
-    let to_bob = Recipient::from_device(&bob_keys.device);
-    let mut senders: Vec<SimulatedDevice> = (0..4)
-        .map(|i| {
-            let mut sender = SimulatedDevice::new(&format!("@s{i}:example.org"), "DEV");
-            sender.create_session(&bob_keys, Some(bob_keys.one_time_keys[i].key));
-            sender
-        })
-        .collect();
+    let (to_bob, mut senders) = common::cli_bob_with_senders(BIN, &store, 4);
     let mut delivered = std::collections::BTreeSet::new();
     let mut seq = 0;
     for round in 0..10 {

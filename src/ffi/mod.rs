@@ -68,15 +68,8 @@ impl OlmMachine {
         path: String,
         store_key: Vec<u8>,
     ) -> Result<Arc<Self>, CryptoError> {
-        let bytes: [u8; 32] =
-            store_key
-                .as_slice()
-                .try_into()
-                .map_err(|_| CryptoError::InvalidStoreKey {
-                    length: store_key.len() as u64,
-                })?;
         let inner =
-            CoreMachine::with_sqlite(&user_id, &device_id, path, StoreKey::from_bytes(bytes))
+            CoreMachine::with_sqlite(&user_id, &device_id, path, store_key_from(&store_key)?)
                 .await?;
         Ok(Arc::new(Self {
             inner: Arc::new(inner),
@@ -233,14 +226,10 @@ impl OlmMachine {
 
     /// Re-encrypts the store with a new 32-byte key (key rotation).
     pub async fn rekey(&self, new_store_key: Vec<u8>) -> Result<(), CryptoError> {
-        let bytes: [u8; 32] =
-            new_store_key
-                .as_slice()
-                .try_into()
-                .map_err(|_| CryptoError::InvalidStoreKey {
-                    length: new_store_key.len() as u64,
-                })?;
-        Ok(self.inner.rekey_store(StoreKey::from_bytes(bytes)).await?)
+        Ok(self
+            .inner
+            .rekey_store(store_key_from(&new_store_key)?)
+            .await?)
     }
 
     /// Deletes everything in the store (logout); the machine refuses every later write.
@@ -317,6 +306,14 @@ impl OlmMachine {
             missed: AtomicU64::new(0),
         })
     }
+}
+
+/// A store key from the app's bytes, which must be exactly 32.
+fn store_key_from(bytes: &[u8]) -> Result<StoreKey, CryptoError> {
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| CryptoError::InvalidStoreKey {
+        length: bytes.len() as u64,
+    })?;
+    Ok(StoreKey::from_bytes(bytes))
 }
 
 fn saturating_u32(n: usize) -> u32 {

@@ -95,3 +95,43 @@ pub fn assert_schema_valid(validator: &jsonschema::Validator, payload: &str) {
         "{payload} is not schema-valid: {errors:?}"
     );
 }
+
+/// Creates Bob's device in a CLI store (`to-device-crypto keys` in its own process) and `senders`
+/// simulated devices with a session to it, each on its own one-time key.
+pub fn cli_bob_with_senders(
+    bin: &str,
+    store: &std::path::Path,
+    senders: usize,
+) -> (Recipient, Vec<SimulatedDevice>) {
+    let output = std::process::Command::new(bin)
+        .args([
+            "keys",
+            "--store",
+            store.to_str().unwrap(),
+            "--user-id",
+            BOB,
+            "--device-id",
+            "BOBPHONE",
+        ])
+        .env_remove("TO_DEVICE_CRYPTO_STORE_KEY")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let keys = to_device_crypto::olm::device_keys::parse_keys_upload_body(
+        &serde_json::from_slice(&output.stdout).unwrap(),
+    )
+    .unwrap();
+    let senders = (0..senders)
+        .map(|i| {
+            let mut sender =
+                SimulatedDevice::new(&format!("@sender{i}:example.org"), &format!("DEV{i}"));
+            sender.create_session(&keys, Some(keys.one_time_keys[i].key));
+            sender
+        })
+        .collect();
+    (Recipient::from_device(&keys.device), senders)
+}
