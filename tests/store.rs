@@ -27,7 +27,7 @@ fn user_version(path: &Path) -> i64 {
 }
 
 #[tokio::test]
-async fn a_version_1_store_is_migrated_in_place() {
+async fn a_version_1_store_is_migrated_in_place_to_the_current_version() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.sqlite3");
     let key = StoreKey::generate().unwrap();
@@ -41,7 +41,7 @@ async fn a_version_1_store_is_migrated_in_place() {
     }
     assert_eq!(user_version(&path), 1);
     let bob = open(&path, &key).await;
-    assert_eq!(user_version(&path), 2);
+    assert_eq!(user_version(&path), 3);
     assert_eq!(
         bob.identity_keys(),
         identity,
@@ -78,7 +78,7 @@ async fn newer_and_corrupted_files_are_refused_clearly_and_left_untouched() {
             error,
             StoreError::NewerSchema {
                 found: 99,
-                supported: 2
+                supported: 3
             }
         ),
         "{error}"

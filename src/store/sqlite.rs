@@ -19,8 +19,9 @@ use super::{
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 
-/// The schema version this build writes. Version 1 had no outbox; [`migrate`] upgrades it.
-pub const SCHEMA_VERSION: i64 = 2;
+/// The schema version this build writes. Version 1 had no outbox; version 2 kept session pickles
+/// in a `WITHOUT ROWID` table; [`migrate`] upgrades both.
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// How long a batch waits for another process's batch before failing.
 const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -313,6 +314,26 @@ fn migrate(connection: &Connection) -> Result<(), StoreError> {
                  data BLOB NOT NULL);
              CREATE INDEX pending_results_order ON pending_results (batch, idx);
              PRAGMA user_version = 2;
+             COMMIT;",
+        )?;
+    }
+    if version < 3 {
+        // Pickles are ~3.5 KB: SQLite advises rowid tables for rows that large, since a
+        // WITHOUT ROWID b-tree holds only a few of them per page and grows deep.
+        connection.execute_batch(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE sessions_v3 (
+                 id INTEGER PRIMARY KEY,
+                 sender_key TEXT NOT NULL,
+                 session_id TEXT NOT NULL,
+                 pickle BLOB NOT NULL,
+                 last_used INTEGER NOT NULL,
+                 UNIQUE (sender_key, session_id));
+             INSERT INTO sessions_v3 (sender_key, session_id, pickle, last_used)
+                 SELECT sender_key, session_id, pickle, last_used FROM sessions;
+             DROP TABLE sessions;
+             ALTER TABLE sessions_v3 RENAME TO sessions;
+             PRAGMA user_version = 3;
              COMMIT;",
         )?;
     }
@@ -611,8 +632,10 @@ impl CryptoStore for SqliteStore {
         }
         {
             let mut statement = transaction.prepare_cached(
-                "INSERT OR REPLACE INTO sessions (sender_key, session_id, pickle, last_used)
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO sessions (sender_key, session_id, pickle, last_used)
+                 VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (sender_key, session_id)
+                 DO UPDATE SET pickle = excluded.pickle, last_used = excluded.last_used",
             )?;
             for (session, pickle) in &sessions {
                 statement.execute(params![
