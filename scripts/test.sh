@@ -30,6 +30,9 @@ done
 step "format" cargo fmt --all --check
 step "clippy" cargo clippy --all-targets --locked -- -D warnings
 step "cargo tests" cargo test --locked
+if [[ ${TDC_SKIP_FUZZ:-0} != 1 ]]; then
+    step "fuzz (30 s per target)" scripts/fuzz.sh 30
+fi
 if [[ -x scripts/generate-bindings.sh ]]; then
     step "generated bindings are up to date" scripts/generate-bindings.sh --check
 fi

@@ -4,7 +4,12 @@
 //! single event object, or JSON lines (one event per line; a line that is not JSON is kept as an
 //! event of its own, so it fails with `MalformedEvent` instead of aborting the batch).
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+
 use serde::Deserialize;
+
+use crate::json::{check_limits, JsonLimits};
 use serde_json::value::RawValue;
 
 /// Why the input could not be split into events.
@@ -16,14 +21,6 @@ pub enum InputError {
     /// A JSON object that is neither a `/sync` response nor an event.
     #[error("the input is a JSON object without `to_device.events` and is not a to-device event")]
     UnrecognisedObject,
-}
-
-#[derive(Deserialize)]
-struct SyncResponse<'a> {
-    #[serde(borrow)]
-    to_device: Option<ToDevice<'a>>,
-    #[serde(default)]
-    next_batch: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -59,26 +56,40 @@ pub fn split_events(text: &str) -> Result<SplitInput, InputError> {
     if trimmed.is_empty() {
         return Err(InputError::Empty);
     }
-    if trimmed.starts_with('[') {
+    // Nesting is checked before any parse: a hostile input of millions of `[` is then just one
+    // (malformed) line, not a deep recursion inside the parser.
+    let shallow = check_limits(
+        trimmed,
+        JsonLimits {
+            max_bytes: usize::MAX,
+            max_depth: JsonLimits::TO_DEVICE_EVENT.max_depth + 3,
+        },
+    )
+    .is_ok();
+    if shallow && trimmed.starts_with('[') {
         if let Ok(events) = serde_json::from_str::<Vec<&RawValue>>(trimmed) {
             return Ok(SplitInput {
                 events: events.into_iter().map(|e| e.get().to_owned()).collect(),
                 next_batch: None,
             });
         }
-    } else if trimmed.starts_with('{') {
-        if let Ok(object) =
-            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(trimmed)
-        {
+    } else if shallow && trimmed.starts_with('{') {
+        // Borrowed raw values: a large event is looked at, never copied into a `Value` tree.
+        if let Ok(object) = serde_json::from_str::<HashMap<Cow<'_, str>, &RawValue>>(trimmed) {
             if object.contains_key("to_device") || object.contains_key("next_batch") {
-                let sync: SyncResponse<'_> =
-                    serde_json::from_str(trimmed).map_err(|_| InputError::UnrecognisedObject)?;
+                let to_device = object
+                    .get("to_device")
+                    .map(|raw| serde_json::from_str::<ToDevice<'_>>(raw.get()))
+                    .transpose()
+                    .map_err(|_| InputError::UnrecognisedObject)?;
+                let next_batch = object
+                    .get("next_batch")
+                    .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
                 return Ok(SplitInput {
-                    events: sync
-                        .to_device
+                    events: to_device
                         .map(|t| t.events.into_iter().map(|e| e.get().to_owned()).collect())
                         .unwrap_or_default(),
-                    next_batch: sync.next_batch,
+                    next_batch,
                 });
             }
             if object.contains_key("type") || object.contains_key("content") {

@@ -27,7 +27,7 @@ use crate::olm::envelope::{
     parse_event, EnvelopeFacts, MessageHash, ParsedEvent, ENCRYPTED_EVENT_TYPE,
 };
 use crate::olm::plaintext::{check_plaintext, PlaintextContext, VerifiedDeviceKeysCache};
-use crate::olm::sessions::{decrypt_message, SessionEntry};
+use crate::olm::sessions::{decrypt_message, prune_least_recently_used, SessionEntry};
 use crate::reporting::{
     FailureDiagnostics, FailureReporter, FailureStream, ToDeviceDecryptionFailure,
 };
@@ -188,6 +188,7 @@ struct BatchChanges {
     recovery_attempts: Vec<(String, u64)>,
     batch_number: Option<u64>,
     sync_token: Option<String>,
+    removed_sessions: Vec<(String, String)>,
     pending_results: Vec<StoredResult>,
     /// Index into `pending_results` of each message decrypted in this batch.
     decrypted_in_batch: HashMap<MessageHash, usize>,
@@ -563,7 +564,10 @@ impl OlmMachine {
     pub async fn rekey_store(&self, new_key: StoreKey) -> Result<(), StoreError> {
         let mut state = self.state.lock().await;
         let _lock = self.begin_write(&mut state).await?;
-        self.store.rekey(new_key).await
+        self.store.rekey(new_key).await?;
+        // Re-encryption changes no Olm state: the cache is still exact.
+        state.stale = false;
+        Ok(())
     }
 
     /// Deletes everything the store holds (logout). The machine refuses every later write.
@@ -822,6 +826,14 @@ impl OlmMachine {
         // replay rather than a false "wedged".
         batch.dirty_sender_keys.insert(sender_key_bytes);
         batch.account_changed |= decrypted.created_session;
+        if decrypted.created_session {
+            let sender_key = envelope.sender_key.to_base64();
+            for session_id in prune_least_recently_used(sessions) {
+                batch
+                    .removed_sessions
+                    .push((sender_key.clone(), session_id));
+            }
+        }
         batch.seen_hashes.insert(envelope.message_hash);
         batch.message_hashes.push(envelope.message_hash);
 
@@ -937,6 +949,7 @@ impl OlmMachine {
             sent_requests: batch.sent_requests,
             recovery_attempts: batch.recovery_attempts,
             pending_results: batch.pending_results,
+            removed_sessions: batch.removed_sessions,
             sync_token: batch.sync_token,
             batch_number: batch.batch_number,
             ..Changes::default()
@@ -1016,6 +1029,9 @@ impl OlmMachine {
             self.reload(state).await?;
             state.generation = generation;
         }
+        // Until the commit succeeds the cache may run ahead of the store: if anything (even a
+        // panic) interrupts the operation, the next one reloads.
+        state.stale = true;
         Ok(lock)
     }
 
@@ -1025,9 +1041,9 @@ impl OlmMachine {
             state.stale = true;
             return Err(error);
         }
-        match self.store.generation().await {
-            Ok(generation) => state.generation = generation,
-            Err(_) => state.stale = true,
+        if let Ok(generation) = self.store.generation().await {
+            state.generation = generation;
+            state.stale = false;
         }
         Ok(())
     }

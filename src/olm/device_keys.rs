@@ -129,11 +129,7 @@ impl DeviceKeys {
                 detail: e.to_string(),
             }
         })?;
-        let ed25519 =
-            Ed25519PublicKey::from_base64(ed25519).map_err(|e| DeviceKeysError::InvalidKey {
-                algorithm: "ed25519",
-                detail: e.to_string(),
-            })?;
+        let ed25519 = ed25519_from_base64(ed25519)?;
         Ok(Self {
             user_id: user_id.to_owned(),
             device_id: device_id.to_owned(),
@@ -142,6 +138,24 @@ impl DeviceKeys {
             signed_json: value.clone(),
         })
     }
+}
+
+/// Parses an Ed25519 public key from base64.
+///
+/// Not `Ed25519PublicKey::from_base64`: in vodozemac 0.11.1 it only checks the text's length and
+/// panics when 44 characters without padding decode to 33 bytes — reachable by any user through
+/// `sender_device_keys`, and by a server through `/keys/query` (found by fuzzing).
+pub fn ed25519_from_base64(text: &str) -> Result<Ed25519PublicKey, DeviceKeysError> {
+    let invalid = |detail: String| DeviceKeysError::InvalidKey {
+        algorithm: "ed25519",
+        detail,
+    };
+    let bytes = vodozemac::base64_decode(text).map_err(|e| invalid(e.to_string()))?;
+    let bytes: [u8; 32] = bytes
+        .as_slice()
+        .try_into()
+        .map_err(|_| invalid(format!("expected 32 bytes, got {}", bytes.len())))?;
+    Ed25519PublicKey::from_slice(&bytes).map_err(|e| invalid(e.to_string()))
 }
 
 fn string_field<'a>(

@@ -39,6 +39,24 @@ impl std::fmt::Debug for SessionEntry {
     }
 }
 
+/// How many sessions are kept per sender key. The spec requires at least 4; beyond this the least
+/// recently used are dropped, so that pre-key messages on our (never consumed) fallback key cannot
+/// make one sender grow our state, and the cost of trying sessions, without bound.
+pub const MAX_SESSIONS_PER_SENDER: usize = 50;
+
+/// Drops the least recently used sessions beyond [`MAX_SESSIONS_PER_SENDER`]; returns their ids.
+pub fn prune_least_recently_used(sessions: &mut Vec<SessionEntry>) -> Vec<String> {
+    if sessions.len() <= MAX_SESSIONS_PER_SENDER {
+        return Vec::new();
+    }
+    sessions.sort_by_key(|entry| std::cmp::Reverse(entry.last_used));
+    sessions
+        .split_off(MAX_SESSIONS_PER_SENDER)
+        .into_iter()
+        .map(|entry| entry.session_id)
+        .collect()
+}
+
 /// What a successful decryption changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Decrypted {

@@ -171,6 +171,11 @@ impl CryptoStore for MemoryStore {
                 .or_default()
                 .insert(session.session_id.clone(), session);
         }
+        for (sender_key, session_id) in &changes.removed_sessions {
+            if let Some(sessions) = contents.sessions.get_mut(sender_key) {
+                sessions.remove(session_id);
+            }
+        }
         contents.message_hashes.extend(changes.message_hashes);
         for device in changes.devices {
             contents

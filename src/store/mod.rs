@@ -77,6 +77,8 @@ pub struct Changes {
     pub sent_requests: Vec<String>,
     /// `(sender key, time)` of each device recovery started (the once-per-hour limit).
     pub recovery_attempts: Vec<(String, u64)>,
+    /// `(sender key, session id)` of sessions dropped (least recently used beyond the cap).
+    pub removed_sessions: Vec<(String, String)>,
     /// Decrypted results of this batch, kept until acknowledged (the outbox).
     pub pending_results: Vec<StoredResult>,
     /// Ids of results the app acknowledged (removed from the outbox).
@@ -147,6 +149,7 @@ impl Changes {
             && self.sent_requests.is_empty()
             && self.recovery_attempts.is_empty()
             && self.pending_results.is_empty()
+            && self.removed_sessions.is_empty()
             && self.acknowledged.is_empty()
             && self.sync_token.is_none()
             && self.batch_number.is_none()

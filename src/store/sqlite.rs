@@ -646,6 +646,11 @@ impl CryptoStore for SqliteStore {
                 ])?;
             }
             let mut statement = transaction
+                .prepare_cached("DELETE FROM sessions WHERE sender_key = ?1 AND session_id = ?2")?;
+            for (sender_key, session_id) in &changes.removed_sessions {
+                statement.execute(params![sender_key, session_id])?;
+            }
+            let mut statement = transaction
                 .prepare_cached("INSERT OR IGNORE INTO message_hashes (hash) VALUES (?1)")?;
             for hash in &changes.message_hashes {
                 statement.execute(params![&hash.0[..]])?;
