@@ -29,7 +29,8 @@ done
 
 step "format" cargo fmt --all --check
 step "clippy" cargo clippy --all-targets --locked -- -D warnings
-step "cargo tests" cargo test --locked
+# --show-output: the crash test prints its kills, fail points, deliveries and re-emissions.
+step "cargo tests" cargo test --locked -- --show-output
 if [[ ${TDC_SKIP_FUZZ:-0} != 1 ]]; then
     step "fuzz (30 s per target)" scripts/fuzz.sh 30
 fi

@@ -176,3 +176,41 @@ async fn the_sync_token_commits_with_its_batch() {
         Some("s72594_4483_1934")
     );
 }
+
+#[tokio::test]
+async fn a_store_opened_with_a_passphrase_reopens_with_it_and_refuses_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let open = |passphrase: &'static str| {
+        let path = path.clone();
+        async move {
+            let store = SqliteStore::open_with_passphrase(&path, passphrase, Synchronous::Normal)?;
+            Ok::<_, StoreError>(
+                OlmMachine::open(BOB, "BOBPHONE", Arc::new(store))
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let identity = open("correct horse battery staple")
+        .await
+        .unwrap()
+        .identity_keys();
+    let again = open("correct horse battery staple").await.unwrap();
+    assert_eq!(again.identity_keys(), identity);
+    drop(again);
+    let before = std::fs::read(&path).unwrap();
+    assert!(matches!(
+        open("Tr0ub4dor&3").await,
+        Err(StoreError::WrongStoreKey)
+    ));
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        before,
+        "a wrong passphrase changes nothing"
+    );
+    assert!(
+        !before.windows(7).any(|w| w == b"correct"),
+        "the passphrase is not stored"
+    );
+}

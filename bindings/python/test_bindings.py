@@ -241,6 +241,21 @@ class BindingsTest(unittest.TestCase):
 
         run(body())
 
+    def test_i_passphrase_store(self):
+        async def body():
+            with tempfile.TemporaryDirectory() as directory:
+                path = os.path.join(directory, "store.sqlite3")
+                bob = await OlmMachine.open_sqlite_with_passphrase("@bob:example.org", "BOBDEVICE", path, "correct horse")
+                curve = bob.identity_keys().curve25519
+                del bob
+                again = await OlmMachine.open_sqlite_with_passphrase("@bob:example.org", "BOBDEVICE", path, "correct horse")
+                self.assertEqual(again.identity_keys().curve25519, curve)
+                del again
+                with self.assertRaises(CryptoError):
+                    await OlmMachine.open_sqlite_with_passphrase("@bob:example.org", "BOBDEVICE", path, "wrong")
+
+        run(body())
+
     def test_f_forwarding_to_posthog(self):
         async def body():
             bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")

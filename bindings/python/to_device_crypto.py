@@ -591,6 +591,8 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite() != 60085:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite_with_passphrase() != 6657:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
 
 # A ctypes library to expose the extern-C FFI definitions.
 # This is an implementation detail which will be called internally by the public API.
@@ -719,6 +721,9 @@ _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memor
 _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite_with_passphrase.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite_with_passphrase.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_fn_func_set_log_sink.argtypes = (
     _UniffiRustBuffer,
     _UniffiRustBuffer,
@@ -889,6 +894,13 @@ _UniffiLib.uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite.argtype
     _UniffiRustBuffer,
 )
 _UniffiLib.uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite_with_passphrase.argtypes = (
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+    _UniffiRustBuffer,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite_with_passphrase.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_clone_decryptionfailurelistener.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -3444,6 +3456,36 @@ class OlmMachine(OlmMachineProtocol):
         _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
         return await _uniffi_rust_call_async(
             _UniffiLib.uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_u64,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_u64,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_u64,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
+    @classmethod
+    async def open_sqlite_with_passphrase(cls, user_id: str,device_id: str,path: str,passphrase: str) -> OlmMachine:
+        """
+        Opens (or creates) the machine in the SQLite store at `path`, encrypted with a key derived
+        from `passphrase` (PBKDF2-HMAC-SHA256, 600,000 iterations, random salt kept in the store).
+"""
+        
+        _UniffiFfiConverterString.check_lower(user_id)
+
+        _UniffiFfiConverterString.check_lower(device_id)
+
+        _UniffiFfiConverterString.check_lower(path)
+
+        _UniffiFfiConverterString.check_lower(passphrase)
+        _uniffi_lowered_args = (
+            _UniffiFfiConverterString.lower(user_id),
+            _UniffiFfiConverterString.lower(device_id),
+            _UniffiFfiConverterString.lower(path),
+            _UniffiFfiConverterString.lower(passphrase),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeOlmMachine.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite_with_passphrase(*_uniffi_lowered_args),
             _UniffiLib.ffi_to_device_crypto_rust_future_poll_u64,
             _UniffiLib.ffi_to_device_crypto_rust_future_complete_u64,
             _UniffiLib.ffi_to_device_crypto_rust_future_free_u64,

@@ -76,6 +76,26 @@ impl OlmMachine {
         }))
     }
 
+    /// Opens (or creates) the machine in the SQLite store at `path`, encrypted with a key derived
+    /// from `passphrase` (PBKDF2-HMAC-SHA256, 600,000 iterations, random salt kept in the store).
+    #[uniffi::constructor]
+    pub async fn open_sqlite_with_passphrase(
+        user_id: String,
+        device_id: String,
+        path: String,
+        passphrase: String,
+    ) -> Result<Arc<Self>, CryptoError> {
+        let store = crate::store::SqliteStore::open_with_passphrase(
+            path,
+            &passphrase,
+            crate::store::Synchronous::Normal,
+        )?;
+        let inner = CoreMachine::open(&user_id, &device_id, Arc::new(store)).await?;
+        Ok(Arc::new(Self {
+            inner: Arc::new(inner),
+        }))
+    }
+
     /// Opens a machine on a new in-memory store (tests, or apps that keep no state).
     #[uniffi::constructor]
     pub async fn open_in_memory(

@@ -7,6 +7,9 @@ use crate::error::StoreError;
 
 const NONCE_LEN: usize = 24;
 
+/// PBKDF2-HMAC-SHA256 iterations for passphrase-derived keys (OWASP's 2023 recommendation).
+pub const PASSPHRASE_ITERATIONS: u32 = 600_000;
+
 /// The 32-byte key that encrypts a store's secrets (pickles, and in time decrypted results).
 ///
 /// Apps keep it in the iOS Keychain or Android Keystore. `Debug` never prints the key.
@@ -23,6 +26,16 @@ impl StoreKey {
     /// Wraps 32 key bytes.
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
+    }
+
+    /// Derives a key from a passphrase with PBKDF2-HMAC-SHA256 ([`PASSPHRASE_ITERATIONS`]) and a
+    /// random per-store `salt` (stored beside the data, it is not secret).
+    pub fn from_passphrase(passphrase: &str, salt: &[u8]) -> Self {
+        Self(pbkdf2::pbkdf2_hmac_array::<sha2::Sha256, 32>(
+            passphrase.as_bytes(),
+            salt,
+            PASSPHRASE_ITERATIONS,
+        ))
     }
 
     /// A new random key from the operating system's generator.

@@ -91,6 +91,59 @@ impl SqliteStore {
         })
     }
 
+    /// Opens (or creates) the store at `path` with a key derived from `passphrase`
+    /// ([`StoreKey::from_passphrase`]); the random salt is kept in the store, unencrypted.
+    pub fn open_with_passphrase(
+        path: impl AsRef<Path>,
+        passphrase: &str,
+        synchronous: Synchronous,
+    ) -> Result<Self, StoreError> {
+        let path = path.as_ref();
+        let stored_salt = if path.exists() {
+            let connection = Connection::open(path).map_err(describe_open_error)?;
+            let has_meta: bool = connection
+                .query_row(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+                    [],
+                    |row| row.get::<_, i64>(0),
+                )
+                .map_err(describe_open_error)?
+                > 0;
+            if has_meta {
+                connection
+                    .query_row("SELECT value FROM meta WHERE key = 'kdf_salt'", [], |row| {
+                        row.get::<_, Vec<u8>>(0)
+                    })
+                    .optional()?
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        let salt = match &stored_salt {
+            Some(salt) => salt.clone(),
+            None => {
+                let mut salt = vec![0u8; 16];
+                getrandom::fill(&mut salt)
+                    .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+                salt
+            }
+        };
+        let store = Self::open(
+            path,
+            StoreKey::from_passphrase(passphrase, &salt),
+            synchronous,
+        )?;
+        if stored_salt.is_none() {
+            store.lock().execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('kdf_salt', ?1)",
+                params![salt],
+            )?;
+        }
+        Ok(store)
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -1548,6 +1548,25 @@ public static func openSqlite(userId: String, deviceId: String, path: String, st
         )
 }
     
+    /**
+     * Opens (or creates) the machine in the SQLite store at `path`, encrypted with a key derived
+     * from `passphrase` (PBKDF2-HMAC-SHA256, 600,000 iterations, random salt kept in the store).
+     */
+public static func openSqliteWithPassphrase(userId: String, deviceId: String, path: String, passphrase: String)async throws  -> OlmMachine  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite_with_passphrase(FfiConverterString.lower(userId),FfiConverterString.lower(deviceId),FfiConverterString.lower(path),FfiConverterString.lower(passphrase)
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_u64,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_u64,
+            freeFunc: ffi_to_device_crypto_rust_future_free_u64,
+            liftFunc: FfiConverterTypeOlmMachine_lift,
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
+}
+    
 
     
     /**
@@ -3736,6 +3755,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite() != 60085) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite_with_passphrase() != 6657) {
         return InitializationResult.apiChecksumMismatch
     }
 

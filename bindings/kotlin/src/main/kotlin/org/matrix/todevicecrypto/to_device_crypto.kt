@@ -794,6 +794,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite_with_passphrase(
+    ): Int
     external fun ffi_to_device_crypto_uniffi_contract_version(
     ): Int
 
@@ -847,6 +849,8 @@ internal object UniffiLib {
     external fun uniffi_to_device_crypto_fn_constructor_olmmachine_open_in_memory(`userId`: RustBuffer.ByValue,`deviceId`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite(`userId`: RustBuffer.ByValue,`deviceId`: RustBuffer.ByValue,`path`: RustBuffer.ByValue,`storeKey`: RustBuffer.ByValue,
+    ): Long
+    external fun uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite_with_passphrase(`userId`: RustBuffer.ByValue,`deviceId`: RustBuffer.ByValue,`path`: RustBuffer.ByValue,`passphrase`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_acknowledge(`ptr`: Long,`ids`: RustBuffer.ByValue,
     ): Long
@@ -1122,6 +1126,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite() and 0xFFFF) != 60085) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite_with_passphrase() and 0xFFFF) != 6657) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
 }
@@ -3678,6 +3685,30 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
         FfiConverterString.lower(`deviceId`),
         FfiConverterString.lower(`path`),
         FfiConverterByteArray.lower(`storeKey`),),
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_u64(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_u64(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_u64(future) },
+        // lift function
+        { FfiConverterTypeOlmMachine.lift(it) },
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
+
+        
+    /**
+     * Opens (or creates) the machine in the SQLite store at `path`, encrypted with a key derived
+     * from `passphrase` (PBKDF2-HMAC-SHA256, 600,000 iterations, random salt kept in the store).
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+     suspend fun `openSqliteWithPassphrase`(`userId`: kotlin.String, `deviceId`: kotlin.String, `path`: kotlin.String, `passphrase`: kotlin.String) : OlmMachine {
+        return uniffiRustCallAsync(
+        UniffiLib.uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite_with_passphrase(
+        FfiConverterString.lower(`userId`),
+        FfiConverterString.lower(`deviceId`),
+        FfiConverterString.lower(`path`),
+        FfiConverterString.lower(`passphrase`),),
         { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_u64(future, callback, continuation) },
         { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_u64(future, continuation) },
         { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_u64(future) },
