@@ -20,7 +20,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_to-device-crypto");
 const SENDERS: usize = 4;
 const BATCHES: usize = 21;
 const BATCH_SIZE: usize = 100;
-const KILLS_PER_BATCH: usize = 11;
+const KILLS_PER_BATCH: usize = 12;
 const BROKEN: [&str; 4] = [
     "ToDeviceFailedToDecrypt_SessionWedged",
     "ToDeviceFailedToDecrypt_MissingSession",
@@ -177,7 +177,7 @@ fn killed_at_random_points_and_at_fail_points_no_message_is_lost_and_no_session_
         }
         let mut kills = 0;
         let mut attempts = 0;
-        while kills < KILLS_PER_BATCH && attempts < 4 * KILLS_PER_BATCH {
+        while kills < KILLS_PER_BATCH && attempts < 8 * KILLS_PER_BATCH {
             attempts += 1;
             let delay =
                 Duration::from_micros(rng.next() % (typical.as_micros() as u64 * 6 / 5 + 1));
