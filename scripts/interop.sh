@@ -23,32 +23,40 @@ if [ -d "$CARGO_TARGET_DIR/debug/deps" ]; then state="warm"; else state="cold"; 
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 summary=()
+step() { summary+=("$1"); echo "interop: $1" >&2; }
 
-# Our CLI binary, for the separate-process tests (interop/tests/interop/cli.rs).
+# Our CLI binary, for the separate-process tests (interop/tests/interop/cli.rs). It gets its own
+# target dir inside the interop one: the main package is also a cdylib/staticlib, so cargo writes
+# its library as an unhashed `deps/libto_device_crypto.rlib`, and the two workspaces (different
+# dependency features) would overwrite each other's copy and then link against the wrong one.
+cli_target="$CARGO_TARGET_DIR/cli"
+if [ -d "$cli_target/debug/deps" ]; then cstate="warm"; else cstate="cold"; fi
 t=$(now)
-nice -n 10 cargo build --locked --quiet --manifest-path Cargo.toml --bin to-device-crypto
-summary+=("build CLI (debug, $state): $(since "$t") s")
-export TO_DEVICE_CRYPTO_BIN="$CARGO_TARGET_DIR/debug/to-device-crypto"
+CARGO_TARGET_DIR="$cli_target" nice -n 10 cargo build --locked --quiet --manifest-path Cargo.toml --bin to-device-crypto
+step "build CLI (debug, $cstate): $(since "$t") s"
+export TO_DEVICE_CRYPTO_BIN="$cli_target/debug/to-device-crypto"
 
+# Not --locked: interop/Cargo.lock also records the main package's dependencies (a path
+# dependency), which other changes move; cargo then adjusts only those entries and keeps
+# matrix-sdk-crypto and the rest pinned.
 lock=()
-[ -f interop/Cargo.lock ] && lock=(--locked)
 t=$(now)
 nice -n 10 cargo test "${lock[@]}" --quiet --manifest-path interop/Cargo.toml --no-run
-summary+=("build interop tests (debug, $state): $(since "$t") s")
+step "build interop tests (debug, $state): $(since "$t") s"
 
 t=$(now)
 if [ "$bless" = 1 ]; then export INTEROP_BLESS=1; fi
 cargo test "${lock[@]}" --manifest-path interop/Cargo.toml
-summary+=("run interop tests: $(since "$t") s")
+step "run interop tests: $(since "$t") s"
 
 if [ "$bench" = 1 ]; then
     if [ -d "$CARGO_TARGET_DIR/release/deps" ]; then rstate="warm"; else rstate="cold"; fi
     t=$(now)
     nice -n 10 cargo bench "${lock[@]}" --quiet --manifest-path interop/Cargo.toml --bench reference --no-run
-    summary+=("build benchmark (release, $rstate): $(since "$t") s")
+    step "build benchmark (release, $rstate): $(since "$t") s"
     t=$(now)
     cargo bench "${lock[@]}" --manifest-path interop/Cargo.toml --bench reference
-    summary+=("run benchmark: $(since "$t") s")
+    step "run benchmark: $(since "$t") s"
 fi
 
 echo "interop timings (target dir $CARGO_TARGET_DIR):"

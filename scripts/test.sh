@@ -34,6 +34,7 @@ step "cargo tests" cargo test --locked -- --show-output
 if [[ ${TDC_SKIP_FUZZ:-0} != 1 ]]; then
     step "fuzz (30 s per target)" scripts/fuzz.sh 30
 fi
+step "interop with matrix-sdk-crypto 0.18" scripts/interop.sh
 if [[ -x scripts/generate-bindings.sh ]]; then
     step "generated bindings are up to date" scripts/generate-bindings.sh --check
 fi

@@ -11,17 +11,19 @@
 //!   `receive_sync_changes` and summarises each result as a [`RefOutcome`].
 //! - [`Reference::receive_logged`] also captures the reference's WARN/ERROR log lines, the only
 //!   place where it names the precise failure (its public result says only `DecryptionFailure`).
+//! - [`Reference::snapshot`] / [`Reference::restore`]: an old copy of its store (account, Olm
+//!   sessions, devices, rebuilt from pickles: the in-memory store itself cannot be cloned).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use matrix_sdk_common::deserialized_responses::{AlgorithmInfo, ProcessedToDeviceEvent};
 use matrix_sdk_crypto::types::requests::{AnyOutgoingRequest, ToDeviceRequest};
 use matrix_sdk_crypto::{
     CollectStrategy, DecryptionSettings, EncryptionSyncChanges, OlmMachine as RefMachine,
     TrustRequirement,
 };
-use matrix_sdk_common::deserialized_responses::{AlgorithmInfo, ProcessedToDeviceEvent};
 use ruma::api::client::keys::{claim_keys, get_keys, upload_keys};
 use ruma::api::client::sync::sync_events::DeviceLists;
 use ruma::events::AnyToDeviceEvent;
@@ -158,7 +160,10 @@ impl Reference {
     /// `/keys/upload` body) to the reference as the `/keys/query` response for that device.
     pub async fn receive_device_keys(&self, device_keys: &Value) {
         let user_id = device_keys["user_id"].as_str().expect("user_id").to_owned();
-        let device_id = device_keys["device_id"].as_str().expect("device_id").to_owned();
+        let device_id = device_keys["device_id"]
+            .as_str()
+            .expect("device_id")
+            .to_owned();
         let user = UserId::parse(&user_id).unwrap();
         self.machine.update_tracked_users([&*user]).await.unwrap();
         let mut response = get_keys::v3::Response::new();
@@ -206,10 +211,9 @@ impl Reference {
         };
         let asked = serde_json::to_value(&request.one_time_keys).unwrap();
         let asked_for_device = asked[user_id][device_id] == json!("signed_curve25519");
-        let one_time_keys = serde_json::from_value(
-            json!({ user_id: { device_id: { key_id: signed_key } } }),
-        )
-        .unwrap();
+        let one_time_keys =
+            serde_json::from_value(json!({ user_id: { device_id: { key_id: signed_key } } }))
+                .unwrap();
         let response = claim_keys::v3::Response::new(one_time_keys);
         self.machine
             .mark_request_as_sent(&txn_id, &response)
@@ -281,7 +285,8 @@ impl Reference {
         for request in self.machine.outgoing_requests().await.unwrap() {
             if let AnyOutgoingRequest::ToDeviceRequest(to_device) = request.request() {
                 events.extend(self.to_device_events(to_device));
-                let response = ruma::api::client::to_device::send_event_to_device::v3::Response::new();
+                let response =
+                    ruma::api::client::to_device::send_event_to_device::v3::Response::new();
                 self.machine
                     .mark_request_as_sent(request.request_id(), &response)
                     .await
@@ -358,9 +363,18 @@ pub struct RefSnapshot {
 impl Reference {
     /// Snapshots the account, the sessions with `peer_curve25519_keys` and every device of
     /// `peer_users` and of our own user (the parts of the store an Olm conversation depends on).
-    pub async fn snapshot(&self, peer_curve25519_keys: &[&str], peer_users: &[&str]) -> RefSnapshot {
+    pub async fn snapshot(
+        &self,
+        peer_curve25519_keys: &[&str],
+        peer_users: &[&str],
+    ) -> RefSnapshot {
         let store = self.machine.store();
-        let account = store.load_account().await.unwrap().expect("an account").pickle();
+        let account = store
+            .load_account()
+            .await
+            .unwrap()
+            .expect("an account")
+            .pickle();
         let mut sessions = Vec::new();
         for key in peer_curve25519_keys {
             for session in store.get_sessions(key).await.unwrap().unwrap_or_default() {
@@ -391,7 +405,9 @@ impl Reference {
         let account = Account::from_pickle(snapshot.account).unwrap();
         let our_device_keys = account.device_keys();
         store
-            .save_pending_changes(PendingChanges { account: Some(account) })
+            .save_pending_changes(PendingChanges {
+                account: Some(account),
+            })
             .await
             .unwrap();
         let sessions = snapshot
@@ -401,15 +417,23 @@ impl Reference {
             .collect();
         let changes = Changes {
             sessions,
-            devices: DeviceChanges { new: snapshot.devices, ..Default::default() },
+            devices: DeviceChanges {
+                new: snapshot.devices,
+                ..Default::default()
+            },
             ..Default::default()
         };
         store.save_changes(changes).await.unwrap();
         let user = UserId::parse(&snapshot.user_id).unwrap();
-        let machine = RefMachine::with_store(&user, snapshot.device_id.as_str().into(), store, None)
-            .await
-            .unwrap();
-        Self { machine, user_id: snapshot.user_id, device_id: snapshot.device_id }
+        let machine =
+            RefMachine::with_store(&user, snapshot.device_id.as_str().into(), store, None)
+                .await
+                .unwrap();
+        Self {
+            machine,
+            user_id: snapshot.user_id,
+            device_id: snapshot.device_id,
+        }
     }
 
     /// Like [`encrypt`](Self::encrypt) for one content, returning the events and how many
@@ -438,8 +462,17 @@ impl Reference {
             )
             .await
             .unwrap();
-        let events = requests.iter().flat_map(|r| self.to_device_events(r)).collect();
-        (events, withheld.into_iter().map(|(_, code)| code.as_ref().to_owned()).collect())
+        let events = requests
+            .iter()
+            .flat_map(|r| self.to_device_events(r))
+            .collect();
+        (
+            events,
+            withheld
+                .into_iter()
+                .map(|(_, code)| code.as_ref().to_owned())
+                .collect(),
+        )
     }
 }
 

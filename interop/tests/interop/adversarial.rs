@@ -1,4 +1,4 @@
-//! 4. Adversarial inputs: mutated copies of the reference's events, and plaintexts crafted with
+//! Scenario 4: Adversarial inputs: mutated copies of the reference's events, and plaintexts crafted with
 //! raw vodozemac (our `SimulatedDevice`), are classified with our analytics names; the same
 //! mutation of an event for the reference is fed to the reference, and what it returns is
 //! recorded next to ours (written to `adversarial-table.md` in the test's temp dir and printed;
@@ -37,7 +37,9 @@ fn log_summary(lines: &[String]) -> String {
     let mut out: Vec<String> = Vec::new();
     for line in lines {
         let message = line.rsplit_once("}: ").map(|(_, m)| m).unwrap_or(line);
-        let message = message.trim_start_matches("WARN ").trim_start_matches("ERROR ");
+        let message = message
+            .trim_start_matches("WARN ")
+            .trim_start_matches("ERROR ");
         // Keep the error text (`error=...`) but drop key material and ids.
         let short: String = message
             .split_whitespace()
@@ -67,7 +69,11 @@ fn redact(text: &str) -> String {
             let end = rest
                 .find(" column ")
                 .map(|c| c + 8)
-                .map(|c| c + rest[c..].find(|ch: char| !ch.is_ascii_digit()).unwrap_or(rest.len() - c))
+                .map(|c| {
+                    c + rest[c..]
+                        .find(|ch: char| !ch.is_ascii_digit())
+                        .unwrap_or(rest.len() - c)
+                })
                 .unwrap_or(rest.len());
             format!("{}{}", &text[..at], &rest[end..])
         }
@@ -96,7 +102,11 @@ fn redact(text: &str) -> String {
 
 fn rekey_ciphertext(mut event: Value, to: &str) -> Value {
     let map = event["content"]["ciphertext"].as_object_mut().unwrap();
-    let (_, entry) = map.iter().next().map(|(k, v)| (k.clone(), v.clone())).unwrap();
+    let (_, entry) = map
+        .iter()
+        .next()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .unwrap();
     map.clear();
     map.insert(to.to_owned(), entry);
     event
@@ -114,7 +124,11 @@ type Mutation = fn(Value, &str) -> Value;
 
 fn envelope_mutations() -> Vec<(&'static str, Mutation, &'static str)> {
     vec![
-        ("tampered body (last byte flipped)", |e, _| tamper_with_body(e), "ToDeviceFailedToDecrypt_SessionWedged"),
+        (
+            "tampered body (last byte flipped)",
+            |e, _| tamper_with_body(e),
+            "ToDeviceFailedToDecrypt_SessionWedged",
+        ),
         (
             "foreign algorithm (m.megolm.v1.aes-sha2)",
             |mut e, _| {
@@ -136,7 +150,11 @@ fn envelope_mutations() -> Vec<(&'static str, Mutation, &'static str)> {
             },
             "ToDeviceFailedToDecrypt_MismatchedSender",
         ),
-        ("body not base64", |e, _| set_body(e, "not base64!*"), "ToDeviceFailedToDecrypt_MalformedCiphertext"),
+        (
+            "body not base64",
+            |e, _| set_body(e, "not base64!*"),
+            "ToDeviceFailedToDecrypt_MalformedCiphertext",
+        ),
         (
             "sender_key missing",
             |mut e, _| {
@@ -162,16 +180,23 @@ fn crafted_cases() -> Vec<(&'static str, Craft, &'static str)> {
         (
             "crafted: recipient_keys.ed25519 of another device",
             Some(|p, _| {
-                p["recipient_keys"]["ed25519"] =
-                    json!(SimulatedDevice::new("@x:example.org", "X").ed25519_key().to_base64())
+                p["recipient_keys"]["ed25519"] = json!(SimulatedDevice::new("@x:example.org", "X")
+                    .ed25519_key()
+                    .to_base64())
             }),
             "ToDeviceFailedToDecrypt_MismatchedKeys",
         ),
-        ("crafted: plaintext not JSON", None, "ToDeviceFailedToDecrypt_JsonError"),
+        (
+            "crafted: plaintext not JSON",
+            None,
+            "ToDeviceFailedToDecrypt_JsonError",
+        ),
         (
             "crafted: sender_device_keys with a bad signature",
             Some(|p, _| {
-                let sigs = p["sender_device_keys"]["signatures"].as_object_mut().unwrap();
+                let sigs = p["sender_device_keys"]["signatures"]
+                    .as_object_mut()
+                    .unwrap();
                 let by_user = sigs.values_mut().next().unwrap().as_object_mut().unwrap();
                 for sig in by_user.values_mut() {
                     let s = sig.as_str().unwrap();
@@ -208,7 +233,9 @@ async fn mutations_are_classified_and_compared_with_the_reference() {
     decrypted(&out[0]);
     acknowledge(&p.bob, &out).await;
     p.bob_replies().await;
-    let other_key = SimulatedDevice::new("@x:example.org", "X").curve25519_key().to_base64();
+    let other_key = SimulatedDevice::new("@x:example.org", "X")
+        .curve25519_key()
+        .to_base64();
     let mut rows = Vec::new();
 
     // Replay: delivered intact, then again before and after acknowledging.
@@ -220,11 +247,17 @@ async fn mutations_are_classified_and_compared_with_the_reference() {
         assert!(matches!(&again[0], ToDeviceOutcome::Decrypted(e) if e.re_emitted && e.id == id));
         p.bob.acknowledge(&[id]).await.unwrap();
         let replayed = bob_receives(&p.bob, &theirs).await;
-        assert_eq!(ours_label(&replayed[0]), "ToDeviceFailedToDecrypt_ReplayedMessage");
+        assert_eq!(
+            ours_label(&replayed[0]),
+            "ToDeviceFailedToDecrypt_ReplayedMessage"
+        );
 
         let mine = p.bob_sends(&[json!({"case": "replay"})]).await;
         let (first, _) = p.alice.receive_logged(&mine).await;
-        assert!(matches!(first[..], [RefOutcome::Decrypted { .. }]), "{first:?}");
+        assert!(
+            matches!(first[..], [RefOutcome::Decrypted { .. }]),
+            "{first:?}"
+        );
         let (second, log) = p.alice.receive_logged(&mine).await;
         rows.push(Row {
             case: "redelivered before acknowledge",
@@ -245,11 +278,16 @@ async fn mutations_are_classified_and_compared_with_the_reference() {
         let out = bob_receives(&p.bob, &[mutate(theirs[0].clone(), &other_key)]).await;
         let ours = ours_label(&out[0]);
         let mine = p.bob_sends(&[json!({"case": case})]).await;
-        let (reference, log) = p.alice.receive_logged(&[mutate(mine[0].clone(), &other_key)]).await;
+        let (reference, log) = p
+            .alice
+            .receive_logged(&[mutate(mine[0].clone(), &other_key)])
+            .await;
         rows.push(Row {
             case,
             ours,
-            reference: reference.first().map_or("(dropped)".to_owned(), RefOutcome::label),
+            reference: reference
+                .first()
+                .map_or("(dropped)".to_owned(), RefOutcome::label),
             reference_log: log_summary(&log),
         });
         assert_eq!(rows.last().unwrap().ours, expected, "{case}");
@@ -266,7 +304,9 @@ async fn mutations_are_classified_and_compared_with_the_reference() {
         rows.push(Row {
             case,
             ours: ours_label(&out[0]),
-            reference: reference.first().map_or("(dropped)".to_owned(), RefOutcome::label),
+            reference: reference
+                .first()
+                .map_or("(dropped)".to_owned(), RefOutcome::label),
             reference_log: log_summary(&log),
         });
         assert_eq!(rows.last().unwrap().ours, expected, "{case}");
@@ -275,7 +315,11 @@ async fn mutations_are_classified_and_compared_with_the_reference() {
     // Nothing mutated is accepted by either side (the redelivery before acknowledge is the one
     // intact event, re-emitted by ours and refused by the reference).
     for row in &rows {
-        assert!(!row.reference.starts_with("Decrypted"), "the reference accepted: {}", row.case);
+        assert!(
+            !row.reference.starts_with("Decrypted"),
+            "the reference accepted: {}",
+            row.case
+        );
     }
 
     let mut table = String::from(

@@ -56,11 +56,18 @@ pub struct Pair {
 pub async fn pair(bob_knows_alice: bool) -> Pair {
     let (bob, bob_body) = ours(5).await;
     let alice = Reference::new(ALICE, ALICE_DEVICE).await;
-    let alice_body = alice.keys_upload_body().await.expect("the reference uploads its keys");
+    let alice_body = alice
+        .keys_upload_body()
+        .await
+        .expect("the reference uploads its keys");
     alice.receive_device_keys(&bob_body["device_keys"]).await;
     assert!(alice.knows_device(BOB, BOB_DEVICE).await);
     let (key_id, key) = first_one_time_key(&bob_body);
-    assert!(alice.claim_and_create_session(BOB, BOB_DEVICE, &key_id, &key).await);
+    assert!(
+        alice
+            .claim_and_create_session(BOB, BOB_DEVICE, &key_id, &key)
+            .await
+    );
     if bob_knows_alice {
         let outcome = bob
             .receive_keys_query_response(&keys_query(&alice_body["device_keys"]))
@@ -68,7 +75,12 @@ pub async fn pair(bob_knows_alice: bool) -> Pair {
             .unwrap();
         assert_eq!(outcome.stored, 1, "{:?}", outcome.rejected);
     }
-    Pair { bob, bob_body, alice, alice_body }
+    Pair {
+        bob,
+        bob_body,
+        alice,
+        alice_body,
+    }
 }
 
 impl Pair {
@@ -78,12 +90,17 @@ impl Pair {
 
     /// Alice (reference) encrypts one event per content for Bob.
     pub async fn alice_sends(&self, contents: &[Value]) -> Vec<Value> {
-        self.alice.encrypt(BOB, BOB_DEVICE, TEST_TYPE, contents).await
+        self.alice
+            .encrypt(BOB, BOB_DEVICE, TEST_TYPE, contents)
+            .await
     }
 
     /// Bob (ours) encrypts one event per content for Alice.
     pub async fn bob_sends(&self, contents: &[Value]) -> Vec<Value> {
-        self.bob.encrypt(&self.alice_keys(), TEST_TYPE, contents).await.unwrap()
+        self.bob
+            .encrypt(&self.alice_keys(), TEST_TYPE, contents)
+            .await
+            .unwrap()
     }
 
     /// Bob replies and Alice decrypts it: from then on both sides send normal messages.
@@ -96,7 +113,9 @@ impl Pair {
 
 /// The Olm message type (0 pre-key, 1 normal) of the entry for `curve25519` in an event.
 pub fn message_type(event: &Value, curve25519: &str) -> u64 {
-    event["content"]["ciphertext"][curve25519]["type"].as_u64().expect("an entry for the key")
+    event["content"]["ciphertext"][curve25519]["type"]
+        .as_u64()
+        .expect("an entry for the key")
 }
 
 pub fn decrypted(outcome: &ToDeviceOutcome) -> &DecryptedToDeviceEvent {

@@ -1,4 +1,4 @@
-//! 2. They → us: hundreds of events encrypted by the reference decrypt at ours, pre-key
+//! Scenario 2: They → us: hundreds of events encrypted by the reference decrypt at ours, pre-key
 //! messages first, normal ones after our reply; the sender is vouched for by their
 //! `sender_device_keys` alone (we never ran /keys/query for Alice).
 
@@ -7,7 +7,9 @@ use serde_json::json;
 use crate::common::*;
 
 async fn deliver_and_check(pair: &Pair, from: usize, count: usize, expected_type: u64) {
-    let contents: Vec<_> = (from..from + count).map(|seq| json!({"seq": seq, "pad": "x".repeat(200)})).collect();
+    let contents: Vec<_> = (from..from + count)
+        .map(|seq| json!({"seq": seq, "pad": "x".repeat(200)}))
+        .collect();
     let events = pair.alice_sends(&contents).await;
     assert_eq!(events.len(), count);
     let ours = pair.bob.identity_keys().curve25519.to_base64();
@@ -43,5 +45,10 @@ async fn hundreds_of_reference_events_decrypt_at_ours() {
     pair.bob_replies().await;
     // From now on the reference sends normal messages.
     deliver_and_check(&pair, 150, 250, 1).await;
-    assert!(pair.bob.pending_decrypted_events().await.unwrap().is_empty());
+    assert!(pair
+        .bob
+        .pending_decrypted_events()
+        .await
+        .unwrap()
+        .is_empty());
 }

@@ -1,4 +1,4 @@
-//! 3. Us → them: events from our `encrypt` decrypt in the reference's `receive_sync_changes`,
+//! Scenario 3: Us → them: events from our `encrypt` decrypt in the reference's `receive_sync_changes`,
 //! and the reference identifies our device from our `sender_device_keys` (it never ran
 //! /keys/query for us before the first batch).
 
@@ -9,11 +9,21 @@ use crate::common::*;
 
 fn check(outcomes: &[RefOutcome], from: usize, bob_device_keys: &Value, bob_curve: &str) {
     for (i, outcome) in outcomes.iter().enumerate() {
-        let RefOutcome::Decrypted { event, sender, sender_device, sender_curve25519 } = outcome else {
+        let RefOutcome::Decrypted {
+            event,
+            sender,
+            sender_device,
+            sender_curve25519,
+        } = outcome
+        else {
             panic!("event {i}: the reference failed: {outcome:?}");
         };
         assert_eq!(sender, BOB);
-        assert_eq!(sender_device.as_deref(), Some(BOB_DEVICE), "our device identified");
+        assert_eq!(
+            sender_device.as_deref(),
+            Some(BOB_DEVICE),
+            "our device identified"
+        );
         assert_eq!(sender_curve25519, bob_curve);
         assert_eq!(event["type"], TEST_TYPE);
         assert_eq!(event["sender"], BOB);
@@ -34,7 +44,10 @@ async fn our_events_decrypt_in_the_reference() {
 
     // Pre-key messages (our session is new; the reference has not replied yet).
     let contents: Vec<_> = (0..150).map(|seq| json!({"seq": seq})).collect();
-    let events = bob.encrypt(&alice_keys, TEST_TYPE, &contents).await.unwrap();
+    let events = bob
+        .encrypt(&alice_keys, TEST_TYPE, &contents)
+        .await
+        .unwrap();
     for event in &events {
         assert_eq!(message_type(event, &alice.curve25519()), 0);
     }
@@ -46,14 +59,23 @@ async fn our_events_decrypt_in_the_reference() {
 
     // The reference replies on the session we created; we decrypt it.
     alice.receive_device_keys(&bob_device_keys).await;
-    let reply = alice.encrypt(BOB, BOB_DEVICE, TEST_TYPE, &[json!({"reply": true})]).await;
-    assert_eq!(message_type(&reply[0], &bob_curve), 1, "the reference reuses our session");
+    let reply = alice
+        .encrypt(BOB, BOB_DEVICE, TEST_TYPE, &[json!({"reply": true})])
+        .await;
+    assert_eq!(
+        message_type(&reply[0], &bob_curve),
+        1,
+        "the reference reuses our session"
+    );
     let out = bob_receives(&bob, &reply).await;
     assert_eq!(decrypted(&out[0]).content, json!({"reply": true}));
 
     // Now our messages are normal messages, and still decrypt there.
     let contents: Vec<_> = (150..300).map(|seq| json!({"seq": seq})).collect();
-    let events = bob.encrypt(&alice_keys, TEST_TYPE, &contents).await.unwrap();
+    let events = bob
+        .encrypt(&alice_keys, TEST_TYPE, &contents)
+        .await
+        .unwrap();
     for event in &events {
         assert_eq!(message_type(event, &alice.curve25519()), 1);
     }
