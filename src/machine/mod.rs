@@ -443,6 +443,10 @@ impl OlmMachine {
         }
         if missing > 0 || !fallback_key_unused {
             self.save_account(&mut state).await?;
+        } else {
+            // Nothing changed: an empty commit writes nothing and marks the cache current again
+            // (otherwise the next batch would reload every cached session).
+            self.commit(&mut state, Changes::default()).await?;
         }
         Ok(missing)
     }
@@ -606,9 +610,9 @@ impl OlmMachine {
             .process_batch(&mut state, raw_events, next_batch, require_encrypted)
             .await;
         let store_failure = result.as_ref().err().map(|error| {
-            // The cache (policy state included) is ahead of the store: revert it now so that the
-            // retried batch is judged afresh, then count the Store failure itself.
-            state.stale = true;
+            // The cache (policy state included) is ahead of the store (`begin_write` marked it
+            // stale): revert it now so that the retried batch is judged afresh, then count the
+            // Store failure itself.
             state.policy_dirty = true;
             let key = FailureKey {
                 reason: FailureReason::Store,
@@ -698,10 +702,8 @@ impl OlmMachine {
                 .await;
             match outcome {
                 Ok(outcome) => outcomes.push(outcome),
-                Err(error) => {
-                    state.stale = true;
-                    return Err(error);
-                }
+                // `begin_write` left the cache marked stale: the next call reloads it.
+                Err(error) => return Err(error),
             }
         }
         self.apply_reporting_policy(state, &mut batch, &mut outcomes, raw_events, now)

@@ -160,6 +160,9 @@ impl CryptoStore for MemoryStore {
         if self.fail_next_save.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Simulated("save_changes failed".to_owned()));
         }
+        if changes.is_empty() {
+            return Ok(()); // like SQLite: no write, no new generation
+        }
         let mut contents = self.lock();
         if let Some(account) = changes.account {
             contents.account = Some(account);
