@@ -214,3 +214,48 @@ async fn a_store_opened_with_a_passphrase_reopens_with_it_and_refuses_another() 
         "the passphrase is not stored"
     );
 }
+
+/// The replay check asks the store about a whole batch at once; SQLite answers in chunks of 64.
+#[tokio::test]
+async fn known_message_hashes_answers_for_batches_of_any_size() {
+    use to_device_crypto::olm::envelope::MessageHash;
+    use to_device_crypto::store::{Changes, CryptoStore};
+    use to_device_crypto::MemoryStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(
+        dir.path().join("hashes.sqlite3"),
+        StoreKey::generate().unwrap(),
+        Synchronous::Normal,
+    )
+    .unwrap();
+    let stores: [Arc<dyn CryptoStore>; 2] = [Arc::new(sqlite), Arc::new(MemoryStore::new())];
+    let hash = |i: u32| {
+        let mut bytes = [0u8; 32];
+        bytes[..4].copy_from_slice(&i.to_be_bytes());
+        bytes[31] = 0xA5;
+        MessageHash(bytes)
+    };
+    let stored: Vec<MessageHash> = (0..150).map(|i| hash(i * 2)).collect();
+    for store in stores {
+        store
+            .save_changes(Changes {
+                message_hashes: stored.clone(),
+                ..Changes::default()
+            })
+            .await
+            .unwrap();
+        assert!(store.known_message_hashes(&[]).await.unwrap().is_empty());
+        for asked in [1, 63, 64, 65, 129, 300] {
+            // Stored and unknown hashes interleaved, so every chunk holds some of each.
+            let query: Vec<MessageHash> = (0..asked as u32).map(hash).collect();
+            let known = store.known_message_hashes(&query).await.unwrap();
+            let expected: std::collections::HashSet<MessageHash> = query
+                .iter()
+                .filter(|h| stored.contains(h))
+                .copied()
+                .collect();
+            assert_eq!(known, expected, "{asked} hashes asked");
+        }
+    }
+}

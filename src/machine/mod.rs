@@ -36,6 +36,7 @@ use crate::store::{
     StoredRequest, StoredResult, StoredSession, Synchronous, WriteLock,
 };
 
+mod outbox;
 mod recovery;
 
 /// A decrypted to-device event that passed every check.
@@ -176,6 +177,8 @@ struct EventPosition {
 /// What one batch changed, besides the dirty flags on session entries.
 #[derive(Default)]
 struct BatchChanges {
+    /// Which of the batch's message hashes the store already held when the batch began.
+    stored_hashes: HashSet<MessageHash>,
     account_changed: bool,
     dirty_sender_keys: HashSet<[u8; 32]>,
     message_hashes: Vec<MessageHash>,
@@ -689,16 +692,31 @@ impl OlmMachine {
         };
         let mut outcomes = Vec::with_capacity(raw_events.len());
         let now = now_millis();
-        for (index, raw) in raw_events.iter().enumerate() {
+        // Envelopes first, so that the store answers the replay check for the whole batch at once.
+        let parsed: Vec<_> = raw_events
+            .iter()
+            .map(|raw| {
+                let mut facts = EnvelopeFacts::default();
+                let parsed = parse_event(raw.as_ref(), &self.curve25519_base64, &mut facts);
+                (parsed, facts)
+            })
+            .collect();
+        let hashes: Vec<MessageHash> = parsed
+            .iter()
+            .filter_map(|(parsed, _)| match parsed {
+                Ok(ParsedEvent::Olm(envelope)) => Some(envelope.message_hash),
+                _ => None,
+            })
+            .collect();
+        batch.stored_hashes = self.store.known_message_hashes(&hashes).await?;
+        for (index, (raw, (parsed, facts))) in raw_events.iter().zip(parsed).enumerate() {
+            let position = EventPosition {
+                index,
+                now,
+                require_encrypted,
+            };
             let outcome = self
-                .process_event(
-                    state,
-                    &mut batch,
-                    raw.as_ref(),
-                    index,
-                    now,
-                    require_encrypted,
-                )
+                .process_event(state, &mut batch, raw.as_ref(), parsed, facts, position)
                 .await;
             match outcome {
                 Ok(outcome) => outcomes.push(outcome),
@@ -723,19 +741,11 @@ impl OlmMachine {
         state: &mut MachineState,
         batch: &mut BatchChanges,
         raw: &str,
-        index: usize,
-        now: u64,
-        require_encrypted: bool,
+        parsed: Result<ParsedEvent, DecryptionError>,
+        facts: EnvelopeFacts,
+        position: EventPosition,
     ) -> Result<ToDeviceOutcome, StoreError> {
-        let mut facts = EnvelopeFacts::default();
-        let position = EventPosition {
-            index,
-            now,
-            require_encrypted,
-        };
-        let result = self
-            .decrypt_event(state, batch, raw, position, &mut facts)
-            .await;
+        let result = self.decrypt_event(state, batch, parsed, position).await;
         Ok(match result {
             Ok(Some(event)) => ToDeviceOutcome::Decrypted(event),
             Ok(None) => match serde_json::from_str(raw) {
@@ -759,16 +769,15 @@ impl OlmMachine {
         &self,
         state: &mut MachineState,
         batch: &mut BatchChanges,
-        raw: &str,
+        parsed: Result<ParsedEvent, DecryptionError>,
         event: EventPosition,
-        facts: &mut EnvelopeFacts,
     ) -> Result<Option<DecryptedToDeviceEvent>, DecryptionError> {
         let EventPosition {
             index,
             now,
             require_encrypted,
         } = event;
-        let envelope = match parse_event(raw, &self.curve25519_base64, facts)? {
+        let envelope = match parsed? {
             ParsedEvent::Plain { event_type } if require_encrypted => {
                 return Err(DecryptionError::UnsupportedAlgorithm(Some(format!(
                     "none: a plain {event_type} event"
@@ -787,10 +796,7 @@ impl OlmMachine {
             return Ok(Some(event));
         }
         if batch.seen_hashes.contains(&envelope.message_hash)
-            || self
-                .store
-                .contains_message_hash(&envelope.message_hash)
-                .await?
+            || batch.stored_hashes.contains(&envelope.message_hash)
         {
             let id = result_id(&envelope.message_hash);
             if let Some(stored) = self.store.pending_result(&id).await? {
@@ -847,6 +853,7 @@ impl OlmMachine {
             known_devices: devices,
         };
         let accepted = check_plaintext(&plaintext, &context, verified_device_keys)?;
+        let accepted_raw_content = accepted.raw_content;
         let event = DecryptedToDeviceEvent {
             id: result_id(&envelope.message_hash),
             re_emitted: false,
@@ -865,7 +872,7 @@ impl OlmMachine {
             id: event.id.clone(),
             batch: batch.batch_number.unwrap_or_default(),
             index: index as u64,
-            json: serde_json::to_string(&event).map_err(corrupted("decrypted result"))?,
+            json: outbox::pending_result_json(&event, accepted_raw_content),
         });
         Ok(Some(event))
     }

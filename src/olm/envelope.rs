@@ -1,14 +1,14 @@
 //! Parsing of to-device event envelopes: from raw JSON to an Olm message addressed to us.
 //!
-//! Only the fields the checks need are materialized; the rest of the event stays borrowed raw
-//! JSON, which keeps parsing cheap for the common case.
+//! The event is read in one pass: only the fields the checks need are materialized (borrowed where
+//! the text allows), other recipients' ciphertexts are skipped without being copied, and fields of
+//! the wrong type are remembered rather than failing the parse, so each check names its own failure.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
-
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
+use std::borrow::Cow;
 use vodozemac::olm::OlmMessage;
 use vodozemac::Curve25519PublicKey;
 
@@ -78,16 +78,6 @@ impl MessageHash {
 }
 
 #[derive(Deserialize)]
-struct RawEnvelope<'a> {
-    #[serde(rename = "type", borrow)]
-    event_type: Cow<'a, str>,
-    #[serde(borrow)]
-    sender: Cow<'a, str>,
-    #[serde(borrow)]
-    content: &'a RawValue,
-}
-
-#[derive(Deserialize)]
 struct RawCiphertextEntry<'a> {
     #[serde(rename = "type")]
     message_type: u8,
@@ -95,7 +85,224 @@ struct RawCiphertextEntry<'a> {
     body: Cow<'a, str>,
 }
 
-type RawObject<'a> = HashMap<Cow<'a, str>, &'a RawValue>;
+/// A field that must be a string, read leniently: a value of another type is remembered as such
+/// instead of failing the whole parse, so that each check can name its own failure.
+enum MaybeStr<'a> {
+    Str(Cow<'a, str>),
+    NotAString,
+}
+
+impl<'de> Deserialize<'de> for MaybeStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct StrVisitor;
+        impl<'de> Visitor<'de> for StrVisitor {
+            type Value = MaybeStr<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(MaybeStr::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(MaybeStr::Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(MaybeStr::Str(Cow::Owned(v)))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(MaybeStr::NotAString)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(MaybeStr::NotAString)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(MaybeStr::NotAString)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(MaybeStr::NotAString)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(MaybeStr::NotAString)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                IgnoredAny.visit_seq(seq)?;
+                Ok(MaybeStr::NotAString)
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                IgnoredAny.visit_map(map)?;
+                Ok(MaybeStr::NotAString)
+            }
+        }
+        deserializer.deserialize_any(StrVisitor)
+    }
+}
+
+/// `content.ciphertext`, with only our entry kept (borrowed, parsed later) and the others skipped.
+enum RawCiphertext<'a> {
+    Object {
+        ours: Option<&'a RawValue>,
+        recipient_count: usize,
+    },
+    NotAnObject,
+}
+
+struct CiphertextSeed<'k> {
+    our_key: &'k str,
+}
+
+impl<'de> DeserializeSeed<'de> for CiphertextSeed<'_> {
+    type Value = RawCiphertext<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for CiphertextSeed<'_> {
+    type Value = RawCiphertext<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut ours = None;
+        let mut recipient_count = 0;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            if key == self.our_key {
+                ours = Some(map.next_value::<&'de RawValue>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+            recipient_count += 1;
+        }
+        Ok(RawCiphertext::Object {
+            ours,
+            recipient_count,
+        })
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(RawCiphertext::NotAnObject)
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(RawCiphertext::NotAnObject)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(RawCiphertext::NotAnObject)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(RawCiphertext::NotAnObject)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(RawCiphertext::NotAnObject)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(RawCiphertext::NotAnObject)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(RawCiphertext::NotAnObject)
+    }
+}
+
+/// The `content` fields the checks read, taken in the same pass as the envelope.
+#[derive(Default)]
+struct RawContent<'a> {
+    algorithm: Option<MaybeStr<'a>>,
+    sender_key: Option<MaybeStr<'a>>,
+    ciphertext: Option<RawCiphertext<'a>>,
+}
+
+struct ContentSeed<'k> {
+    our_key: &'k str,
+}
+
+impl<'de> DeserializeSeed<'de> for ContentSeed<'_> {
+    type Value = RawContent<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ContentSeed<'_> {
+    type Value = RawContent<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("`content` to be an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut content = RawContent::default();
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "algorithm" => content.algorithm = Some(map.next_value()?),
+                "sender_key" => content.sender_key = Some(map.next_value()?),
+                "ciphertext" => {
+                    content.ciphertext = Some(map.next_value_seed(CiphertextSeed {
+                        our_key: self.our_key,
+                    })?)
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(content)
+    }
+}
+
+/// The envelope fields, with `content` read in the same pass: one scan of the event text.
+struct RawEnvelope<'a> {
+    event_type: Cow<'a, str>,
+    sender: Cow<'a, str>,
+    content: RawContent<'a>,
+}
+
+struct EnvelopeSeed<'k> {
+    our_key: &'k str,
+}
+
+impl<'de> DeserializeSeed<'de> for EnvelopeSeed<'_> {
+    type Value = RawEnvelope<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EnvelopeSeed<'_> {
+    type Value = RawEnvelope<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object with string `type` and `sender` and an object `content`")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut event_type, mut sender, mut content) = (None, None, None);
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "type" => event_type = Some(map.next_value::<Cow<'de, str>>()?),
+                "sender" => sender = Some(map.next_value::<Cow<'de, str>>()?),
+                "content" => {
+                    content = Some(map.next_value_seed(ContentSeed {
+                        our_key: self.our_key,
+                    })?)
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(RawEnvelope {
+            event_type: event_type.ok_or_else(|| de::Error::missing_field("type"))?,
+            sender: sender.ok_or_else(|| de::Error::missing_field("sender"))?,
+            content: content.ok_or_else(|| de::Error::missing_field("content"))?,
+        })
+    }
+}
 
 /// Parses `raw` and runs the envelope checks in order: envelope → algorithm → sender key →
 /// ciphertext for us → Olm decode. `facts` is filled in as fields are learned.
@@ -106,54 +313,72 @@ pub fn parse_event(
 ) -> Result<ParsedEvent, DecryptionError> {
     check_limits(raw, JsonLimits::TO_DEVICE_EVENT)
         .map_err(|e| DecryptionError::MalformedEvent(e.to_string()))?;
-    let envelope: RawEnvelope<'_> = serde_json::from_str(raw).map_err(|e| {
+    let mut deserializer = serde_json::Deserializer::from_str(raw);
+    let envelope = EnvelopeSeed {
+        our_key: our_curve25519_key,
+    }
+    .deserialize(&mut deserializer)
+    .and_then(|envelope| deserializer.end().map(|()| envelope))
+    .map_err(|e| {
         DecryptionError::MalformedEvent(format!(
             "expected an object with string `type` and `sender` and an object `content`: {e}"
         ))
     })?;
     facts.sender = Some(envelope.sender.clone().into_owned());
-    let content: RawObject<'_> = serde_json::from_str(envelope.content.get())
-        .map_err(|_| DecryptionError::MalformedEvent("`content` is not an object".to_owned()))?;
     if envelope.event_type != ENCRYPTED_EVENT_TYPE {
         return Ok(ParsedEvent::Plain {
             event_type: envelope.event_type.into_owned(),
         });
     }
+    let content = envelope.content;
 
-    let algorithm = content
-        .get("algorithm")
-        .and_then(|raw| serde_json::from_str::<Cow<'_, str>>(raw.get()).ok());
+    let algorithm = match content.algorithm {
+        Some(MaybeStr::Str(algorithm)) => Some(algorithm),
+        _ => None,
+    };
     if algorithm.as_deref() != Some(OLM_V1_ALGORITHM) {
         return Err(DecryptionError::UnsupportedAlgorithm(
             algorithm.map(Cow::into_owned),
         ));
     }
 
-    let sender_key = content
-        .get("sender_key")
-        .ok_or_else(|| DecryptionError::MissingSenderKey("`sender_key` is missing".to_owned()))?;
-    let sender_key: Cow<'_, str> = serde_json::from_str(sender_key.get()).map_err(|_| {
-        DecryptionError::MissingSenderKey("`sender_key` is not a string".to_owned())
-    })?;
+    let sender_key = match content.sender_key {
+        None => {
+            return Err(DecryptionError::MissingSenderKey(
+                "`sender_key` is missing".to_owned(),
+            ))
+        }
+        Some(MaybeStr::NotAString) => {
+            return Err(DecryptionError::MissingSenderKey(
+                "`sender_key` is not a string".to_owned(),
+            ))
+        }
+        Some(MaybeStr::Str(sender_key)) => sender_key,
+    };
     facts.sender_key = Some(sender_key.clone().into_owned());
     let sender_key = Curve25519PublicKey::from_base64(&sender_key)
         .map_err(|e| DecryptionError::MissingSenderKey(format!("invalid curve25519 key: {e}")))?;
 
-    let ciphertext: RawObject<'_> = content
-        .get("ciphertext")
-        .ok_or_else(|| DecryptionError::MalformedCiphertext("`ciphertext` is missing".to_owned()))
-        .and_then(|raw| {
-            serde_json::from_str(raw.get()).map_err(|_| {
-                DecryptionError::MalformedCiphertext("`ciphertext` is not an object".to_owned())
-            })
-        })?;
-    let entry =
-        ciphertext
-            .get(our_curve25519_key)
-            .ok_or_else(|| DecryptionError::MissingCiphertext {
-                our_key: our_curve25519_key.to_owned(),
-                recipient_count: ciphertext.len(),
-            })?;
+    let (ours, recipient_count) = match content.ciphertext {
+        None => {
+            return Err(DecryptionError::MalformedCiphertext(
+                "`ciphertext` is missing".to_owned(),
+            ))
+        }
+        Some(RawCiphertext::NotAnObject) => {
+            return Err(DecryptionError::MalformedCiphertext(
+                "`ciphertext` is not an object".to_owned(),
+            ))
+        }
+        Some(RawCiphertext::Object {
+            ours,
+            recipient_count,
+        }) => (ours, recipient_count),
+    };
+    let entry = ours.ok_or_else(|| DecryptionError::MissingCiphertext {
+        our_key: our_curve25519_key.to_owned(),
+        recipient_count,
+    })?;
     let entry: RawCiphertextEntry<'_> = serde_json::from_str(entry.get()).map_err(|e| {
         DecryptionError::MalformedCiphertext(format!(
             "our entry needs an integer `type` and a string `body`: {e}"

@@ -6,6 +6,7 @@
 use std::collections::HashSet;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 use vodozemac::Curve25519PublicKey;
 
@@ -16,10 +17,11 @@ use crate::error::DecryptionError;
 pub const ROOM_KEY_EVENT_TYPE: &str = "m.room_key";
 
 #[derive(Deserialize)]
-struct RawPlaintext {
+struct RawPlaintext<'a> {
     #[serde(rename = "type")]
     event_type: String,
-    content: Value,
+    #[serde(borrow)]
+    content: &'a RawValue,
     sender: String,
     recipient: String,
     recipient_keys: Ed25519Only,
@@ -49,11 +51,14 @@ pub struct PlaintextContext<'a> {
 
 /// A plaintext that passed every check.
 #[derive(Debug)]
-pub struct AcceptedPlaintext {
+pub struct AcceptedPlaintext<'a> {
     /// The decrypted event type.
     pub event_type: String,
     /// The decrypted event content (a JSON object).
     pub content: Value,
+    /// `content` as it was sent, borrowed from the plaintext: stored as is, so that the outbox
+    /// does not serialize `content` again.
+    pub raw_content: &'a RawValue,
     /// The sender's Ed25519 key as claimed by `keys.ed25519`.
     pub sender_ed25519: String,
     /// The sending device's id, when the device is known.
@@ -154,14 +159,18 @@ struct SenderDevice {
 /// An unknown sending device without `sender_device_keys` is accepted only for `m.room_key`
 /// events (with `sender_device_verified: false`), as matrix-sdk-crypto does, so that room keys
 /// sent right after a login are not lost; other event types fail with `MissingSigningKey`.
-pub fn check_plaintext(
-    bytes: &[u8],
+pub fn check_plaintext<'a>(
+    bytes: &'a [u8],
     context: &PlaintextContext<'_>,
     cache: &mut VerifiedDeviceKeysCache,
-) -> Result<AcceptedPlaintext, DecryptionError> {
-    let plaintext: RawPlaintext =
-        serde_json::from_slice(bytes).map_err(|e| DecryptionError::JsonError(e.to_string()))?;
-    if !plaintext.content.is_object() {
+) -> Result<AcceptedPlaintext<'a>, DecryptionError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| DecryptionError::JsonError(format!("the plaintext is not UTF-8: {e}")))?;
+    let plaintext: RawPlaintext<'a> =
+        serde_json::from_str(text).map_err(|e| DecryptionError::JsonError(e.to_string()))?;
+    let content: Value = serde_json::from_str(plaintext.content.get())
+        .map_err(|e| DecryptionError::JsonError(e.to_string()))?;
+    if !content.is_object() {
         return Err(DecryptionError::JsonError(
             "`content` is not an object".to_owned(),
         ));
@@ -222,7 +231,8 @@ pub fn check_plaintext(
     };
     Ok(AcceptedPlaintext {
         event_type: plaintext.event_type,
-        content: plaintext.content,
+        content,
+        raw_content: plaintext.content,
         sender_ed25519: claimed_ed25519,
         sender_device_id,
         sender_device_verified: verified,

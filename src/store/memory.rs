@@ -94,8 +94,16 @@ impl CryptoStore for MemoryStore {
         Ok(self.lock().devices.values().cloned().collect())
     }
 
-    async fn contains_message_hash(&self, hash: &MessageHash) -> Result<bool, StoreError> {
-        Ok(self.lock().message_hashes.contains(hash))
+    async fn known_message_hashes(
+        &self,
+        hashes: &[MessageHash],
+    ) -> Result<HashSet<MessageHash>, StoreError> {
+        let state = self.lock();
+        Ok(hashes
+            .iter()
+            .filter(|hash| state.message_hashes.contains(hash))
+            .copied()
+            .collect())
     }
 
     async fn is_one_time_key_claimed(&self, key: &str) -> Result<bool, StoreError> {

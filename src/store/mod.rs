@@ -4,6 +4,8 @@
 //! The machine keeps a cache of what it needs and hands the store one [`Changes`] per batch, which
 //! the store must commit atomically: all of it or nothing.
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 
 use crate::error::StoreError;
@@ -168,8 +170,12 @@ pub trait CryptoStore: Send + Sync + std::fmt::Debug {
     async fn load_sessions(&self, sender_key: &str) -> Result<Vec<StoredSession>, StoreError>;
     /// Every stored device.
     async fn load_devices(&self) -> Result<Vec<StoredDevice>, StoreError>;
-    /// Whether a message with this hash was already decrypted.
-    async fn contains_message_hash(&self, hash: &MessageHash) -> Result<bool, StoreError>;
+    /// Which of `hashes` belong to messages already decrypted: one call per batch, so that a
+    /// store can answer with one query instead of one per event.
+    async fn known_message_hashes(
+        &self,
+        hashes: &[MessageHash],
+    ) -> Result<HashSet<MessageHash>, StoreError>;
     /// Whether we already used this one-time key of another device.
     async fn is_one_time_key_claimed(&self, key: &str) -> Result<bool, StoreError>;
     /// Whether a failure with this mark was already recorded.

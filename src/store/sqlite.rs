@@ -5,6 +5,7 @@
 //! corrupts the file. [`Synchronous::Full`] also survives power loss, at the cost of one fsync per
 //! commit.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -417,6 +418,14 @@ fn meta_number(connection: &Connection, key: &str) -> Result<u64, StoreError> {
         .unwrap_or_default())
 }
 
+/// How many replay hashes one lookup query checks.
+const HASH_LOOKUP_CHUNK: usize = 64;
+
+static HASH_LOOKUP_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let placeholders = vec!["?"; HASH_LOOKUP_CHUNK].join(",");
+    format!("SELECT hash FROM message_hashes WHERE hash IN ({placeholders})")
+});
+
 fn result_context(id: &str) -> String {
     format!("result:{id}")
 }
@@ -499,11 +508,32 @@ impl CryptoStore for SqliteStore {
         Ok(devices)
     }
 
-    async fn contains_message_hash(&self, hash: &MessageHash) -> Result<bool, StoreError> {
+    async fn known_message_hashes(
+        &self,
+        hashes: &[MessageHash],
+    ) -> Result<HashSet<MessageHash>, StoreError> {
+        let mut known = HashSet::new();
+        let Some(last) = hashes.last() else {
+            return Ok(known);
+        };
         let connection = self.lock();
-        let mut statement =
-            connection.prepare_cached("SELECT 1 FROM message_hashes WHERE hash = ?1")?;
-        Ok(statement.exists(params![&hash.0[..]])?)
+        let mut statement = connection.prepare_cached(&HASH_LOOKUP_SQL)?;
+        for chunk in hashes.chunks(HASH_LOOKUP_CHUNK) {
+            // One statement text for every chunk: a short chunk repeats its last hash.
+            let parameters =
+                (0..HASH_LOOKUP_CHUNK).map(|i| chunk.get(i).unwrap_or(last).0.as_slice());
+            let mut rows = statement.query(rusqlite::params_from_iter(parameters))?;
+            while let Some(row) = rows.next()? {
+                let bytes: Vec<u8> = row.get(0)?;
+                let hash =
+                    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| StoreError::Corrupted {
+                        what: "message hash",
+                        detail: format!("a stored hash has {} bytes, not 32", bytes.len()),
+                    })?;
+                known.insert(MessageHash(hash));
+            }
+        }
+        Ok(known)
     }
 
     async fn is_one_time_key_claimed(&self, key: &str) -> Result<bool, StoreError> {

@@ -1,0 +1,94 @@
+//! The outbox's stored form of a decrypted result: the JSON of [`DecryptedToDeviceEvent`], written
+//! directly from the plaintext's own `content` text instead of serializing the parsed content again.
+
+use serde_json::value::RawValue;
+
+use super::DecryptedToDeviceEvent;
+
+/// The JSON that `serde_json::to_string(event)` produces, with `content` copied from
+/// `raw_content` (the text `event.content` was parsed from).
+pub(super) fn pending_result_json(
+    event: &DecryptedToDeviceEvent,
+    raw_content: &RawValue,
+) -> String {
+    let mut out = Vec::with_capacity(raw_content.get().len() + 256);
+    string_field(&mut out, "{\"id\":", &event.id);
+    out.extend_from_slice(if event.re_emitted {
+        b",\"re_emitted\":true"
+    } else {
+        b",\"re_emitted\":false"
+    });
+    string_field(&mut out, ",\"event_type\":", &event.event_type);
+    out.extend_from_slice(b",\"content\":");
+    out.extend_from_slice(raw_content.get().as_bytes());
+    string_field(&mut out, ",\"sender\":", &event.sender);
+    string_field(
+        &mut out,
+        ",\"sender_curve25519_key\":",
+        &event.sender_curve25519_key,
+    );
+    string_field(
+        &mut out,
+        ",\"sender_ed25519_key\":",
+        &event.sender_ed25519_key,
+    );
+    match &event.sender_device_id {
+        Some(device_id) => string_field(&mut out, ",\"sender_device_id\":", device_id),
+        None => out.extend_from_slice(b",\"sender_device_id\":null"),
+    }
+    out.extend_from_slice(if event.sender_device_verified {
+        b",\"sender_device_verified\":true}"
+    } else {
+        b",\"sender_device_verified\":false}"
+    });
+    String::from_utf8(out).expect("built from UTF-8 pieces")
+}
+
+/// Appends `name` (the text before the value: separator, key and colon) and `value` as a JSON string.
+fn string_field(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.extend_from_slice(name.as_bytes());
+    // Writing a `&str` into a `Vec` cannot fail.
+    serde_json::to_writer(&mut *out, value).expect("a string serializes");
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    use super::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        // Quotes, backslashes, control characters and non-ASCII: everything escaping must handle.
+        proptest::string::string_regex("[a-z\"\\\\\u{0}-\u{1f}é😀:@!]{0,12}").unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn matches_what_serde_writes(
+            id in text(), re_emitted: bool, event_type in text(), sender in text(),
+            curve in text(), ed in text(), device_id in proptest::option::of(text()),
+            verified: bool, content_text in text(),
+            // Content as clients send it: any key order, spacing and escapes.
+            spaced: bool,
+        ) {
+            let raw_content = if spaced {
+                format!("{{ \"body\" : {} , \"n\" : [1, 2.5, null] }}", serde_json::to_string(&content_text).unwrap())
+            } else {
+                format!("{{\"n\":[1,2.5,null],\"body\":{}}}", serde_json::to_string(&content_text).unwrap())
+            };
+            let raw: Box<RawValue> = serde_json::from_str(&raw_content).unwrap();
+            let event = DecryptedToDeviceEvent {
+                id, re_emitted, event_type,
+                content: serde_json::from_str(raw.get()).unwrap(),
+                sender, sender_curve25519_key: curve, sender_ed25519_key: ed,
+                sender_device_id: device_id, sender_device_verified: verified,
+            };
+            let written = pending_result_json(&event, &raw);
+            let as_value: Value = serde_json::from_str(&written).unwrap();
+            prop_assert_eq!(as_value, serde_json::to_value(&event).unwrap());
+            let read_back: DecryptedToDeviceEvent = serde_json::from_str(&written).unwrap();
+            prop_assert_eq!(read_back, event);
+        }
+    }
+}
