@@ -120,6 +120,28 @@ async fn fixture_table(
         "ToDeviceFailedToDecrypt_MalformedCiphertext",
     );
     push(
+        "our entry not an object",
+        with_ciphertext(good.clone(), |e| *e = json!(["type", 1])),
+        "ToDeviceFailedToDecrypt_MalformedCiphertext",
+    );
+    push(
+        "message type as a string",
+        with_ciphertext(good.clone(), |e| e["type"] = json!("1")),
+        "ToDeviceFailedToDecrypt_MalformedCiphertext",
+    );
+    push(
+        "message type 257 (wraps to 1 as a byte)",
+        with_ciphertext(good.clone(), |e| e["type"] = json!(257)),
+        "ToDeviceFailedToDecrypt_MalformedCiphertext",
+    );
+    push(
+        "no body",
+        with_ciphertext(good.clone(), |e| {
+            e.as_object_mut().unwrap().remove("body");
+        }),
+        "ToDeviceFailedToDecrypt_MalformedCiphertext",
+    );
+    push(
         "undecodable Olm message",
         with_ciphertext(good.clone(), |e| e["body"] = json!("AAAA")),
         "ToDeviceFailedToDecrypt_MalformedCiphertext",

@@ -259,3 +259,62 @@ async fn known_message_hashes_answers_for_batches_of_any_size() {
         }
     }
 }
+
+/// Both stores keep the outbox the same way: listed in (batch, index) order, found by id, and
+/// acknowledged results gone, however many are pending.
+#[tokio::test]
+async fn the_outbox_lists_in_order_finds_by_id_and_forgets_acknowledged_results() {
+    use to_device_crypto::store::{Changes, CryptoStore, StoredResult};
+    use to_device_crypto::MemoryStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteStore::open(
+        dir.path().join("outbox.sqlite3"),
+        StoreKey::generate().unwrap(),
+        Synchronous::Normal,
+    )
+    .unwrap();
+    let stores: [Arc<dyn CryptoStore>; 2] = [Arc::new(sqlite), Arc::new(MemoryStore::new())];
+    let result = |batch: u64, index: u64| StoredResult {
+        id: format!("r{batch}-{index}"),
+        batch,
+        index,
+        json: format!(r#"{{"batch":{batch},"index":{index}}}"#),
+    };
+    for store in stores {
+        // Batches committed newest first, each with its results in reverse.
+        for batch in (1..=3).rev() {
+            store
+                .save_changes(Changes {
+                    pending_results: (0..500).rev().map(|index| result(batch, index)).collect(),
+                    ..Changes::default()
+                })
+                .await
+                .unwrap();
+        }
+        let acknowledged: Vec<String> = (0..500)
+            .filter(|index| index % 3 != 0)
+            .map(|index| result(2, index).id)
+            .collect();
+        store
+            .save_changes(Changes {
+                acknowledged: acknowledged.clone(),
+                ..Changes::default()
+            })
+            .await
+            .unwrap();
+
+        let listed = store.load_pending_results().await.unwrap();
+        let expected: Vec<(u64, u64)> = (1..=3)
+            .flat_map(|batch| (0..500).map(move |index| (batch, index)))
+            .filter(|&(batch, index)| batch != 2 || index % 3 == 0)
+            .collect();
+        let order: Vec<(u64, u64)> = listed.iter().map(|r| (r.batch, r.index)).collect();
+        assert_eq!(order, expected);
+        assert_eq!(
+            store.pending_result("r2-3").await.unwrap(),
+            Some(result(2, 3))
+        );
+        assert_eq!(store.pending_result(&acknowledged[0]).await.unwrap(), None);
+    }
+}

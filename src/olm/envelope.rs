@@ -6,7 +6,6 @@
 
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use vodozemac::olm::OlmMessage;
@@ -77,70 +76,120 @@ impl MessageHash {
     }
 }
 
-#[derive(Deserialize)]
-struct RawCiphertextEntry<'a> {
-    #[serde(rename = "type")]
-    message_type: u8,
-    #[serde(borrow)]
-    body: Cow<'a, str>,
-}
-
-/// A field that must be a string, read leniently: a value of another type is remembered as such
-/// instead of failing the whole parse, so that each check can name its own failure.
-enum MaybeStr<'a> {
+/// A field read leniently: a value of an unexpected type is remembered as such instead of failing
+/// the whole parse, so that each check can name its own failure.
+enum Scalar<'a> {
     Str(Cow<'a, str>),
-    NotAString,
+    UInt(u64),
+    Other,
 }
 
-impl<'de> Deserialize<'de> for MaybeStr<'de> {
+impl<'de> Deserialize<'de> for Scalar<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct StrVisitor;
-        impl<'de> Visitor<'de> for StrVisitor {
-            type Value = MaybeStr<'de>;
+        struct ScalarVisitor;
+        impl<'de> Visitor<'de> for ScalarVisitor {
+            type Value = Scalar<'de>;
             fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.write_str("any JSON value")
             }
             fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(MaybeStr::Str(Cow::Borrowed(v)))
+                Ok(Scalar::Str(Cow::Borrowed(v)))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(MaybeStr::Str(Cow::Owned(v.to_owned())))
+                Ok(Scalar::Str(Cow::Owned(v.to_owned())))
             }
             fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(MaybeStr::Str(Cow::Owned(v)))
+                Ok(Scalar::Str(Cow::Owned(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Scalar::UInt(v))
             }
             fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(MaybeStr::NotAString)
+                Ok(Scalar::Other)
             }
             fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(MaybeStr::NotAString)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(MaybeStr::NotAString)
+                Ok(Scalar::Other)
             }
             fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(MaybeStr::NotAString)
+                Ok(Scalar::Other)
             }
             fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(MaybeStr::NotAString)
+                Ok(Scalar::Other)
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
                 IgnoredAny.visit_seq(seq)?;
-                Ok(MaybeStr::NotAString)
+                Ok(Scalar::Other)
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 IgnoredAny.visit_map(map)?;
-                Ok(MaybeStr::NotAString)
+                Ok(Scalar::Other)
             }
         }
-        deserializer.deserialize_any(StrVisitor)
+        deserializer.deserialize_any(ScalarVisitor)
     }
 }
 
-/// `content.ciphertext`, with only our entry kept (borrowed, parsed later) and the others skipped.
+/// Our entry of `content.ciphertext`; `None` fields were absent.
+enum RawEntry<'a> {
+    Object {
+        message_type: Option<Scalar<'a>>,
+        body: Option<Scalar<'a>>,
+    },
+    NotAnObject,
+}
+
+impl<'de> Deserialize<'de> for RawEntry<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntryVisitor;
+        impl<'de> Visitor<'de> for EntryVisitor {
+            type Value = RawEntry<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let (mut message_type, mut body) = (None, None);
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "type" => message_type = Some(map.next_value()?),
+                        "body" => body = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(RawEntry::Object { message_type, body })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+                IgnoredAny.visit_seq(seq)?;
+                Ok(RawEntry::NotAnObject)
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(RawEntry::NotAnObject)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(RawEntry::NotAnObject)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(RawEntry::NotAnObject)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(RawEntry::NotAnObject)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(RawEntry::NotAnObject)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(RawEntry::NotAnObject)
+            }
+        }
+        deserializer.deserialize_any(EntryVisitor)
+    }
+}
+
+/// `content.ciphertext`, with only our entry read and the others skipped.
 enum RawCiphertext<'a> {
     Object {
-        ours: Option<&'a RawValue>,
+        ours: Option<RawEntry<'a>>,
         recipient_count: usize,
     },
     NotAnObject,
@@ -170,7 +219,7 @@ impl<'de> Visitor<'de> for CiphertextSeed<'_> {
         let mut recipient_count = 0;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             if key == self.our_key {
-                ours = Some(map.next_value::<&'de RawValue>()?);
+                ours = Some(map.next_value::<RawEntry<'de>>()?);
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
@@ -210,8 +259,8 @@ impl<'de> Visitor<'de> for CiphertextSeed<'_> {
 /// The `content` fields the checks read, taken in the same pass as the envelope.
 #[derive(Default)]
 struct RawContent<'a> {
-    algorithm: Option<MaybeStr<'a>>,
-    sender_key: Option<MaybeStr<'a>>,
+    algorithm: Option<Scalar<'a>>,
+    sender_key: Option<Scalar<'a>>,
     ciphertext: Option<RawCiphertext<'a>>,
 }
 
@@ -333,7 +382,7 @@ pub fn parse_event(
     let content = envelope.content;
 
     let algorithm = match content.algorithm {
-        Some(MaybeStr::Str(algorithm)) => Some(algorithm),
+        Some(Scalar::Str(algorithm)) => Some(algorithm),
         _ => None,
     };
     if algorithm.as_deref() != Some(OLM_V1_ALGORITHM) {
@@ -348,12 +397,12 @@ pub fn parse_event(
                 "`sender_key` is missing".to_owned(),
             ))
         }
-        Some(MaybeStr::NotAString) => {
+        Some(Scalar::UInt(_) | Scalar::Other) => {
             return Err(DecryptionError::MissingSenderKey(
                 "`sender_key` is not a string".to_owned(),
             ))
         }
-        Some(MaybeStr::Str(sender_key)) => sender_key,
+        Some(Scalar::Str(sender_key)) => sender_key,
     };
     facts.sender_key = Some(sender_key.clone().into_owned());
     let sender_key = Curve25519PublicKey::from_base64(&sender_key)
@@ -379,24 +428,35 @@ pub fn parse_event(
         our_key: our_curve25519_key.to_owned(),
         recipient_count,
     })?;
-    let entry: RawCiphertextEntry<'_> = serde_json::from_str(entry.get()).map_err(|e| {
-        DecryptionError::MalformedCiphertext(format!(
-            "our entry needs an integer `type` and a string `body`: {e}"
-        ))
-    })?;
-    facts.message_type = Some(entry.message_type);
-    if entry.message_type > 1 {
+    let (message_type, body) = match entry {
+        RawEntry::Object {
+            message_type: Some(Scalar::UInt(message_type @ 0..=255)),
+            body: Some(Scalar::Str(body)),
+        } => (message_type as u8, body),
+        RawEntry::Object { .. } => {
+            return Err(DecryptionError::MalformedCiphertext(
+                "our entry needs an integer `type` and a string `body`".to_owned(),
+            ))
+        }
+        RawEntry::NotAnObject => {
+            return Err(DecryptionError::MalformedCiphertext(
+                "our entry is not an object".to_owned(),
+            ))
+        }
+    };
+    facts.message_type = Some(message_type);
+    if message_type > 1 {
         return Err(DecryptionError::MalformedCiphertext(format!(
             "message type {} is neither 0 (pre-key) nor 1 (normal)",
-            entry.message_type
+            message_type
         )));
     }
-    let bytes = vodozemac::base64_decode(entry.body.as_bytes())
+    let bytes = vodozemac::base64_decode(body.as_bytes())
         .map_err(|e| DecryptionError::MalformedCiphertext(format!("body is not base64: {e}")))?;
-    let message = OlmMessage::from_parts(entry.message_type.into(), &bytes).map_err(|e| {
+    let message = OlmMessage::from_parts(message_type.into(), &bytes).map_err(|e| {
         DecryptionError::MalformedCiphertext(format!("undecodable Olm message: {e}"))
     })?;
-    let message_hash = MessageHash::new(&sender_key, entry.message_type, &bytes);
+    let message_hash = MessageHash::new(&sender_key, message_type, &bytes);
     facts.message_hash = Some(message_hash);
     Ok(ParsedEvent::Olm(Box::new(OlmEnvelope {
         sender: envelope.sender.into_owned(),

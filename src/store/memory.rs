@@ -24,7 +24,8 @@ struct Contents {
     policy_state: Option<String>,
     outgoing_requests: Vec<StoredRequest>,
     recovery_attempts: HashMap<String, u64>,
-    pending_results: Vec<StoredResult>,
+    /// By result id; ordered by (batch, index) only when listed.
+    pending_results: HashMap<String, StoredResult>,
     sync_token: Option<String>,
     batch_number: u64,
     generation: u64,
@@ -127,16 +128,14 @@ impl CryptoStore for MemoryStore {
     }
 
     async fn load_pending_results(&self) -> Result<Vec<StoredResult>, StoreError> {
-        Ok(self.lock().pending_results.clone())
+        let mut results: Vec<StoredResult> =
+            self.lock().pending_results.values().cloned().collect();
+        results.sort_unstable_by_key(|r| (r.batch, r.index));
+        Ok(results)
     }
 
     async fn pending_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError> {
-        Ok(self
-            .lock()
-            .pending_results
-            .iter()
-            .find(|r| r.id == id)
-            .cloned())
+        Ok(self.lock().pending_results.get(id).cloned())
     }
 
     async fn sync_token(&self) -> Result<Option<String>, StoreError> {
@@ -205,10 +204,15 @@ impl CryptoStore for MemoryStore {
             .retain(|r| !changes.sent_requests.contains(&r.request_id));
         contents.outgoing_requests.extend(changes.outgoing_requests);
         contents.recovery_attempts.extend(changes.recovery_attempts);
-        contents
-            .pending_results
-            .retain(|r| !changes.acknowledged.contains(&r.id));
-        contents.pending_results.extend(changes.pending_results);
+        for id in &changes.acknowledged {
+            contents.pending_results.remove(id);
+        }
+        contents.pending_results.extend(
+            changes
+                .pending_results
+                .into_iter()
+                .map(|result| (result.id.clone(), result)),
+        );
         if let Some(token) = changes.sync_token {
             contents.sync_token = Some(token);
         }
