@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Runs the Python, Kotlin/JVM and Swift test suites through the GENERATED UniFFI bindings, against the
-# host debug build of libto_device_crypto.so.
+# host debug build of libto_device_crypto.so (TDC_BINDINGS_PROFILE=release: the release build, as
+# scripts/bench.sh does for row 7).
 #
 #   scripts/test-bindings.sh [python] [kotlin] [swift]    (default: all three)
 #
 # Toolchains come from scripts/lib/toolchains.sh (cached outside the repo). Prints per-suite test
 # counts, wall time and the per-event FFI overhead each language measured, then one summary line
-# "N passed, M failed"; exits non-zero on any failure.
+# "N passed, M failed"; exits non-zero on any failure. Each measured overhead is also printed as a
+# machine-readable row for scripts/bench.sh:
+#   @row<TAB>7-LANG<TAB>name<TAB>foreign_us<TAB>rust_us<TAB>ours/base<TAB>-
+# where rust_us is $TDC_FFI_BASELINE_US (the same call from Rust, benches/ratios.rs), or `-`.
 #
 # Python and Swift use the committed bindings (checked fresh first). Kotlin is compiled from a copy
 # generated with uniffi-jvm.toml, because the committed copy uses Android's SystemCleaner.
@@ -14,7 +18,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/to-device-crypto/target}
-LIBDIR=$CARGO_TARGET_DIR/debug
+PROFILE=${TDC_BINDINGS_PROFILE:-debug}
+case $PROFILE in debug | release) ;; *) echo "TDC_BINDINGS_PROFILE must be debug or release, not '$PROFILE'" >&2; exit 2 ;; esac
+LIBDIR=$CARGO_TARGET_DIR/$PROFILE
 LIB=$LIBDIR/libto_device_crypto.so
 # shellcheck source=scripts/lib/toolchains.sh
 source "$ROOT/scripts/lib/toolchains.sh"
@@ -30,7 +36,13 @@ done
 unset RUST_BACKTRACE
 
 cd "$ROOT"
-"$ROOT/scripts/generate-bindings.sh" --check # also builds the cdylib (reused when up to date)
+# Also builds the debug cdylib and uniffi-bindgen (reused when up to date); the bindgen reads the
+# same metadata from a release library.
+"$ROOT/scripts/generate-bindings.sh" --check
+if [[ $PROFILE == release ]]; then
+	echo "test-bindings: building the release library (fat LTO: about a minute when src/ changed)"
+	cargo build --quiet --release --lib
+fi
 [[ -f $LIB ]] || { echo "test-bindings: $LIB was not built" >&2; exit 1; }
 
 WORK=$(mktemp -d)
@@ -39,6 +51,7 @@ trap 'rm -rf "$WORK"' EXIT
 total_passed=0
 total_failed=0
 summary=()
+rows=()
 
 # record SUITE RUN FAILED SECONDS LOG
 record() {
@@ -48,6 +61,12 @@ record() {
 	total_failed=$((total_failed + failed))
 	summary+=("$(printf '%-7s %2d tests, %d failed, %6.1f s, decrypt_to_device_event %s' \
 		"$suite" "$run" "$failed" "$secs" "${overhead:-n/a}")")
+	if [[ -n $overhead ]]; then
+		local lang
+		case $suite in python) lang=Python ;; kotlin) lang=Kotlin/JVM ;; *) lang=Swift ;; esac
+		rows+=("$(printf '@row\t7-%s\t7 FFI decrypt_to_device_event, %s / Rust (%s lib)\t%s\t%s\tours/base\t-' \
+			"$suite" "$lang" "$PROFILE" "${overhead% us/event}" "${TDC_FFI_BASELINE_US:--}")")
+	fi
 }
 
 now() { date +%s.%N; }
@@ -106,7 +125,8 @@ for s in "${suites[@]}"; do
 done
 
 echo
-echo "=== summary ==="
+echo "=== summary ($PROFILE library) ==="
 printf '%s\n' "${summary[@]}"
 echo "$total_passed passed, $total_failed failed"
+((${#rows[@]} == 0)) || printf '%s\n' "${rows[@]}"
 ((total_failed == 0))

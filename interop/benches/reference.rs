@@ -16,6 +16,12 @@
 //! medians over ROUNDS rounds are printed as µs/event with the ratios. Nothing is asserted: the
 //! targets (ours ≥ 10× faster in memory, ≥ 5× with SQLite) are reported as met or not.
 //!
+//! Besides the human-readable tables, each result is printed as a machine-readable line that
+//! `scripts/bench.sh` collects into its combined table (row 5):
+//!
+//! `@row<TAB>id<TAB>name<TAB>ours_us<TAB>base_us<TAB>base/ours<TAB>target` — ours = our receiver,
+//! base = matrix-sdk-crypto, and the ratio is theirs ÷ ours (how many times faster we are).
+//!
 //! Run: `cargo bench --bench reference` in interop/ (release), or `scripts/interop.sh --bench`.
 
 use std::sync::Arc;
@@ -212,6 +218,7 @@ fn main() {
     let (mut sqlite_senders, to_sqlite) = rt.block_on(senders_for_ours(&sqlite));
     let (mut reference_senders, to_reference) = rt.block_on(senders_for_reference(&reference));
 
+    let mut rows = Vec::new();
     for (kind, label) in [
         (Kind::RoomKey, "m.room_key with valid session keys"),
         (Kind::Custom, "custom type, ratios.rs content"),
@@ -227,7 +234,11 @@ fn main() {
             to_sqlite: &to_sqlite,
             to_reference: &to_reference,
         };
-        run.measure(&rt, kind, label);
+        rows.extend(run.measure(&rt, kind, label));
+    }
+    println!();
+    for row in rows {
+        println!("{row}");
     }
 }
 
@@ -244,7 +255,8 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn measure(&mut self, rt: &tokio::runtime::Runtime, kind: Kind, label: &str) {
+    /// Prints the human-readable table of `kind` and returns its two `@row` lines.
+    fn measure(&mut self, rt: &tokio::runtime::Runtime, kind: Kind, label: &str) -> [String; 2] {
         let (mut ours_memory, mut ours_sqlite, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
         let mut plaintext_bytes = 0;
         for round in 0..ROUNDS {
@@ -313,5 +325,19 @@ impl Run<'_> {
             "  reference / ours (SQLite) = {sqlite_ratio:.1}x   (target >= 5x: {})",
             verdict(sqlite_ratio, 5.0)
         );
+        let (id, what) = match kind {
+            Kind::RoomKey => ("5-roomkey", "m.room_key"),
+            Kind::Custom => ("5-custom", "custom type (decrypt only)"),
+        };
+        [
+            ("memory", "memory", mem_us, ">= 10"),
+            ("sqlite", "SQLite incl. commit", sql_us, ">= 5"),
+        ]
+        .map(|(suffix, store, ours_us, target)| {
+            format!(
+                "@row\t{id}-{suffix}\t5 matrix-sdk-crypto ÷ ours, {what}, {store}\t\
+                 {ours_us:.3}\t{ref_us:.3}\tbase/ours\t{target}"
+            )
+        })
     }
 }
