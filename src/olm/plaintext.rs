@@ -3,7 +3,7 @@
 //! They run in order — plaintext JSON → `sender` → `recipient` → `recipient_keys` →
 //! `sender_device_keys` → `keys.ed25519` — and the first failing check names the failure.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -26,8 +26,8 @@ struct RawPlaintext<'a> {
     recipient: String,
     recipient_keys: Ed25519Only,
     keys: Ed25519Only,
-    #[serde(default)]
-    sender_device_keys: Option<Value>,
+    #[serde(default, borrow)]
+    sender_device_keys: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -67,41 +67,50 @@ pub struct AcceptedPlaintext<'a> {
     pub sender_device_verified: bool,
 }
 
-/// Remembers `sender_device_keys` objects whose signature already verified, so that the key
-/// decoding and ~50 µs signature check run once per device instead of once per message.
+/// Remembers `sender_device_keys` objects whose signature already verified, by their exact text,
+/// so that parsing, key decoding and the ~50 µs signature check run once per device instead of
+/// once per message.
 ///
-/// The cache key holds every field the checks use plus the signature, so a different object can
-/// only hit the cache if it carries the same identity, keys and signature.
+/// A hit means this very text was parsed and verified before, so its fields are the ones cached;
+/// the comparisons with the message (sender, keys, known devices) still run on every message.
 #[derive(Debug, Default)]
 pub struct VerifiedDeviceKeysCache {
-    verified: HashSet<String>,
+    verified: HashMap<Box<str>, VerifiedFields>,
+}
+
+#[derive(Debug)]
+struct VerifiedFields {
+    user_id: String,
+    device_id: String,
+    curve25519: String,
+    ed25519: String,
 }
 
 impl VerifiedDeviceKeysCache {
     const MAX_ENTRIES: usize = 4096;
 
-    fn verify(
-        &mut self,
-        fields: &DeviceKeyFields<'_>,
-        value: &Value,
-    ) -> Result<(), DeviceKeysError> {
-        let key = fields.signature.map(|signature| {
-            format!(
-                "{}\u{0}{}\u{0}{}\u{0}{}\u{0}{signature}",
-                fields.user_id, fields.device_id, fields.curve25519, fields.ed25519
-            )
-        });
-        if key.as_ref().is_some_and(|key| self.verified.contains(key)) {
-            return Ok(());
+    fn get(&self, raw: &str) -> Option<DeviceKeyFields<'_>> {
+        self.verified.get(raw).map(|fields| DeviceKeyFields {
+            user_id: &fields.user_id,
+            device_id: &fields.device_id,
+            curve25519: &fields.curve25519,
+            ed25519: &fields.ed25519,
+        })
+    }
+
+    fn insert(&mut self, raw: &str, fields: &DeviceKeyFields<'_>) {
+        if self.verified.len() >= Self::MAX_ENTRIES {
+            self.verified.clear();
         }
-        DeviceKeys::from_signed_json(value)?;
-        if let Some(key) = key {
-            if self.verified.len() >= Self::MAX_ENTRIES {
-                self.verified.clear();
-            }
-            self.verified.insert(key);
-        }
-        Ok(())
+        self.verified.insert(
+            raw.into(),
+            VerifiedFields {
+                user_id: fields.user_id.to_owned(),
+                device_id: fields.device_id.to_owned(),
+                curve25519: fields.curve25519.to_owned(),
+                ed25519: fields.ed25519.to_owned(),
+            },
+        );
     }
 }
 
@@ -111,7 +120,6 @@ struct DeviceKeyFields<'a> {
     device_id: &'a str,
     curve25519: &'a str,
     ed25519: &'a str,
-    signature: Option<&'a str>,
 }
 
 impl<'a> DeviceKeyFields<'a> {
@@ -137,11 +145,6 @@ impl<'a> DeviceKeyFields<'a> {
         Ok(Self {
             curve25519: key("curve25519", "keys.curve25519:<device_id>")?,
             ed25519: key("ed25519", "keys.ed25519:<device_id>")?,
-            signature: object
-                .get("signatures")
-                .and_then(|s| s.get(user_id))
-                .and_then(|s| s.get(format!("ed25519:{device_id}")))
-                .and_then(Value::as_str),
             user_id,
             device_id,
         })
@@ -195,9 +198,9 @@ pub fn check_plaintext<'a>(
     }
 
     let claimed_ed25519 = plaintext.keys.ed25519;
-    let sender_device = match &plaintext.sender_device_keys {
-        Some(value) => Some(
-            check_sender_device_keys(value, &claimed_ed25519, context, cache)
+    let sender_device = match plaintext.sender_device_keys {
+        Some(raw) => Some(
+            check_sender_device_keys(raw, &claimed_ed25519, context, cache)
                 .map_err(DecryptionError::InvalidSenderDeviceKeys)?,
         ),
         None => None,
@@ -240,13 +243,29 @@ pub fn check_plaintext<'a>(
 }
 
 fn check_sender_device_keys(
-    value: &Value,
+    raw: &RawValue,
     claimed_ed25519: &str,
     context: &PlaintextContext<'_>,
     cache: &mut VerifiedDeviceKeysCache,
 ) -> Result<SenderDevice, DeviceKeysError> {
+    if let Some(fields) = cache.get(raw.get()) {
+        return compare_sender_device_keys(&fields, claimed_ed25519, context);
+    }
+    let value: Value = serde_json::from_str(raw.get()).map_err(|_| DeviceKeysError::NotAnObject)?;
+    let fields = DeviceKeyFields::read(&value)?;
+    let device = compare_sender_device_keys(&fields, claimed_ed25519, context)?;
+    DeviceKeys::from_signed_json(&value)?;
+    cache.insert(raw.get(), &fields);
+    Ok(device)
+}
+
+/// The checks of `sender_device_keys` against the message and the known devices.
+fn compare_sender_device_keys(
+    fields: &DeviceKeyFields<'_>,
+    claimed_ed25519: &str,
+    context: &PlaintextContext<'_>,
+) -> Result<SenderDevice, DeviceKeysError> {
     // Compared as the base64 strings that were sent, so that a cached device costs no key decoding.
-    let fields = DeviceKeyFields::read(value)?;
     let sender_key = context.sender_key.to_base64();
     let mismatch =
         |expected: String, found: String| DeviceKeysError::Mismatched { expected, found };
@@ -285,9 +304,90 @@ fn check_sender_device_keys(
             device_id: fields.device_id.to_owned(),
         });
     }
-    cache.verify(&fields, value)?;
     Ok(SenderDevice {
         device_id: fields.device_id.to_owned(),
         ed25519: fields.ed25519.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::simulator::{Recipient, SimulatedDevice};
+
+    const ALICE: &str = "@alice:example.org";
+    const BOB: &str = "@bob:example.org";
+
+    /// The verified-keys cache is keyed by the exact text: a hit skips parsing and the signature,
+    /// never the comparisons with the message, and any other text is verified afresh.
+    #[test]
+    fn cached_device_keys_still_meet_every_check() {
+        let alice = SimulatedDevice::new(ALICE, "ALICEDEVICE");
+        let to_bob = Recipient::from_device(
+            &SimulatedDevice::new(BOB, "BOBDEVICE")
+                .published_keys()
+                .device,
+        );
+        let good = alice.plaintext(&to_bob, "m.dummy", json!({}), true);
+        let no_devices = KnownDevices::default();
+        let mut cache = VerifiedDeviceKeysCache::default();
+        let mut check = |plaintext: &Value, sender: &str, known: &KnownDevices| {
+            let context = PlaintextContext {
+                our_user_id: BOB,
+                our_ed25519: &to_bob.ed25519.to_base64(),
+                envelope_sender: sender,
+                sender_key: &alice.curve25519_key(),
+                known_devices: known,
+            };
+            let bytes = plaintext.to_string().into_bytes();
+            let result =
+                check_plaintext(&bytes, &context, &mut cache).map(|a| a.sender_device_verified);
+            (result, cache.verified.len())
+        };
+
+        assert!(matches!(check(&good, ALICE, &no_devices), (Ok(true), 1)));
+        // A hit: the same text again.
+        assert!(matches!(check(&good, ALICE, &no_devices), (Ok(true), 1)));
+        // A hit still compares with the message: keys of Alice's device sent by Mallory.
+        let mut as_mallory = good.clone();
+        as_mallory["sender"] = json!("@mallory:example.org");
+        assert!(matches!(
+            check(&as_mallory, "@mallory:example.org", &no_devices),
+            (
+                Err(DecryptionError::InvalidSenderDeviceKeys(
+                    DeviceKeysError::Mismatched { .. }
+                )),
+                1
+            )
+        ));
+        // A hit still compares with /keys/query: a contradicting known device is refused.
+        let mut contradicting = KnownDevices::default();
+        contradicting.insert(
+            SimulatedDevice::new(ALICE, "ALICEDEVICE")
+                .published_keys()
+                .device,
+        );
+        assert!(matches!(
+            check(&good, ALICE, &contradicting),
+            (Err(DecryptionError::InvalidSenderDeviceKeys(_)), 1)
+        ));
+        // The same fields with a broken signature are another text: verified, refused, not cached.
+        let mut forged = good.clone();
+        let signature =
+            &mut forged["sender_device_keys"]["signatures"][ALICE]["ed25519:ALICEDEVICE"];
+        let mut text = signature.as_str().unwrap().to_owned();
+        let replacement = if text.starts_with("AAAA") {
+            "BBBB"
+        } else {
+            "AAAA"
+        };
+        text.replace_range(0..4, replacement);
+        *signature = json!(text);
+        assert!(matches!(
+            check(&forged, ALICE, &no_devices),
+            (Err(DecryptionError::InvalidSenderDeviceKeys(_)), 1)
+        ));
+    }
 }
