@@ -36,12 +36,14 @@ async fn a_version_1_store_is_migrated_in_place_to_the_current_version() {
     {
         let connection = rusqlite::Connection::open(&path).unwrap();
         connection
-            .execute_batch("DROP TABLE pending_results; PRAGMA user_version = 1;")
+            .execute_batch(
+                "DROP TABLE pending_results; DROP TABLE result_batches; PRAGMA user_version = 1;",
+            )
             .unwrap();
     }
     assert_eq!(user_version(&path), 1);
     let bob = open(&path, &key).await;
-    assert_eq!(user_version(&path), 3);
+    assert_eq!(user_version(&path), 4);
     assert_eq!(
         bob.identity_keys(),
         identity,
@@ -58,6 +60,73 @@ async fn a_version_1_store_is_migrated_in_place_to_the_current_version() {
         bob.pending_decrypted_events().await.unwrap().len(),
         1,
         "the new table works"
+    );
+}
+
+/// Version 3 sealed each pending result on its own row; version 4 seals a batch's results
+/// together. Rows a version-3 store holds are still delivered, rekeyed and acknowledged.
+#[tokio::test]
+async fn results_pending_in_a_version_3_store_survive_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let key = StoreKey::generate().unwrap();
+    drop(open(&path, &key).await);
+    let legacy = json!({
+        "id": "legacy-result", "re_emitted": false, "event_type": "m.room_key",
+        "content": {"session_key": "secret"}, "sender": ALICE,
+        "sender_curve25519_key": "curve", "sender_ed25519_key": "ed",
+        "sender_device_id": "ALICEPHONE", "sender_device_verified": true,
+    });
+    {
+        // What version 3 wrote: no result_batches table, the result sealed on its row.
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        connection
+            .execute_batch(
+                "DROP TABLE result_batches;
+                 ALTER TABLE pending_results DROP COLUMN result_batch;
+                 PRAGMA user_version = 3;",
+            )
+            .unwrap();
+        let sealed = key
+            .encrypt(legacy.to_string().as_bytes(), b"result:legacy-result")
+            .unwrap();
+        connection
+            .execute(
+                "INSERT INTO pending_results (id, batch, idx, data) VALUES ('legacy-result', 0, 0, ?1)",
+                [sealed],
+            )
+            .unwrap();
+    }
+    let bob = open(&path, &key).await;
+    assert_eq!(user_version(&path), 4);
+    // A new result next to the old one, sealed the version-4 way.
+    let keys = publish(&bob, 1).await;
+    let mut alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
+    let to_bob = alice.create_session(&keys, None);
+    let event = alice.encrypt(&to_bob, "m.room_key", json!({"n": 1}));
+    bob.decrypt_to_device_event(&event.to_string())
+        .await
+        .unwrap();
+    let new_key = StoreKey::generate().unwrap();
+    bob.rekey_store(new_key.clone()).await.unwrap();
+    drop(bob);
+
+    let bob = open(&path, &new_key).await;
+    let pending = bob.pending_decrypted_events().await.unwrap();
+    assert_eq!(pending.len(), 2);
+    assert_eq!(pending[0].event.id, "legacy-result");
+    assert_eq!(pending[0].event.content, json!({"session_key": "secret"}));
+    assert_eq!(pending[1].event.content, json!({"n": 1}));
+    let ids: Vec<String> = pending.iter().map(|p| p.event.id.clone()).collect();
+    bob.acknowledge(&ids).await.unwrap();
+    assert!(bob.pending_decrypted_events().await.unwrap().is_empty());
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    let batches: i64 = connection
+        .query_row("SELECT count(*) FROM result_batches", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(
+        batches, 0,
+        "an acknowledged batch's sealed results are deleted"
     );
 }
 
@@ -78,7 +147,7 @@ async fn newer_and_corrupted_files_are_refused_clearly_and_left_untouched() {
             error,
             StoreError::NewerSchema {
                 found: 99,
-                supported: 3
+                supported: 4
             }
         ),
         "{error}"
@@ -311,10 +380,14 @@ async fn the_outbox_lists_in_order_finds_by_id_and_forgets_acknowledged_results(
             .collect();
         let order: Vec<(u64, u64)> = listed.iter().map(|r| (r.batch, r.index)).collect();
         assert_eq!(order, expected);
-        assert_eq!(
-            store.pending_result("r2-3").await.unwrap(),
-            Some(result(2, 3))
-        );
-        assert_eq!(store.pending_result(&acknowledged[0]).await.unwrap(), None);
+        let asked = [
+            "r2-3".to_owned(),
+            acknowledged[0].clone(),
+            "r3-499".to_owned(),
+        ];
+        let found = store.pending_results(&asked).await.unwrap();
+        assert_eq!(found.len(), 2, "the acknowledged one is gone");
+        assert_eq!(found["r2-3"], result(2, 3));
+        assert_eq!(found["r3-499"], result(3, 499));
     }
 }

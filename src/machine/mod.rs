@@ -179,6 +179,8 @@ struct EventPosition {
 struct BatchChanges {
     /// Which of the batch's message hashes the store already held when the batch began.
     stored_hashes: HashSet<MessageHash>,
+    /// The still-pending results of those messages, by result id.
+    stored_pending: HashMap<String, StoredResult>,
     account_changed: bool,
     dirty_sender_keys: HashSet<[u8; 32]>,
     message_hashes: Vec<MessageHash>,
@@ -709,6 +711,10 @@ impl OlmMachine {
             })
             .collect();
         batch.stored_hashes = self.store.known_message_hashes(&hashes).await?;
+        if !batch.stored_hashes.is_empty() {
+            let ids: Vec<String> = batch.stored_hashes.iter().map(result_id).collect();
+            batch.stored_pending = self.store.pending_results(&ids).await?;
+        }
         for (index, (raw, (parsed, facts))) in raw_events.iter().zip(parsed).enumerate() {
             let position = EventPosition {
                 index,
@@ -798,8 +804,7 @@ impl OlmMachine {
         if batch.seen_hashes.contains(&envelope.message_hash)
             || batch.stored_hashes.contains(&envelope.message_hash)
         {
-            let id = result_id(&envelope.message_hash);
-            if let Some(stored) = self.store.pending_result(&id).await? {
+            if let Some(stored) = batch.stored_pending.get(&result_id(&envelope.message_hash)) {
                 let mut event: DecryptedToDeviceEvent =
                     serde_json::from_str(&stored.json).map_err(corrupted("decrypted result"))?;
                 event.re_emitted = true;

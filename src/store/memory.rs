@@ -134,8 +134,16 @@ impl CryptoStore for MemoryStore {
         Ok(results)
     }
 
-    async fn pending_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError> {
-        Ok(self.lock().pending_results.get(id).cloned())
+    async fn pending_results(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, StoredResult>, StoreError> {
+        let contents = self.lock();
+        Ok(ids
+            .iter()
+            .filter_map(|id| contents.pending_results.get(id))
+            .map(|result| (result.id.clone(), result.clone()))
+            .collect())
     }
 
     async fn sync_token(&self) -> Result<Option<String>, StoreError> {

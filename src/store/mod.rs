@@ -4,7 +4,7 @@
 //! The machine keeps a cache of what it needs and hands the store one [`Changes`] per batch, which
 //! the store must commit atomically: all of it or nothing.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 
@@ -13,6 +13,7 @@ use crate::olm::envelope::MessageHash;
 
 pub mod cipher;
 pub mod memory;
+mod result_batch;
 pub mod sqlite;
 
 pub use cipher::StoreKey;
@@ -188,8 +189,12 @@ pub trait CryptoStore: Send + Sync + std::fmt::Debug {
     async fn last_recovery_attempt(&self, sender_key: &str) -> Result<Option<u64>, StoreError>;
     /// Every result still waiting for acknowledgement, in batch and index order.
     async fn load_pending_results(&self) -> Result<Vec<StoredResult>, StoreError>;
-    /// One pending result, if it is still pending.
-    async fn pending_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError>;
+    /// The results among `ids` that are still pending, by id: one call per batch for all of its
+    /// re-delivered messages.
+    async fn pending_results(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, StoredResult>, StoreError>;
     /// The last committed `/sync` `next_batch` token.
     async fn sync_token(&self) -> Result<Option<String>, StoreError>;
     /// The number of the last committed batch (0 before the first).

@@ -5,7 +5,8 @@
 //! corrupts the file. [`Synchronous::Full`] also survives power loss, at the cost of one fsync per
 //! commit.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -13,6 +14,7 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::cipher::StoreKey;
+use super::result_batch::{self, FramedResult};
 use super::{
     Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredResult, StoredSession,
     WriteLock,
@@ -21,8 +23,9 @@ use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 
 /// The schema version this build writes. Version 1 had no outbox; version 2 kept session pickles
-/// in a `WITHOUT ROWID` table; [`migrate`] upgrades both.
-pub const SCHEMA_VERSION: i64 = 3;
+/// in a `WITHOUT ROWID` table; version 3 sealed every pending result on its own row (such rows are
+/// still read); [`migrate`] upgrades them all.
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// How long a batch waits for another process's batch before failing.
 const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -204,10 +207,24 @@ impl SqliteStore {
             .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
             .collect::<Result<_, _>>()?;
         for (id, data) in results {
+            if data.is_empty() {
+                continue; // sealed with its batch, in result_batches
+            }
             let sealed = reseal(&data, &result_context(&id), "decrypted result")?;
             transaction.execute(
                 "UPDATE pending_results SET data = ?1 WHERE id = ?2",
                 params![sealed, id],
+            )?;
+        }
+        let batches: Vec<(i64, i64, Vec<u8>)> = transaction
+            .prepare("SELECT id, batch, data FROM result_batches")?
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        for (batch_row, batch, data) in batches {
+            let sealed = reseal(&data, &result_batch_context(batch), "decrypted results")?;
+            transaction.execute(
+                "UPDATE result_batches SET data = ?1 WHERE id = ?2",
+                params![sealed, batch_row],
             )?;
         }
         transaction.commit()?;
@@ -226,6 +243,7 @@ impl SqliteStore {
              DELETE FROM message_hashes; DELETE FROM claimed_one_time_keys;
              DELETE FROM failure_marks; DELETE FROM outgoing_requests;
              DELETE FROM recovery_attempts; DELETE FROM pending_results;
+             DELETE FROM result_batches;
              DELETE FROM meta WHERE key != 'key_check';
              COMMIT;",
         )?;
@@ -244,19 +262,70 @@ impl SqliteStore {
             .encrypt(plaintext.as_bytes(), context.as_bytes())
     }
 
-    fn open_result(
+    /// Opens the pending results `rows` point at: their own sealed `data` (schema 3), or their
+    /// batch's sealed value (schema 4), each opened once however many rows share it.
+    fn open_results(
         &self,
-        id: String,
-        batch: i64,
-        index: i64,
-        data: &[u8],
-    ) -> Result<StoredResult, StoreError> {
-        Ok(StoredResult {
-            json: self.open_sealed(data, &result_context(&id), "decrypted result")?,
-            id,
-            batch: u64::try_from(batch).unwrap_or_default(),
-            index: u64::try_from(index).unwrap_or_default(),
-        })
+        connection: &Connection,
+        rows: Vec<PendingRow>,
+    ) -> Result<Vec<StoredResult>, StoreError> {
+        let mut batches: HashMap<i64, HashMap<String, String>> = HashMap::new();
+        let mut results = Vec::with_capacity(rows.len());
+        for row in rows {
+            let json = match row.result_batch {
+                None => {
+                    self.open_sealed(&row.data, &result_context(&row.id), "decrypted result")?
+                }
+                Some(batch_row) => {
+                    let batch_results = match batches.entry(batch_row) {
+                        Entry::Occupied(entry) => entry.into_mut(),
+                        Entry::Vacant(entry) => {
+                            entry.insert(self.open_result_batch(connection, batch_row)?)
+                        }
+                    };
+                    batch_results
+                        .get(&row.id)
+                        .cloned()
+                        .ok_or_else(|| StoreError::Corrupted {
+                            what: "decrypted results",
+                            detail: format!("result {} is missing from its batch", row.id),
+                        })?
+                }
+            };
+            results.push(StoredResult {
+                json,
+                id: row.id,
+                batch: u64::try_from(row.batch).unwrap_or_default(),
+                index: u64::try_from(row.index).unwrap_or_default(),
+            });
+        }
+        Ok(results)
+    }
+
+    fn open_result_batch(
+        &self,
+        connection: &Connection,
+        batch_row: i64,
+    ) -> Result<HashMap<String, String>, StoreError> {
+        let (batch, data): (i64, Vec<u8>) = connection
+            .prepare_cached("SELECT batch, data FROM result_batches WHERE id = ?1")?
+            .query_row(params![batch_row], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?
+            .ok_or_else(|| StoreError::Corrupted {
+                what: "decrypted results",
+                detail: "a pending result's batch is missing".to_owned(),
+            })?;
+        let framed = self
+            .current_key()
+            .decrypt(&data, result_batch_context(batch).as_bytes())
+            .ok_or_else(|| StoreError::Corrupted {
+                what: "decrypted results",
+                detail: "the value does not decrypt with the store key".to_owned(),
+            })?;
+        Ok(result_batch::decode(&framed)?
+            .into_iter()
+            .map(|result| (result.id.to_owned(), result.json.to_owned()))
+            .collect())
     }
 
     fn open_sealed(
@@ -391,6 +460,22 @@ fn migrate(connection: &Connection) -> Result<(), StoreError> {
              COMMIT;",
         )?;
     }
+    if version < 4 {
+        // A batch's results are sealed together in one `result_batches` row (see
+        // store/result_batch.rs); `pending_results` keeps one small row per result for lookups by
+        // id and order, pointing at it. Rows written before keep their own sealed `data`.
+        connection.execute_batch(
+            "BEGIN IMMEDIATE;
+             CREATE TABLE result_batches (
+                 id INTEGER PRIMARY KEY,
+                 batch INTEGER NOT NULL,
+                 remaining INTEGER NOT NULL,
+                 data BLOB NOT NULL);
+             ALTER TABLE pending_results ADD COLUMN result_batch INTEGER;
+             PRAGMA user_version = 4;
+             COMMIT;",
+        )?;
+    }
     Ok(())
 }
 
@@ -428,6 +513,33 @@ static HASH_LOOKUP_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
 
 fn result_context(id: &str) -> String {
     format!("result:{id}")
+}
+
+/// A `pending_results` row.
+struct PendingRow {
+    id: String,
+    batch: i64,
+    index: i64,
+    /// The result sealed on its own (schema 3 rows); empty when `result_batch` is set.
+    data: Vec<u8>,
+    /// The `result_batches` row holding the result (schema 4).
+    result_batch: Option<i64>,
+}
+
+impl PendingRow {
+    fn read(row: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+        Ok(Self {
+            id: row.get(0)?,
+            batch: row.get(1)?,
+            index: row.get(2)?,
+            data: row.get(3)?,
+            result_batch: row.get(4)?,
+        })
+    }
+}
+
+fn result_batch_context(batch: i64) -> String {
+    format!("result_batch:{batch}")
 }
 
 fn session_context(sender_key: &str, session_id: &str) -> String {
@@ -597,36 +709,38 @@ impl CryptoStore for SqliteStore {
     }
 
     async fn load_pending_results(&self) -> Result<Vec<StoredResult>, StoreError> {
-        let rows: Vec<(String, i64, i64, Vec<u8>)> = {
-            let connection = self.lock();
-            let mut statement = connection.prepare_cached(
-                "SELECT id, batch, idx, data FROM pending_results ORDER BY batch, idx",
-            )?;
-            let rows = statement
-                .query_map([], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
-                })?
-                .collect::<Result<_, _>>()?;
-            rows
-        };
-        rows.into_iter()
-            .map(|(id, batch, index, data)| self.open_result(id, batch, index, &data))
-            .collect()
+        let connection = self.lock();
+        let rows = connection
+            .prepare_cached(
+                "SELECT id, batch, idx, data, result_batch FROM pending_results ORDER BY batch, idx",
+            )?
+            .query_map([], PendingRow::read)?
+            .collect::<Result<Vec<_>, _>>()?;
+        self.open_results(&connection, rows)
     }
 
-    async fn pending_result(&self, id: &str) -> Result<Option<StoredResult>, StoreError> {
-        let row: Option<(i64, i64, Vec<u8>)> = {
-            let connection = self.lock();
-            let mut statement = connection
-                .prepare_cached("SELECT batch, idx, data FROM pending_results WHERE id = ?1")?;
-            statement
-                .query_row(params![id], |row| {
-                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
-                })
+    async fn pending_results(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, StoredResult>, StoreError> {
+        let connection = self.lock();
+        let mut rows = Vec::new();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, batch, idx, data, result_batch FROM pending_results WHERE id = ?1",
+        )?;
+        for id in ids {
+            if let Some(row) = statement
+                .query_row(params![id], PendingRow::read)
                 .optional()?
-        };
-        row.map(|(batch, index, data)| self.open_result(id.to_owned(), batch, index, &data))
-            .transpose()
+            {
+                rows.push(row);
+            }
+        }
+        Ok(self
+            .open_results(&connection, rows)?
+            .into_iter()
+            .map(|result| (result.id.clone(), result))
+            .collect())
     }
 
     async fn sync_token(&self) -> Result<Option<String>, StoreError> {
@@ -695,14 +809,27 @@ impl CryptoStore for SqliteStore {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let results = changes
-            .pending_results
-            .iter()
-            .map(|r| {
-                self.seal(&r.json, &result_context(&r.id))
-                    .map(|data| (r, data))
+        // One sealed value per batch for its results (the AEAD's cost per call rivals sealing a
+        // result's bytes).
+        let mut by_batch: BTreeMap<u64, Vec<&StoredResult>> = BTreeMap::new();
+        for result in &changes.pending_results {
+            by_batch.entry(result.batch).or_default().push(result);
+        }
+        let result_batches = by_batch
+            .into_iter()
+            .map(|(batch, results)| {
+                let batch = i64::try_from(batch).unwrap_or(i64::MAX);
+                let framed = result_batch::encode(results.iter().map(|r| FramedResult {
+                    id: &r.id,
+                    index: r.index,
+                    json: &r.json,
+                }));
+                let sealed = self
+                    .current_key()
+                    .encrypt(&framed, result_batch_context(batch).as_bytes())?;
+                Ok((batch, results, sealed))
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, StoreError>>()?;
 
         let mut connection = self.lock();
         let transaction = connection.transaction()?;
@@ -775,21 +902,59 @@ impl CryptoStore for SqliteStore {
             for (sender_key, at) in &changes.recovery_attempts {
                 statement.execute(params![sender_key, i64::try_from(*at).unwrap_or(i64::MAX)])?;
             }
-            let mut statement = transaction.prepare_cached(
-                "INSERT OR REPLACE INTO pending_results (id, batch, idx, data) VALUES (?1, ?2, ?3, ?4)",
-            )?;
-            for (result, data) in &results {
-                statement.execute(params![
-                    result.id,
-                    i64::try_from(result.batch).unwrap_or(i64::MAX),
-                    i64::try_from(result.index).unwrap_or(i64::MAX),
-                    data
-                ])?;
+            for (batch, results, sealed) in &result_batches {
+                transaction
+                    .prepare_cached(
+                        "INSERT INTO result_batches (batch, remaining, data) VALUES (?1, 0, ?2)",
+                    )?
+                    .execute(params![batch, sealed])?;
+                let batch_row = transaction.last_insert_rowid();
+                // A result id already pending keeps its row (the same message gives the same
+                // result): `remaining` counts only the rows that point here.
+                let mut statement = transaction.prepare_cached(
+                    "INSERT OR IGNORE INTO pending_results (id, batch, idx, data, result_batch)
+                     VALUES (?1, ?2, ?3, x'', ?4)",
+                )?;
+                let mut remaining = 0;
+                for result in results {
+                    remaining += statement.execute(params![
+                        result.id,
+                        batch,
+                        i64::try_from(result.index).unwrap_or(i64::MAX),
+                        batch_row
+                    ])?;
+                }
+                if remaining == 0 {
+                    transaction
+                        .prepare_cached("DELETE FROM result_batches WHERE id = ?1")?
+                        .execute(params![batch_row])?;
+                } else {
+                    transaction
+                        .prepare_cached("UPDATE result_batches SET remaining = ?1 WHERE id = ?2")?
+                        .execute(params![remaining, batch_row])?;
+                }
             }
-            let mut statement =
-                transaction.prepare_cached("DELETE FROM pending_results WHERE id = ?1")?;
+            let mut acknowledged_in = BTreeMap::<i64, i64>::new();
+            let mut statement = transaction.prepare_cached(
+                "DELETE FROM pending_results WHERE id = ?1 RETURNING result_batch",
+            )?;
             for id in &changes.acknowledged {
-                statement.execute(params![id])?;
+                let deleted: Option<Option<i64>> = statement
+                    .query_row(params![id], |row| row.get(0))
+                    .optional()?;
+                if let Some(Some(batch_row)) = deleted {
+                    *acknowledged_in.entry(batch_row).or_default() += 1;
+                }
+            }
+            for (batch_row, count) in acknowledged_in {
+                transaction
+                    .prepare_cached(
+                        "UPDATE result_batches SET remaining = remaining - ?1 WHERE id = ?2",
+                    )?
+                    .execute(params![count, batch_row])?;
+                transaction
+                    .prepare_cached("DELETE FROM result_batches WHERE id = ?1 AND remaining <= 0")?
+                    .execute(params![batch_row])?;
             }
             let mut statement = transaction
                 .prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES (?1, ?2)")?;
