@@ -391,3 +391,67 @@ async fn one_time_keys_are_topped_up_from_the_server_count() {
         "device keys were published"
     );
 }
+
+/// Large batches are parsed and checked against the store in chunks of 256 events: repeats and
+/// replays are recognised across chunk boundaries and results keep their batch index.
+#[tokio::test]
+async fn repeats_and_replays_are_recognised_across_parse_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(
+        dir.path().join("chunks.sqlite3"),
+        StoreKey::generate().unwrap(),
+        Synchronous::Normal,
+    )
+    .unwrap();
+    let bob = OlmMachine::open(BOB, "BOBDEVICE", Arc::new(store))
+        .await
+        .unwrap();
+    let keys = publish(&bob, 1).await;
+    let mut alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
+    let to_bob = alice.create_session(&keys, None);
+    let events: Vec<String> = (0..700)
+        .map(|seq| {
+            alice
+                .encrypt(&to_bob, "m.room_key", json!({"seq": seq}))
+                .to_string()
+        })
+        .collect();
+
+    // First batch: 600 new events, then event 10 again at index 600 (a later chunk).
+    let mut first: Vec<&str> = events[..600].iter().map(String::as_str).collect();
+    first.push(&events[10]);
+    let outcomes = bob.receive_to_device_events(&first).await.unwrap();
+    let decrypted = |outcome: &ToDeviceOutcome| match outcome {
+        ToDeviceOutcome::Decrypted(event) => event.clone(),
+        other => panic!("expected a decrypted event, got {other:?}"),
+    };
+    assert!((0..600).all(|i| !decrypted(&outcomes[i]).re_emitted));
+    assert!(decrypted(&outcomes[600]).re_emitted);
+    assert_eq!(decrypted(&outcomes[600]).id, decrypted(&outcomes[10]).id);
+    let pending = bob.pending_decrypted_events().await.unwrap();
+    assert_eq!(pending.len(), 600);
+    assert!(pending
+        .iter()
+        .enumerate()
+        .all(|(i, p)| p.index == i as u64 && p.event.content["seq"] == i));
+
+    // Acknowledge the first 300; the second batch puts new events first, then a pending one and
+    // an acknowledged one in its second and third chunks.
+    let acknowledged: Vec<String> = pending[..300].iter().map(|p| p.event.id.clone()).collect();
+    bob.acknowledge(&acknowledged).await.unwrap();
+    let mut second: Vec<&str> = events[600..700].iter().map(String::as_str).collect();
+    second.extend(std::iter::repeat_n(events[650].as_str(), 200));
+    second.push(&events[450]); // index 300: pending
+    second.push(&events[5]); // index 301: acknowledged
+    let outcomes = bob.receive_to_device_events(&second).await.unwrap();
+    assert!(decrypted(&outcomes[299]).re_emitted);
+    let pending_again = decrypted(&outcomes[300]);
+    assert!(pending_again.re_emitted);
+    assert_eq!(pending_again.content["seq"], 450);
+    match &outcomes[301] {
+        ToDeviceOutcome::Failed(failed) => {
+            assert_eq!(failed.error.reason(), FailureReason::ReplayedMessage)
+        }
+        other => panic!("expected a replay, got {other:?}"),
+    }
+}

@@ -174,10 +174,14 @@ struct EventPosition {
     require_encrypted: bool,
 }
 
+/// How many events of a batch are parsed ahead of decryption (and checked against the store's
+/// replay hashes in one query).
+const PARSE_CHUNK: usize = 256;
+
 /// What one batch changed, besides the dirty flags on session entries.
 #[derive(Default)]
 struct BatchChanges {
-    /// Which of the batch's message hashes the store already held when the batch began.
+    /// Which of the current chunk's message hashes the store already held when the batch began.
     stored_hashes: HashSet<MessageHash>,
     /// The still-pending results of those messages, by result id.
     stored_pending: HashMap<String, StoredResult>,
@@ -694,40 +698,45 @@ impl OlmMachine {
         };
         let mut outcomes = Vec::with_capacity(raw_events.len());
         let now = now_millis();
-        // Envelopes first, so that the store answers the replay check for the whole batch at once.
-        let parsed: Vec<_> = raw_events
-            .iter()
-            .map(|raw| {
-                let mut facts = EnvelopeFacts::default();
-                let parsed = parse_event(raw.as_ref(), &self.curve25519_base64, &mut facts);
-                (parsed, facts)
-            })
-            .collect();
-        let hashes: Vec<MessageHash> = parsed
-            .iter()
-            .filter_map(|(parsed, _)| match parsed {
-                Ok(ParsedEvent::Olm(envelope)) => Some(envelope.message_hash),
-                _ => None,
-            })
-            .collect();
-        batch.stored_hashes = self.store.known_message_hashes(&hashes).await?;
-        if !batch.stored_hashes.is_empty() {
-            let ids: Vec<String> = batch.stored_hashes.iter().map(result_id).collect();
-            batch.stored_pending = self.store.pending_results(&ids).await?;
-        }
-        for (index, (raw, (parsed, facts))) in raw_events.iter().zip(parsed).enumerate() {
-            let position = EventPosition {
-                index,
-                now,
-                require_encrypted,
+        // Envelopes first, so that the store answers the replay check once per chunk of events;
+        // chunks bound the memory the parsed envelopes take on a large batch.
+        for (chunk_number, chunk) in raw_events.chunks(PARSE_CHUNK).enumerate() {
+            let parsed: Vec<_> = chunk
+                .iter()
+                .map(|raw| {
+                    let mut facts = EnvelopeFacts::default();
+                    let parsed = parse_event(raw.as_ref(), &self.curve25519_base64, &mut facts);
+                    (parsed, facts)
+                })
+                .collect();
+            let hashes: Vec<MessageHash> = parsed
+                .iter()
+                .filter_map(|(parsed, _)| match parsed {
+                    Ok(ParsedEvent::Olm(envelope)) => Some(envelope.message_hash),
+                    _ => None,
+                })
+                .collect();
+            batch.stored_hashes = self.store.known_message_hashes(&hashes).await?;
+            batch.stored_pending = if batch.stored_hashes.is_empty() {
+                HashMap::new()
+            } else {
+                let ids: Vec<String> = batch.stored_hashes.iter().map(result_id).collect();
+                self.store.pending_results(&ids).await?
             };
-            let outcome = self
-                .process_event(state, &mut batch, raw.as_ref(), parsed, facts, position)
-                .await;
-            match outcome {
-                Ok(outcome) => outcomes.push(outcome),
-                // `begin_write` left the cache marked stale: the next call reloads it.
-                Err(error) => return Err(error),
+            for (offset, (raw, (parsed, facts))) in chunk.iter().zip(parsed).enumerate() {
+                let position = EventPosition {
+                    index: chunk_number * PARSE_CHUNK + offset,
+                    now,
+                    require_encrypted,
+                };
+                let outcome = self
+                    .process_event(state, &mut batch, raw.as_ref(), parsed, facts, position)
+                    .await;
+                match outcome {
+                    Ok(outcome) => outcomes.push(outcome),
+                    // `begin_write` left the cache marked stale: the next call reloads it.
+                    Err(error) => return Err(error),
+                }
             }
         }
         self.apply_reporting_policy(state, &mut batch, &mut outcomes, raw_events, now)
