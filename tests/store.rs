@@ -389,5 +389,21 @@ async fn the_outbox_lists_in_order_finds_by_id_and_forgets_acknowledged_results(
         assert_eq!(found.len(), 2, "the acknowledged one is gone");
         assert_eq!(found["r2-3"], result(2, 3));
         assert_eq!(found["r3-499"], result(3, 499));
+
+        let everything: Vec<String> = listed.iter().map(|r| r.id.clone()).collect();
+        store
+            .save_changes(Changes {
+                acknowledged: everything,
+                ..Changes::default()
+            })
+            .await
+            .unwrap();
+        assert!(store.load_pending_results().await.unwrap().is_empty());
     }
+    // 500 results a batch were sealed 256 at a time; none is kept once all are acknowledged.
+    let connection = rusqlite::Connection::open(dir.path().join("outbox.sqlite3")).unwrap();
+    let sealed: i64 = connection
+        .query_row("SELECT count(*) FROM result_batches", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(sealed, 0);
 }

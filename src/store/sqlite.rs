@@ -515,6 +515,9 @@ fn result_context(id: &str) -> String {
     format!("result:{id}")
 }
 
+/// How many decrypted results one `result_batches` row holds at most.
+const RESULTS_PER_SEAL: usize = 256;
+
 /// A `pending_results` row.
 struct PendingRow {
     id: String,
@@ -810,13 +813,19 @@ impl CryptoStore for SqliteStore {
             .collect::<Result<Vec<_>, _>>()?;
 
         // One sealed value per batch for its results (the AEAD's cost per call rivals sealing a
-        // result's bytes).
+        // result's bytes), split every RESULTS_PER_SEAL results so that a huge batch never needs
+        // several copies of all its results at once.
         let mut by_batch: BTreeMap<u64, Vec<&StoredResult>> = BTreeMap::new();
         for result in &changes.pending_results {
             by_batch.entry(result.batch).or_default().push(result);
         }
         let result_batches = by_batch
-            .into_iter()
+            .iter()
+            .flat_map(|(&batch, results)| {
+                results
+                    .chunks(RESULTS_PER_SEAL)
+                    .map(move |results| (batch, results))
+            })
             .map(|(batch, results)| {
                 let batch = i64::try_from(batch).unwrap_or(i64::MAX);
                 let framed = result_batch::encode(results.iter().map(|r| FramedResult {
@@ -916,7 +925,7 @@ impl CryptoStore for SqliteStore {
                      VALUES (?1, ?2, ?3, x'', ?4)",
                 )?;
                 let mut remaining = 0;
-                for result in results {
+                for result in results.iter() {
                     remaining += statement.execute(params![
                         result.id,
                         batch,
