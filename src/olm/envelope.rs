@@ -129,81 +129,99 @@ impl<'de> Deserialize<'de> for Scalar<'de> {
     }
 }
 
-/// Our entry of `content.ciphertext`; `None` fields were absent.
-enum RawEntry<'a> {
-    Object {
-        message_type: Option<Scalar<'a>>,
-        body: Option<Scalar<'a>>,
-    },
-    NotAnObject,
+/// Reads a JSON object with the visitor `V`, and any other JSON value (skipped) as `None`: a field
+/// of the wrong type then fails its own check instead of the whole parse.
+struct IfObject<V>(V);
+
+impl<'de, V: Visitor<'de>> Visitor<'de> for IfObject<V> {
+    type Value = Option<V::Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        self.0.visit_map(map).map(Some)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+        IgnoredAny.visit_seq(seq)?;
+        Ok(None)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
 }
 
-impl<'de> Deserialize<'de> for RawEntry<'de> {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct EntryVisitor;
-        impl<'de> Visitor<'de> for EntryVisitor {
-            type Value = RawEntry<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let (mut message_type, mut body) = (None, None);
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    match key.as_ref() {
-                        "type" => message_type = Some(map.next_value()?),
-                        "body" => body = Some(map.next_value()?),
-                        _ => {
-                            map.next_value::<IgnoredAny>()?;
-                        }
-                    }
+/// Our entry of `content.ciphertext`; `None` fields were absent.
+struct RawEntry<'a> {
+    message_type: Option<Scalar<'a>>,
+    body: Option<Scalar<'a>>,
+}
+
+/// Reads our entry (`None`: not an object).
+struct EntrySeed;
+
+impl<'de> DeserializeSeed<'de> for EntrySeed {
+    type Value = Option<RawEntry<'de>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(IfObject(self))
+    }
+}
+
+impl<'de> Visitor<'de> for EntrySeed {
+    type Value = RawEntry<'de>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut message_type, mut body) = (None, None);
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "type" => message_type = Some(map.next_value()?),
+                "body" => body = Some(map.next_value()?),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
                 }
-                Ok(RawEntry::Object { message_type, body })
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-                IgnoredAny.visit_seq(seq)?;
-                Ok(RawEntry::NotAnObject)
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(RawEntry::NotAnObject)
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(RawEntry::NotAnObject)
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(RawEntry::NotAnObject)
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(RawEntry::NotAnObject)
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(RawEntry::NotAnObject)
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-                Ok(RawEntry::NotAnObject)
             }
         }
-        deserializer.deserialize_any(EntryVisitor)
+        Ok(RawEntry { message_type, body })
     }
 }
 
 /// `content.ciphertext`, with only our entry read and the others skipped.
-enum RawCiphertext<'a> {
-    Object {
-        ours: Option<RawEntry<'a>>,
-        recipient_count: usize,
-    },
-    NotAnObject,
+struct RawCiphertext<'a> {
+    /// Our entry: absent, not an object (`Some(None)`), or read.
+    ours: Option<Option<RawEntry<'a>>>,
+    recipient_count: usize,
 }
 
+/// Reads `content.ciphertext` (`None`: not an object).
 struct CiphertextSeed<'k> {
     our_key: &'k str,
 }
 
 impl<'de> DeserializeSeed<'de> for CiphertextSeed<'_> {
-    type Value = RawCiphertext<'de>;
+    type Value = Option<RawCiphertext<'de>>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_any(self)
+        deserializer.deserialize_any(IfObject(self))
     }
 }
 
@@ -211,7 +229,7 @@ impl<'de> Visitor<'de> for CiphertextSeed<'_> {
     type Value = RawCiphertext<'de>;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("any JSON value")
+        f.write_str("an object")
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
@@ -219,40 +237,16 @@ impl<'de> Visitor<'de> for CiphertextSeed<'_> {
         let mut recipient_count = 0;
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             if key == self.our_key {
-                ours = Some(map.next_value::<RawEntry<'de>>()?);
+                ours = Some(map.next_value_seed(EntrySeed)?);
             } else {
                 map.next_value::<IgnoredAny>()?;
             }
             recipient_count += 1;
         }
-        Ok(RawCiphertext::Object {
+        Ok(RawCiphertext {
             ours,
             recipient_count,
         })
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
-        IgnoredAny.visit_seq(seq)?;
-        Ok(RawCiphertext::NotAnObject)
-    }
-
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(RawCiphertext::NotAnObject)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(RawCiphertext::NotAnObject)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(RawCiphertext::NotAnObject)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(RawCiphertext::NotAnObject)
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(RawCiphertext::NotAnObject)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-        Ok(RawCiphertext::NotAnObject)
     }
 }
 
@@ -261,7 +255,8 @@ impl<'de> Visitor<'de> for CiphertextSeed<'_> {
 struct RawContent<'a> {
     algorithm: Option<Scalar<'a>>,
     sender_key: Option<Scalar<'a>>,
-    ciphertext: Option<RawCiphertext<'a>>,
+    /// Absent, not an object (`Some(None)`), or read.
+    ciphertext: Option<Option<RawCiphertext<'a>>>,
 }
 
 struct ContentSeed<'k> {
@@ -408,39 +403,36 @@ pub fn parse_event(
     let sender_key = Curve25519PublicKey::from_base64(&sender_key)
         .map_err(|e| DecryptionError::MissingSenderKey(format!("invalid curve25519 key: {e}")))?;
 
-    let (ours, recipient_count) = match content.ciphertext {
+    let ciphertext = match content.ciphertext {
         None => {
             return Err(DecryptionError::MalformedCiphertext(
                 "`ciphertext` is missing".to_owned(),
             ))
         }
-        Some(RawCiphertext::NotAnObject) => {
+        Some(None) => {
             return Err(DecryptionError::MalformedCiphertext(
                 "`ciphertext` is not an object".to_owned(),
             ))
         }
-        Some(RawCiphertext::Object {
-            ours,
-            recipient_count,
-        }) => (ours, recipient_count),
+        Some(Some(ciphertext)) => ciphertext,
     };
-    let entry = ours.ok_or_else(|| DecryptionError::MissingCiphertext {
-        our_key: our_curve25519_key.to_owned(),
-        recipient_count,
-    })?;
+    let entry = ciphertext
+        .ours
+        .ok_or_else(|| DecryptionError::MissingCiphertext {
+            our_key: our_curve25519_key.to_owned(),
+            recipient_count: ciphertext.recipient_count,
+        })?
+        .ok_or_else(|| {
+            DecryptionError::MalformedCiphertext("our entry is not an object".to_owned())
+        })?;
     let (message_type, body) = match entry {
-        RawEntry::Object {
+        RawEntry {
             message_type: Some(Scalar::UInt(message_type @ 0..=255)),
             body: Some(Scalar::Str(body)),
         } => (message_type as u8, body),
-        RawEntry::Object { .. } => {
+        _ => {
             return Err(DecryptionError::MalformedCiphertext(
                 "our entry needs an integer `type` and a string `body`".to_owned(),
-            ))
-        }
-        RawEntry::NotAnObject => {
-            return Err(DecryptionError::MalformedCiphertext(
-                "our entry is not an object".to_owned(),
             ))
         }
     };
