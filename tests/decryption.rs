@@ -455,3 +455,56 @@ async fn repeats_and_replays_are_recognised_across_parse_chunks() {
         other => panic!("expected a replay, got {other:?}"),
     }
 }
+
+/// Fields that appear twice are refused where the checks read them (two parsers could pick
+/// different copies), arrays are not objects, and a plaintext nests no deeper than an event may:
+/// its `content` is stored one level deeper in the outbox and must read back.
+#[tokio::test]
+async fn repeated_fields_arrays_and_deep_plaintexts_are_refused() {
+    let (bob, _store, keys) = bob_with_store().await;
+    let mut alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
+    let to_bob = alice.create_session(&keys, None);
+    let reason = |outcome: &ToDeviceOutcome| match outcome {
+        ToDeviceOutcome::Failed(failed) => Some(failed.error.reason()),
+        _ => None,
+    };
+
+    let good = alice.encrypt(&to_bob, "m.room_key", json!({})).to_string();
+    let repeated_type = good.replacen('{', r#"{"type":"m.dummy","#, 1);
+    let our_key = recipient(&bob).curve25519.to_base64();
+    let repeated_entry_type = good.replacen(
+        &format!(r#""{our_key}":{{"#),
+        &format!(r#""{our_key}":{{"type":7,"#),
+        1,
+    );
+    assert_ne!(repeated_entry_type, good);
+    let as_array =
+        r#"["m.room.encrypted","@alice:example.org",{"algorithm":"m.olm.v1.curve25519-aes-sha2"}]"#;
+    let outcomes = bob
+        .receive_to_device_events(&[&repeated_type, &repeated_entry_type, as_array])
+        .await
+        .unwrap();
+    assert_eq!(reason(&outcomes[0]), Some(FailureReason::MalformedEvent));
+    assert_eq!(
+        reason(&outcomes[1]),
+        Some(FailureReason::MalformedCiphertext)
+    );
+    assert_eq!(reason(&outcomes[2]), Some(FailureReason::MalformedEvent));
+
+    let nested = |depth: usize| (0..depth).fold(json!(1), |inner, _| json!({ "x": inner }));
+    let too_deep = alice.encrypt(&to_bob, "m.room_key", nested(70)).to_string();
+    let deepest = alice.encrypt(&to_bob, "m.room_key", nested(62)).to_string();
+    let outcomes = bob
+        .receive_to_device_events(&[&too_deep, &deepest, &deepest])
+        .await
+        .unwrap();
+    assert_eq!(reason(&outcomes[0]), Some(FailureReason::JsonError));
+    let (ToDeviceOutcome::Decrypted(first), ToDeviceOutcome::Decrypted(again)) =
+        (&outcomes[1], &outcomes[2])
+    else {
+        panic!("the deepest accepted content must decrypt and re-emit: {outcomes:?}");
+    };
+    assert!(!first.re_emitted && again.re_emitted);
+    assert_eq!(again.content, nested(62));
+    assert_eq!(bob.pending_decrypted_events().await.unwrap().len(), 1);
+}

@@ -170,6 +170,8 @@ impl<'de, V: Visitor<'de>> Visitor<'de> for IfObject<V> {
 struct RawEntry<'a> {
     message_type: Option<Scalar<'a>>,
     body: Option<Scalar<'a>>,
+    /// `type` or `body` appeared twice (refused: two parsers could pick different copies).
+    repeated_field: bool,
 }
 
 /// Reads our entry (`None`: not an object).
@@ -191,17 +193,24 @@ impl<'de> Visitor<'de> for EntrySeed {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let (mut message_type, mut body) = (None, None);
+        let (mut message_type, mut body, mut repeated_field) = (None, None, false);
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match key.as_ref() {
-                "type" => message_type = Some(map.next_value()?),
-                "body" => body = Some(map.next_value()?),
+            let slot = match key.as_ref() {
+                "type" => &mut message_type,
+                "body" => &mut body,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
+                    continue;
                 }
-            }
+            };
+            repeated_field |= slot.is_some();
+            *slot = Some(map.next_value()?);
         }
-        Ok(RawEntry { message_type, body })
+        Ok(RawEntry {
+            message_type,
+            body,
+            repeated_field,
+        })
     }
 }
 
@@ -327,7 +336,13 @@ impl<'de> Visitor<'de> for EnvelopeSeed<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let (mut event_type, mut sender, mut content) = (None, None, None);
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            // A repeated field is refused, not resolved: two parsers could pick different copies.
             match key.as_ref() {
+                "type" if event_type.is_some() => return Err(de::Error::duplicate_field("type")),
+                "sender" if sender.is_some() => return Err(de::Error::duplicate_field("sender")),
+                "content" if content.is_some() => {
+                    return Err(de::Error::duplicate_field("content"))
+                }
                 "type" => event_type = Some(map.next_value::<Cow<'de, str>>()?),
                 "sender" => sender = Some(map.next_value::<Cow<'de, str>>()?),
                 "content" => {
@@ -429,6 +444,7 @@ pub fn parse_event(
         RawEntry {
             message_type: Some(Scalar::UInt(message_type @ 0..=255)),
             body: Some(Scalar::Str(body)),
+            repeated_field: false,
         } => (message_type as u8, body),
         _ => {
             return Err(DecryptionError::MalformedCiphertext(

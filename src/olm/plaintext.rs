@@ -8,10 +8,12 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use vodozemac::Curve25519PublicKey;
 
 use super::device_keys::{DeviceKeys, DeviceKeysError, KnownDevices};
 use crate::error::DecryptionError;
+use crate::json::{check_limits, JsonLimits};
 
 /// The event type that may be accepted from an unknown device (see [`check_plaintext`]).
 pub const ROOM_KEY_EVENT_TYPE: &str = "m.room_key";
@@ -67,15 +69,17 @@ pub struct AcceptedPlaintext<'a> {
     pub sender_device_verified: bool,
 }
 
-/// Remembers `sender_device_keys` objects whose signature already verified, by their exact text,
-/// so that parsing, key decoding and the ~50 µs signature check run once per device instead of
-/// once per message.
+/// Remembers `sender_device_keys` objects whose signature already verified, by the SHA-256 of
+/// their exact text, so that parsing, key decoding and the ~50 µs signature check run once per
+/// device instead of once per message.
 ///
 /// A hit means this very text was parsed and verified before, so its fields are the ones cached;
 /// the comparisons with the message (sender, keys, known devices) still run on every message.
+/// Memory stays bounded: at most [`Self::MAX_ENTRIES`] entries, and objects whose ids are longer
+/// than Matrix allows are verified every time instead of cached.
 #[derive(Debug, Default)]
 pub struct VerifiedDeviceKeysCache {
-    verified: HashMap<Box<str>, VerifiedFields>,
+    verified: HashMap<[u8; 32], VerifiedFields>,
 }
 
 #[derive(Debug)]
@@ -88,9 +92,15 @@ struct VerifiedFields {
 
 impl VerifiedDeviceKeysCache {
     const MAX_ENTRIES: usize = 4096;
+    /// Matrix caps user ids at 255 bytes; device ids are as short in practice.
+    const MAX_ID_BYTES: usize = 255;
 
-    fn get(&self, raw: &str) -> Option<DeviceKeyFields<'_>> {
-        self.verified.get(raw).map(|fields| DeviceKeyFields {
+    fn key(raw: &str) -> [u8; 32] {
+        Sha256::digest(raw.as_bytes()).into()
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<DeviceKeyFields<'_>> {
+        self.verified.get(key).map(|fields| DeviceKeyFields {
             user_id: &fields.user_id,
             device_id: &fields.device_id,
             curve25519: &fields.curve25519,
@@ -98,12 +108,25 @@ impl VerifiedDeviceKeysCache {
         })
     }
 
-    fn insert(&mut self, raw: &str, fields: &DeviceKeyFields<'_>) {
+    fn insert(&mut self, key: [u8; 32], fields: &DeviceKeyFields<'_>) {
+        let longest = [
+            fields.user_id,
+            fields.device_id,
+            fields.curve25519,
+            fields.ed25519,
+        ]
+        .iter()
+        .map(|field| field.len())
+        .max()
+        .unwrap_or_default();
+        if longest > Self::MAX_ID_BYTES {
+            return;
+        }
         if self.verified.len() >= Self::MAX_ENTRIES {
             self.verified.clear();
         }
         self.verified.insert(
-            raw.into(),
+            key,
             VerifiedFields {
                 user_id: fields.user_id.to_owned(),
                 device_id: fields.device_id.to_owned(),
@@ -169,6 +192,10 @@ pub fn check_plaintext<'a>(
 ) -> Result<AcceptedPlaintext<'a>, DecryptionError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|e| DecryptionError::JsonError(format!("the plaintext is not UTF-8: {e}")))?;
+    // The same limits as the event: `content` is parsed on its own and stored one level deeper in
+    // the outbox, so it must stay well inside serde_json's nesting limit in both places.
+    check_limits(text, JsonLimits::TO_DEVICE_EVENT)
+        .map_err(|e| DecryptionError::JsonError(format!("the plaintext: {e}")))?;
     let plaintext: RawPlaintext<'a> =
         serde_json::from_str(text).map_err(|e| DecryptionError::JsonError(e.to_string()))?;
     let content: Value = serde_json::from_str(plaintext.content.get())
@@ -248,14 +275,15 @@ fn check_sender_device_keys(
     context: &PlaintextContext<'_>,
     cache: &mut VerifiedDeviceKeysCache,
 ) -> Result<SenderDevice, DeviceKeysError> {
-    if let Some(fields) = cache.get(raw.get()) {
+    let key = VerifiedDeviceKeysCache::key(raw.get());
+    if let Some(fields) = cache.get(&key) {
         return compare_sender_device_keys(&fields, claimed_ed25519, context);
     }
     let value: Value = serde_json::from_str(raw.get()).map_err(|_| DeviceKeysError::NotAnObject)?;
     let fields = DeviceKeyFields::read(&value)?;
     let device = compare_sender_device_keys(&fields, claimed_ed25519, context)?;
     DeviceKeys::from_signed_json(&value)?;
-    cache.insert(raw.get(), &fields);
+    cache.insert(key, &fields);
     Ok(device)
 }
 
@@ -389,5 +417,34 @@ mod tests {
             check(&forged, ALICE, &no_devices),
             (Err(DecryptionError::InvalidSenderDeviceKeys(_)), 1)
         ));
+    }
+
+    /// Ids longer than Matrix allows are verified on every message rather than cached, so that a
+    /// sender cannot fill the cache with huge entries.
+    #[test]
+    fn oversized_device_keys_are_verified_but_not_cached() {
+        let long_device_id = "D".repeat(300);
+        let alice = SimulatedDevice::new(ALICE, &long_device_id);
+        let to_bob = Recipient::from_device(
+            &SimulatedDevice::new(BOB, "BOBDEVICE")
+                .published_keys()
+                .device,
+        );
+        let plaintext = alice.plaintext(&to_bob, "m.dummy", json!({}), true);
+        let known = KnownDevices::default();
+        let context = PlaintextContext {
+            our_user_id: BOB,
+            our_ed25519: &to_bob.ed25519.to_base64(),
+            envelope_sender: ALICE,
+            sender_key: &alice.curve25519_key(),
+            known_devices: &known,
+        };
+        let mut cache = VerifiedDeviceKeysCache::default();
+        let bytes = plaintext.to_string().into_bytes();
+        for _ in 0..2 {
+            let accepted = check_plaintext(&bytes, &context, &mut cache).unwrap();
+            assert_eq!(accepted.sender_device_id.as_deref(), Some(&*long_device_id));
+            assert!(cache.verified.is_empty());
+        }
     }
 }

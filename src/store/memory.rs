@@ -215,12 +215,13 @@ impl CryptoStore for MemoryStore {
         for id in &changes.acknowledged {
             contents.pending_results.remove(id);
         }
-        contents.pending_results.extend(
-            changes
+        for result in changes.pending_results {
+            // Like SQLite: an id already pending keeps its result (the same message).
+            contents
                 .pending_results
-                .into_iter()
-                .map(|result| (result.id.clone(), result)),
-        );
+                .entry(result.id.clone())
+                .or_insert(result);
+        }
         if let Some(token) = changes.sync_token {
             contents.sync_token = Some(token);
         }
