@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use vodozemac::Curve25519PublicKey;
 
 use super::device_keys::{DeviceKeys, DeviceKeysError, KnownDevices};
@@ -69,17 +68,18 @@ pub struct AcceptedPlaintext<'a> {
     pub sender_device_verified: bool,
 }
 
-/// Remembers `sender_device_keys` objects whose signature already verified, by the SHA-256 of
-/// their exact text, so that parsing, key decoding and the ~50 µs signature check run once per
-/// device instead of once per message.
+/// Remembers `sender_device_keys` objects whose signature already verified, by their exact text,
+/// so that parsing, key decoding and the ~50 µs signature check run once per device instead of
+/// once per message.
 ///
 /// A hit means this very text was parsed and verified before, so its fields are the ones cached;
 /// the comparisons with the message (sender, keys, known devices) still run on every message.
-/// Memory stays bounded: at most [`Self::MAX_ENTRIES`] entries, and objects whose ids are longer
-/// than Matrix allows are verified every time instead of cached.
+/// Memory stays bounded (~2.5 MB at worst): at most [`Self::MAX_ENTRIES`] entries, and objects
+/// longer than [`Self::MAX_TEXT_BYTES`] are verified every time instead of cached. (A SHA-256 of
+/// the text as the key instead measured +29 k instructions per message, +8 %.)
 #[derive(Debug, Default)]
 pub struct VerifiedDeviceKeysCache {
-    verified: HashMap<[u8; 32], VerifiedFields>,
+    verified: HashMap<Box<str>, VerifiedFields>,
 }
 
 #[derive(Debug)]
@@ -91,16 +91,12 @@ struct VerifiedFields {
 }
 
 impl VerifiedDeviceKeysCache {
-    const MAX_ENTRIES: usize = 4096;
-    /// Matrix caps user ids at 255 bytes; device ids are as short in practice.
-    const MAX_ID_BYTES: usize = 255;
+    const MAX_ENTRIES: usize = 1024;
+    /// Real device-keys objects are ~500–700 bytes.
+    const MAX_TEXT_BYTES: usize = 2048;
 
-    fn key(raw: &str) -> [u8; 32] {
-        Sha256::digest(raw.as_bytes()).into()
-    }
-
-    fn get(&self, key: &[u8; 32]) -> Option<DeviceKeyFields<'_>> {
-        self.verified.get(key).map(|fields| DeviceKeyFields {
+    fn get(&self, raw: &str) -> Option<DeviceKeyFields<'_>> {
+        self.verified.get(raw).map(|fields| DeviceKeyFields {
             user_id: &fields.user_id,
             device_id: &fields.device_id,
             curve25519: &fields.curve25519,
@@ -108,25 +104,15 @@ impl VerifiedDeviceKeysCache {
         })
     }
 
-    fn insert(&mut self, key: [u8; 32], fields: &DeviceKeyFields<'_>) {
-        let longest = [
-            fields.user_id,
-            fields.device_id,
-            fields.curve25519,
-            fields.ed25519,
-        ]
-        .iter()
-        .map(|field| field.len())
-        .max()
-        .unwrap_or_default();
-        if longest > Self::MAX_ID_BYTES {
+    fn insert(&mut self, raw: &str, fields: &DeviceKeyFields<'_>) {
+        if raw.len() > Self::MAX_TEXT_BYTES {
             return;
         }
         if self.verified.len() >= Self::MAX_ENTRIES {
             self.verified.clear();
         }
         self.verified.insert(
-            key,
+            raw.into(),
             VerifiedFields {
                 user_id: fields.user_id.to_owned(),
                 device_id: fields.device_id.to_owned(),
@@ -275,15 +261,14 @@ fn check_sender_device_keys(
     context: &PlaintextContext<'_>,
     cache: &mut VerifiedDeviceKeysCache,
 ) -> Result<SenderDevice, DeviceKeysError> {
-    let key = VerifiedDeviceKeysCache::key(raw.get());
-    if let Some(fields) = cache.get(&key) {
+    if let Some(fields) = cache.get(raw.get()) {
         return compare_sender_device_keys(&fields, claimed_ed25519, context);
     }
     let value: Value = serde_json::from_str(raw.get()).map_err(|_| DeviceKeysError::NotAnObject)?;
     let fields = DeviceKeyFields::read(&value)?;
     let device = compare_sender_device_keys(&fields, claimed_ed25519, context)?;
     DeviceKeys::from_signed_json(&value)?;
-    cache.insert(key, &fields);
+    cache.insert(raw.get(), &fields);
     Ok(device)
 }
 
@@ -419,11 +404,11 @@ mod tests {
         ));
     }
 
-    /// Ids longer than Matrix allows are verified on every message rather than cached, so that a
-    /// sender cannot fill the cache with huge entries.
+    /// Device keys longer than real ones are verified on every message rather than cached, so
+    /// that a sender cannot fill the cache with huge entries.
     #[test]
     fn oversized_device_keys_are_verified_but_not_cached() {
-        let long_device_id = "D".repeat(300);
+        let long_device_id = "D".repeat(1000);
         let alice = SimulatedDevice::new(ALICE, &long_device_id);
         let to_bob = Recipient::from_device(
             &SimulatedDevice::new(BOB, "BOBDEVICE")
