@@ -397,12 +397,7 @@ async fn one_time_keys_are_topped_up_from_the_server_count() {
 #[tokio::test]
 async fn repeats_and_replays_are_recognised_across_parse_chunks() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(
-        dir.path().join("chunks.sqlite3"),
-        StoreKey::generate().unwrap(),
-        Synchronous::Normal,
-    )
-    .unwrap();
+    let store = new_sqlite_store(dir.path().join("chunks.sqlite3"));
     let bob = OlmMachine::open(BOB, "BOBDEVICE", Arc::new(store))
         .await
         .unwrap();

@@ -292,13 +292,10 @@ async fn known_message_hashes_answers_for_batches_of_any_size() {
     use to_device_crypto::MemoryStore;
 
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(
-        dir.path().join("hashes.sqlite3"),
-        StoreKey::generate().unwrap(),
-        Synchronous::Normal,
-    )
-    .unwrap();
-    let stores: [Arc<dyn CryptoStore>; 2] = [Arc::new(sqlite), Arc::new(MemoryStore::new())];
+    let stores: [Arc<dyn CryptoStore>; 2] = [
+        Arc::new(new_sqlite_store(dir.path().join("hashes.sqlite3"))),
+        Arc::new(MemoryStore::new()),
+    ];
     let hash = |i: u32| {
         let mut bytes = [0u8; 32];
         bytes[..4].copy_from_slice(&i.to_be_bytes());
@@ -337,13 +334,10 @@ async fn the_outbox_lists_in_order_finds_by_id_and_forgets_acknowledged_results(
     use to_device_crypto::MemoryStore;
 
     let dir = tempfile::tempdir().unwrap();
-    let sqlite = SqliteStore::open(
-        dir.path().join("outbox.sqlite3"),
-        StoreKey::generate().unwrap(),
-        Synchronous::Normal,
-    )
-    .unwrap();
-    let stores: [Arc<dyn CryptoStore>; 2] = [Arc::new(sqlite), Arc::new(MemoryStore::new())];
+    let stores: [Arc<dyn CryptoStore>; 2] = [
+        Arc::new(new_sqlite_store(dir.path().join("outbox.sqlite3"))),
+        Arc::new(MemoryStore::new()),
+    ];
     let result = |batch: u64, index: u64| StoredResult {
         id: format!("r{batch}-{index}"),
         batch,

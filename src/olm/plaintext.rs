@@ -333,16 +333,20 @@ mod tests {
     const ALICE: &str = "@alice:example.org";
     const BOB: &str = "@bob:example.org";
 
+    fn bob() -> Recipient {
+        Recipient::from_device(
+            &SimulatedDevice::new(BOB, "BOBDEVICE")
+                .published_keys()
+                .device,
+        )
+    }
+
     /// The verified-keys cache is keyed by the exact text: a hit skips parsing and the signature,
     /// never the comparisons with the message, and any other text is verified afresh.
     #[test]
     fn cached_device_keys_still_meet_every_check() {
         let alice = SimulatedDevice::new(ALICE, "ALICEDEVICE");
-        let to_bob = Recipient::from_device(
-            &SimulatedDevice::new(BOB, "BOBDEVICE")
-                .published_keys()
-                .device,
-        );
+        let to_bob = bob();
         let good = alice.plaintext(&to_bob, "m.dummy", json!({}), true);
         let no_devices = KnownDevices::default();
         let mut cache = VerifiedDeviceKeysCache::default();
@@ -410,11 +414,7 @@ mod tests {
     fn oversized_device_keys_are_verified_but_not_cached() {
         let long_device_id = "D".repeat(1000);
         let alice = SimulatedDevice::new(ALICE, &long_device_id);
-        let to_bob = Recipient::from_device(
-            &SimulatedDevice::new(BOB, "BOBDEVICE")
-                .published_keys()
-                .device,
-        );
+        let to_bob = bob();
         let plaintext = alice.plaintext(&to_bob, "m.dummy", json!({}), true);
         let known = KnownDevices::default();
         let context = PlaintextContext {

@@ -257,9 +257,8 @@ impl SqliteStore {
         self.connection.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn seal(&self, plaintext: &str, context: &str) -> Result<Vec<u8>, StoreError> {
-        self.current_key()
-            .encrypt(plaintext.as_bytes(), context.as_bytes())
+    fn seal(&self, plaintext: &[u8], context: &str) -> Result<Vec<u8>, StoreError> {
+        self.current_key().encrypt(plaintext, context.as_bytes())
     }
 
     /// Opens the pending results `rows` point at: their own sealed `data` (schema 3), or their
@@ -315,17 +314,26 @@ impl SqliteStore {
                 what: "decrypted results",
                 detail: "a pending result's batch is missing".to_owned(),
             })?;
-        let framed = self
-            .current_key()
-            .decrypt(&data, result_batch_context(batch).as_bytes())
-            .ok_or_else(|| StoreError::Corrupted {
-                what: "decrypted results",
-                detail: "the value does not decrypt with the store key".to_owned(),
-            })?;
+        let framed =
+            self.open_sealed_bytes(&data, &result_batch_context(batch), "decrypted results")?;
         Ok(result_batch::decode(&framed)?
             .into_iter()
             .map(|result| (result.id.to_owned(), result.json.to_owned()))
             .collect())
+    }
+
+    fn open_sealed_bytes(
+        &self,
+        data: &[u8],
+        context: &str,
+        what: &'static str,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.current_key()
+            .decrypt(data, context.as_bytes())
+            .ok_or_else(|| StoreError::Corrupted {
+                what,
+                detail: "the value does not decrypt with the store key".to_owned(),
+            })
     }
 
     fn open_sealed(
@@ -334,13 +342,7 @@ impl SqliteStore {
         context: &str,
         what: &'static str,
     ) -> Result<String, StoreError> {
-        let bytes = self
-            .current_key()
-            .decrypt(data, context.as_bytes())
-            .ok_or_else(|| StoreError::Corrupted {
-                what,
-                detail: "the value does not decrypt with the store key".to_owned(),
-            })?;
+        let bytes = self.open_sealed_bytes(data, context, what)?;
         String::from_utf8(bytes).map_err(|e| StoreError::Corrupted {
             what,
             detail: e.to_string(),
@@ -801,14 +803,20 @@ impl CryptoStore for SqliteStore {
         let account = changes
             .account
             .as_ref()
-            .map(|account| self.seal(&account.pickle, "account").map(|p| (account, p)))
+            .map(|account| {
+                self.seal(account.pickle.as_bytes(), "account")
+                    .map(|p| (account, p))
+            })
             .transpose()?;
         let sessions = changes
             .sessions
             .iter()
             .map(|s| {
-                self.seal(&s.pickle, &session_context(&s.sender_key, &s.session_id))
-                    .map(|p| (s, p))
+                self.seal(
+                    s.pickle.as_bytes(),
+                    &session_context(&s.sender_key, &s.session_id),
+                )
+                .map(|p| (s, p))
             })
             .collect::<Result<Vec<_>, _>>()?;
 
@@ -833,9 +841,7 @@ impl CryptoStore for SqliteStore {
                     index: r.index,
                     json: &r.json,
                 }));
-                let sealed = self
-                    .current_key()
-                    .encrypt(&framed, result_batch_context(batch).as_bytes())?;
+                let sealed = self.seal(&framed, &result_batch_context(batch))?;
                 Ok((batch, results, sealed))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;

@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 use to_device_crypto::analytics::ReportingPolicy;
 use to_device_crypto::olm::device_keys::PublishedKeys;
 use to_device_crypto::simulator::{self, Recipient, SimulatedDevice};
-use to_device_crypto::{MemoryStore, OlmMachine};
+use to_device_crypto::store::{SqliteStore, Synchronous};
+use to_device_crypto::{MemoryStore, OlmMachine, StoreKey};
 
 pub const BOB: &str = "@bob:example.org";
 pub const ALICE: &str = "@alice:example.org";
@@ -30,6 +31,11 @@ pub async fn bob_with_store() -> (OlmMachine, Arc<MemoryStore>, PublishedKeys) {
 }
 
 /// Generates and publishes `count` one-time keys; returns them as a claimer sees them.
+/// A new SQLite store at `path` with a fresh key (`synchronous=NORMAL`).
+pub fn new_sqlite_store(path: impl AsRef<std::path::Path>) -> SqliteStore {
+    SqliteStore::open(path, StoreKey::generate().unwrap(), Synchronous::Normal).unwrap()
+}
+
 pub async fn publish(machine: &OlmMachine, count: usize) -> PublishedKeys {
     simulator::publish_machine_keys(machine, count)
         .await
