@@ -28,9 +28,9 @@ for component in rustfmt clippy; do
 done
 
 step "format" cargo fmt --all --check
-step "clippy" cargo clippy --all-targets --locked -- -D warnings
+step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 # --show-output: the crash test prints its kills, fail points, deliveries and re-emissions.
-step "cargo tests" cargo test --locked -- --show-output
+step "cargo tests" cargo test --workspace --locked -- --show-output
 if [[ ${TDC_SKIP_FUZZ:-0} != 1 ]]; then
     step "fuzz (30 s per target)" scripts/fuzz.sh 30
 fi

@@ -5,6 +5,7 @@
 
 use crate::analytics::FailureReason;
 use crate::olm::device_keys::DeviceKeysError;
+use to_device_analytics::envelope::EnvelopeError;
 
 /// Why one to-device event could not be decrypted and accepted.
 ///
@@ -126,6 +127,25 @@ pub enum DecryptionError {
     /// The store failed; the batch was not committed.
     #[error("the crypto store failed, the batch was not committed: {0}")]
     Store(#[from] StoreError),
+}
+
+impl From<EnvelopeError> for DecryptionError {
+    /// The envelope checks are shared with the analytics crate; their failures keep their messages.
+    fn from(error: EnvelopeError) -> Self {
+        match error {
+            EnvelopeError::MalformedEvent(detail) => Self::MalformedEvent(detail),
+            EnvelopeError::UnsupportedAlgorithm(algorithm) => Self::UnsupportedAlgorithm(algorithm),
+            EnvelopeError::MissingSenderKey(detail) => Self::MissingSenderKey(detail),
+            EnvelopeError::MissingCiphertext {
+                our_key,
+                recipient_count,
+            } => Self::MissingCiphertext {
+                our_key,
+                recipient_count,
+            },
+            EnvelopeError::MalformedCiphertext(detail) => Self::MalformedCiphertext(detail),
+        }
+    }
 }
 
 impl DecryptionError {

@@ -8,8 +8,10 @@
 //!   batch ([`OlmMachine::receive_to_device_events`]) and publishes one
 //!   [`ToDeviceDecryptionFailure`] per failed event on
 //!   [`OlmMachine::to_device_decryption_failure_stream`].
-//! - [`FailureReason`] is the failure taxonomy; [`AnalyticsEvent`] is the PostHog payload. Both
-//!   live in [`analytics`], which does not depend on the machine, so other SDKs can adopt them.
+//! - [`FailureReason`] is the failure taxonomy; [`AnalyticsEvent`] is the PostHog payload. Both,
+//!   with the reporting policy, the failure stream and the envelope checks, live in the
+//!   [`to_device_analytics`] crate (re-exported as [`analytics`], [`reporting`] and [`json`]), which
+//!   does not depend on the machine, so other SDKs can adopt them.
 //! - [`store`] holds the [`CryptoStore`] trait, an in-memory store and the encrypted SQLite store.
 //!
 //! Where things happen: events are *parsed* in [`olm::envelope`], *decrypted* in
@@ -25,10 +27,14 @@ pub mod encoding;
 pub mod error;
 pub mod fail_point;
 pub mod ffi;
-pub mod json;
+/// Size and nesting limits checked before untrusted JSON is parsed, and canonical JSON (from the
+/// analytics crate, which runs the same limits in its envelope checks).
+pub use to_device_analytics::json;
 pub mod machine;
 pub mod olm;
-pub mod reporting;
+/// The failure stream: [`ToDeviceDecryptionFailure`] items and their never-blocking broadcast
+/// (from the analytics crate).
+pub use to_device_analytics::reporter as reporting;
 pub mod requests;
 pub mod simulator;
 pub mod store;

@@ -739,3 +739,29 @@ fn swapped_sender_keys_never_decrypt() {
     }
     runtime.block_on(world.assert_still_decrypts());
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// The analytics crate's envelope classifier decodes `sender_key` without vodozemac; it must
+    /// accept exactly the keys vodozemac accepts, or the two would name failures differently.
+    #[test]
+    fn the_classifier_accepts_exactly_the_sender_keys_vodozemac_accepts(
+        key in prop_oneof![
+            "[A-Za-z0-9+/]{42,45}={0,2}",
+            "[A-Za-z0-9+/=!-]{0,50}",
+            vec(any::<u8>(), 30..34)
+                .prop_map(vodozemac::base64_encode),
+        ]
+    ) {
+        use to_device_crypto::analytics::envelope::{parse_to_device_event, EnvelopeFacts};
+        let our_key = "3C5BFWi2Y8MaVvjM8M22DBmh24PmgR0nPvJOIArzgyI";
+        let event = json!({"type": "m.room.encrypted", "sender": "@a:b", "content": {
+            "algorithm": "m.olm.v1.curve25519-aes-sha2", "sender_key": key,
+            "ciphertext": {our_key: {"type": 0, "body": "AAAA"}}}})
+        .to_string();
+        let classified = parse_to_device_event(&event, our_key, &mut EnvelopeFacts::default());
+        let refused = matches!(&classified, Err(e) if e.reason() == FailureReason::MissingSenderKey);
+        prop_assert_eq!(refused, Curve25519PublicKey::from_base64(&key).is_err(), "{}", key);
+    }
+}

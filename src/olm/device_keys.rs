@@ -7,7 +7,7 @@ use vodozemac::{Curve25519PublicKey, Ed25519PublicKey, Ed25519Signature};
 use crate::json::to_canonical_string;
 
 /// The only Olm algorithm this crate speaks.
-pub const OLM_V1_ALGORITHM: &str = "m.olm.v1.curve25519-aes-sha2";
+pub use to_device_analytics::envelope::OLM_V1_ALGORITHM;
 /// The Megolm algorithm devices also advertise.
 pub const MEGOLM_V1_ALGORITHM: &str = "m.megolm.v1.aes-sha2";
 

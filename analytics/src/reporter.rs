@@ -9,8 +9,8 @@ use futures::stream::{self, BoxStream, StreamExt};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
-use crate::analytics::policy::AnalyticsDecision;
-use crate::analytics::{AnalyticsEvent, FailureReason};
+use crate::policy::AnalyticsDecision;
+use crate::{AnalyticsEvent, FailureReason};
 
 /// How many failures a subscriber may fall behind before it starts missing items.
 pub const FAILURE_BUFFER_CAPACITY: usize = 1024;

@@ -189,15 +189,18 @@ fn window_key(key: &FailureKey<'_>) -> String {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part.as_bytes());
     }
-    crate::encoding::to_hex(&hasher.finalize()[..16])
+    let digest = hasher.finalize();
+    let mut first_half = [0u8; 16];
+    first_half.copy_from_slice(&digest[..16]);
+    format!("{:032x}", u128::from_be_bytes(first_half))
 }
 
 impl PolicyState {
     /// Decides whether the failure `key` produces a payload at `now_ms`, and counts it.
     ///
     /// ```
-    /// use to_device_crypto::analytics::policy::{AnalyticsDecision, FailureKey, PolicyState, ReportingPolicy, SuppressionRule};
-    /// use to_device_crypto::FailureReason;
+    /// use to_device_analytics::policy::{AnalyticsDecision, FailureKey, PolicyState, ReportingPolicy, SuppressionRule};
+    /// use to_device_analytics::FailureReason;
     ///
     /// let mut state = PolicyState::default();
     /// let policy = ReportingPolicy::default();

@@ -6,18 +6,19 @@
 
 use serde_json::{json, Value};
 
-use super::event::ERROR_EVENT_NAME;
+use super::event::{CryptoSdk, ErrorDomain, ERROR_EVENT_NAME};
 use super::taxonomy::FailureReason;
 
-/// The `$id` of the generated schema.
-pub const SCHEMA_ID: &str =
-    "https://github.com/matrix-org/to-device-crypto/schemas/to-device-error-event.schema.json";
+/// The `$id` of the generated schema: a URN, since the schema is published with the crate rather
+/// than at a web address.
+pub const SCHEMA_ID: &str = "urn:to-device-analytics:schema:to-device-error-event";
 
 /// The JSON Schema (draft 2020-12) of the PostHog capture payload.
 ///
 /// `properties` follows the property definitions of the public matrix-analytics-events `Error`
-/// schema (`domain`, `name`, `cryptoSDK`), restricted to what this crate emits, with
-/// `additionalProperties: false` at every level.
+/// schema (`domain`, `name`, `cryptoSDK`), restricted to exactly what a to-device failure payload
+/// holds — `domain` is `TO_DEVICE`, `cryptoSDK` is `Rust`, all three are required — with
+/// `additionalProperties: false` at every level, so that it is a strict test oracle.
 pub fn payload_json_schema() -> Value {
     let names: Vec<&str> = FailureReason::ALL
         .iter()
@@ -42,12 +43,12 @@ pub fn payload_json_schema() -> Value {
             "event": {"description": "The PostHog event name.", "enum": [ERROR_EVENT_NAME]},
             "properties": {
                 "type": "object",
-                "required": ["domain", "name"],
+                "required": ["domain", "name", "cryptoSDK"],
                 "additionalProperties": false,
                 "properties": {
                     "domain": {
-                        "description": "Domain of the error.",
-                        "enum": ["E2EE", "VOIP", "TO_DEVICE"]
+                        "description": "Domain of the error: always TO_DEVICE for these events.",
+                        "const": ErrorDomain::ToDevice.as_str()
                     },
                     "name": {
                         "description": "The name of the error: one per to-device failure reason.",
@@ -55,8 +56,8 @@ pub fn payload_json_schema() -> Value {
                         "oneOf": name_descriptions
                     },
                     "cryptoSDK": {
-                        "description": "Which crypto backend is in use.",
-                        "enum": ["Legacy", "Rust"]
+                        "description": "Which crypto backend is in use: always the Rust stack.",
+                        "const": CryptoSdk::Rust.as_str()
                     }
                 }
             }
@@ -90,7 +91,7 @@ pub fn failure_table_markdown() -> String {
 pub fn upstream_schema_proposal_markdown() -> String {
     let mut doc = String::from(
         "# Proposed additions to the `Error` analytics schema\n\n\
-         <!-- Generated from FailureReason (src/analytics/taxonomy.rs); run `TDC_BLESS=1 cargo test --test generated_docs`. -->\n\n\
+         <!-- Generated from FailureReason (analytics/src/taxonomy.rs); run `TDC_BLESS=1 cargo test --test generated_docs`. -->\n\n\
          The public matrix-analytics-events `Error` schema (`schemas/Error.json`) has one to-device name,\n\
          `ToDeviceFailedToDecrypt`. We propose one name per failure reason, so that a to-device\n\
          decryption failure says *why* it happened. Each is sent with `domain: \"TO_DEVICE\"` and\n\
@@ -119,6 +120,60 @@ mod tests {
             .as_array()
             .unwrap();
         assert_eq!(names.len(), FailureReason::ALL.len());
+    }
+
+    fn validator() -> jsonschema::Validator {
+        jsonschema::validator_for(&payload_json_schema()).expect("the schema is valid JSON Schema")
+    }
+
+    #[test]
+    fn every_payload_validates() {
+        let validator = validator();
+        for reason in FailureReason::ALL {
+            let payload: Value =
+                serde_json::from_str(&crate::AnalyticsEvent::for_failure(reason).to_json())
+                    .unwrap();
+            assert!(validator.is_valid(&payload), "{payload}");
+        }
+    }
+
+    #[test]
+    fn the_schema_refuses_anything_a_payload_never_holds() {
+        let validator = validator();
+        let good = json!({"event": "Error", "properties": {"domain": "TO_DEVICE",
+            "name": "ToDeviceFailedToDecrypt_SessionWedged", "cryptoSDK": "Rust"}});
+        assert!(validator.is_valid(&good));
+        let mut mutations: Vec<(&str, Value)> = Vec::new();
+        let mut push = |label, change: &dyn Fn(&mut Value)| {
+            let mut payload = good.clone();
+            change(&mut payload);
+            mutations.push((label, payload));
+        };
+        push("room-event domain", &|p| {
+            p["properties"]["domain"] = json!("E2EE")
+        });
+        push("legacy SDK", &|p| {
+            p["properties"]["cryptoSDK"] = json!("Legacy")
+        });
+        push("no cryptoSDK", &|p| {
+            p["properties"].as_object_mut().unwrap().remove("cryptoSDK");
+        });
+        push("no domain", &|p| {
+            p["properties"].as_object_mut().unwrap().remove("domain");
+        });
+        push("the public schema's closed name", &|p| {
+            p["properties"]["name"] = json!("ToDeviceFailedToDecrypt")
+        });
+        push("an extra property", &|p| {
+            p["properties"]["context"] = json!("@bob:example.org")
+        });
+        push("an extra top-level field", &|p| {
+            p["distinct_id"] = json!("x")
+        });
+        push("another event", &|p| p["event"] = json!("UnableToDecrypt"));
+        for (label, payload) in mutations {
+            assert!(!validator.is_valid(&payload), "{label}: {payload}");
+        }
     }
 
     #[test]

@@ -1,9 +1,8 @@
 //! The failure taxonomy: one reason per way a to-device event can fail to decrypt.
 //!
-//! [`FailureReason`] is the single source of truth. The analytics names, the README table
-//! (`docs/failure-table.md`, embedded in the README) and the JSON Schema
-//! (`schemas/to-device-error-event.schema.json`) are generated from it, and a test fails when the
-//! committed copies are stale.
+//! [`FailureReason`] is the single source of truth. The analytics names, the JSON Schema and the
+//! failure table ([`crate::schema`]) are generated from it; the project that publishes this crate
+//! commits copies of them and a test fails when those are stale.
 //!
 //! This module knows nothing about Olm machines or stores, so that another SDK can adopt the same
 //! taxonomy by mapping its own errors onto these reasons.
@@ -16,54 +15,78 @@ use serde::{Deserialize, Serialize};
 /// `ToDeviceFailedToDecrypt` name, refined with one suffix per reason.
 pub const ANALYTICS_NAME_PREFIX: &str = "ToDeviceFailedToDecrypt";
 
-/// Why a to-device event could not be decrypted and accepted.
-///
-/// Every failure maps to exactly one reason. The reasons are listed in the order in which the
-/// checks run, so the first failing check names the failure.
-///
-/// ```
-/// use to_device_crypto::FailureReason;
-///
-/// let reason = FailureReason::SessionWedged;
-/// assert_eq!(reason.analytics_name(), "ToDeviceFailedToDecrypt_SessionWedged");
-/// assert_eq!(FailureReason::from_analytics_name(reason.analytics_name()), Some(reason));
-/// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum FailureReason {
-    /// The envelope is not a valid to-device event.
-    MalformedEvent,
-    /// `content.algorithm` is missing or not Olm v1.
-    UnsupportedAlgorithm,
-    /// `content.sender_key` is missing or not a Curve25519 key.
-    MissingSenderKey,
-    /// The `ciphertext` map has no entry for our Curve25519 key.
-    MissingCiphertext,
-    /// Our ciphertext entry is unusable: bad type, body not base64, undecodable Olm message.
-    MalformedCiphertext,
-    /// A normal (type 1) message from a sender key we have no session with.
-    MissingSession,
-    /// We have sessions with the sender key, but none of them decrypts the message.
-    SessionWedged,
-    /// A pre-key message for a one-time key we do not hold.
-    UnknownOneTimeKey,
-    /// Creating an inbound session from a pre-key message failed for another reason.
-    SessionCreation,
-    /// This exact message was already decrypted.
-    ReplayedMessage,
-    /// The plaintext is not JSON or lacks required fields.
-    JsonError,
-    /// The plaintext `sender` differs from the envelope `sender`.
-    MismatchedSender,
-    /// The plaintext `recipient` is not our user id.
-    MismatchedRecipient,
-    /// `recipient_keys.ed25519` is not ours, or `keys.ed25519` is not the sending device's.
-    MismatchedKeys,
-    /// The sending device is unknown and the event carries no `sender_device_keys`.
-    MissingSigningKey,
-    /// `sender_device_keys` is present but invalid.
-    InvalidSenderDeviceKeys,
-    /// The crypto store failed; nothing of the batch was committed.
-    Store,
+/// Defines [`FailureReason`] and derives [`FailureReason::ALL`] from the same list, so a new
+/// variant cannot be left out of the schema, the README table, the tests or the bindings' checks.
+macro_rules! failure_reasons {
+    (
+        $(#[$enum_meta:meta])*
+        pub enum FailureReason {
+            $($(#[$variant_meta:meta])* $variant:ident,)*
+        }
+    ) => {
+        $(#[$enum_meta])*
+        pub enum FailureReason {
+            $($(#[$variant_meta])* $variant,)*
+        }
+
+        impl FailureReason {
+            /// Every reason, in check order (derived from the enum's own list).
+            pub const ALL: [FailureReason; [$(stringify!($variant)),*].len()] =
+                [$(Self::$variant),*];
+        }
+    };
+}
+
+failure_reasons! {
+    /// Why a to-device event could not be decrypted and accepted.
+    ///
+    /// Every failure maps to exactly one reason. The reasons are listed in the order in which the
+    /// checks run, so the first failing check names the failure.
+    ///
+    /// ```
+    /// use to_device_analytics::FailureReason;
+    ///
+    /// let reason = FailureReason::SessionWedged;
+    /// assert_eq!(reason.analytics_name(), "ToDeviceFailedToDecrypt_SessionWedged");
+    /// assert_eq!(FailureReason::from_analytics_name(reason.analytics_name()), Some(reason));
+    /// ```
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    pub enum FailureReason {
+        /// The envelope is not a valid to-device event.
+        MalformedEvent,
+        /// `content.algorithm` is missing or not Olm v1.
+        UnsupportedAlgorithm,
+        /// `content.sender_key` is missing or not a Curve25519 key.
+        MissingSenderKey,
+        /// The `ciphertext` map has no entry for our Curve25519 key.
+        MissingCiphertext,
+        /// Our ciphertext entry is unusable: bad type, body not base64, undecodable Olm message.
+        MalformedCiphertext,
+        /// A normal (type 1) message from a sender key we have no session with.
+        MissingSession,
+        /// We have sessions with the sender key, but none of them decrypts the message.
+        SessionWedged,
+        /// A pre-key message for a one-time key we do not hold.
+        UnknownOneTimeKey,
+        /// Creating an inbound session from a pre-key message failed for another reason.
+        SessionCreation,
+        /// This exact message was already decrypted.
+        ReplayedMessage,
+        /// The plaintext is not JSON or lacks required fields.
+        JsonError,
+        /// The plaintext `sender` differs from the envelope `sender`.
+        MismatchedSender,
+        /// The plaintext `recipient` is not our user id.
+        MismatchedRecipient,
+        /// `recipient_keys.ed25519` is not ours, or `keys.ed25519` is not the sending device's.
+        MismatchedKeys,
+        /// The sending device is unknown and the event carries no `sender_device_keys`.
+        MissingSigningKey,
+        /// `sender_device_keys` is present but invalid.
+        InvalidSenderDeviceKeys,
+        /// The crypto store failed; nothing of the batch was committed.
+        Store,
+    }
 }
 
 /// Documentation of one [`FailureReason`], as shown in the README table and the JSON Schema.
@@ -94,27 +117,6 @@ macro_rules! reason_info {
 }
 
 impl FailureReason {
-    /// Every reason, in check order.
-    pub const ALL: [FailureReason; 17] = [
-        Self::MalformedEvent,
-        Self::UnsupportedAlgorithm,
-        Self::MissingSenderKey,
-        Self::MissingCiphertext,
-        Self::MalformedCiphertext,
-        Self::MissingSession,
-        Self::SessionWedged,
-        Self::UnknownOneTimeKey,
-        Self::SessionCreation,
-        Self::ReplayedMessage,
-        Self::JsonError,
-        Self::MismatchedSender,
-        Self::MismatchedRecipient,
-        Self::MismatchedKeys,
-        Self::MissingSigningKey,
-        Self::InvalidSenderDeviceKeys,
-        Self::Store,
-    ];
-
     /// The documentation of this reason.
     pub const fn info(self) -> ReasonInfo {
         match self {

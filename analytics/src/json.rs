@@ -47,7 +47,7 @@ pub enum LimitError {
 /// so that hostile input is refused before a parser spends memory on it.
 ///
 /// ```
-/// use to_device_crypto::json::{check_limits, JsonLimits};
+/// use to_device_analytics::json::{check_limits, JsonLimits};
 ///
 /// let limits = JsonLimits { max_bytes: 1024, max_depth: 2 };
 /// assert!(check_limits(r#"{"a":[1]}"#, limits).is_ok());
@@ -108,7 +108,7 @@ pub fn check_limits(text: &str, limits: JsonLimits) -> Result<(), LimitError> {
 ///
 /// ```
 /// use serde_json::json;
-/// use to_device_crypto::json::to_canonical_string;
+/// use to_device_analytics::json::to_canonical_string;
 ///
 /// let value = json!({"b": 1, "a": {"d": [true, null], "c": "é"}});
 /// assert_eq!(to_canonical_string(&value), r#"{"a":{"c":"é","d":[true,null]},"b":1}"#);

@@ -79,7 +79,7 @@ fn serialize_analytics_name<S: serde::Serializer>(
 /// A PostHog-ready analytics event in capture shape: event name plus properties.
 ///
 /// ```
-/// use to_device_crypto::{AnalyticsEvent, FailureReason};
+/// use to_device_analytics::{AnalyticsEvent, FailureReason};
 ///
 /// let event = AnalyticsEvent::for_failure(FailureReason::SessionWedged);
 /// assert_eq!(
