@@ -75,8 +75,10 @@ elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 run_python() {
 	tdc_ensure_python || return 1
 	local dir=$WORK/python log=$WORK/python.log start run failed
-	mkdir -p "$dir"
-	cp bindings/python/to_device_crypto.py bindings/python/test_bindings.py "$LIB" "$dir/"
+	# The package as the wheel lays it out: hand-written __init__.py, generated _ffi.py, the library.
+	mkdir -p "$dir/to_device_crypto"
+	cp bindings/python/to_device_crypto/*.py "$LIB" "$dir/to_device_crypto/"
+	cp bindings/python/test_bindings.py "$dir/"
 	start=$(now)
 	(cd "$dir" && "$TDC_PYTHON" test_bindings.py) 2>&1 | tee "$log" || true
 	read -r run failed < <(sed -n 's/^python: \([0-9]*\) tests, \([0-9]*\) failed$/\1 \2/p' "$log")

@@ -1,13 +1,18 @@
-"""Tests of the generated Python bindings (plain unittest).
+"""Tests of the Python package (plain unittest): the generated bindings and the hand-written
+package around them.
 
-Run by scripts/test-bindings.sh, which copies this file, the generated to_device_crypto.py and
-libto_device_crypto.so into one temporary directory. Each case matches the Kotlin and Swift suites.
+Run by scripts/test-bindings.sh, which assembles the package (to_device_crypto/__init__.py, the
+generated _ffi.py and libto_device_crypto.so) next to this file in a temporary directory. Each case
+matches the Kotlin and Swift suites; the exit test has no counterpart there (it is about CPython's
+finalization).
 """
 
 import asyncio
 import json
 import os
 import queue
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -316,6 +321,87 @@ class BindingsTest(unittest.TestCase):
         run(body())
 
 
+# --- the exit test: a script that returns from asyncio.run with a listener and a log sink -----------
+EXIT_RUNS = 50
+EXIT_PARALLEL = 10
+
+
+KEPT = []
+
+
+def exit_child(keep_handle):
+    """What `python test_bindings.py exit-child keep|drop` runs: the script of issue 20 that aborted
+    at exit ("FATAL: exception not rethrown", exit code 134) in about 1 run out of 4. It prints what
+    the listener and the log sink receive, and returns from asyncio.run without waiting for them.
+    With `keep`, the listener's handle outlives main(), so the package's atexit hook must deliver
+    the failure; with `drop`, the handle is dropped (cancelled) as main() returns, racing the
+    delivery thread."""
+
+    lock = threading.Lock()  # the two threads' lines must not interleave
+
+    def say(line):
+        with lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    class PrintingListener(DecryptionFailureListener):
+        def on_decryption_failure(self, event):
+            say("listener: " + event.analytics_name)
+
+    class PrintingSink(LogSink):
+        def log(self, level, target, message):
+            say("log: " + message)
+
+    async def main():
+        set_log_sink(PrintingSink(), LogLevel.DEBUG)
+        bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+        handle = bob.add_decryption_failure_listener(PrintingListener())
+        if keep_handle:
+            KEPT.append(handle)
+        try:
+            await bob.decrypt_to_device_event(BAD_EVENT)
+        except DecryptionFailure:
+            pass
+
+    asyncio.run(main())
+
+
+class ExitTest(unittest.TestCase):
+    def test_z_exit_is_clean_with_a_listener_and_a_log_sink(self):
+        """50 runs of exit_child (half keep the handle, half drop it), 10 at a time: every one exits
+        with 0 and says nothing on stderr; its log sink received the failure's line and, when the
+        handle was kept, its listener the failure (both delivered by the atexit flush)."""
+        me = os.path.abspath(__file__)
+        outcomes = []
+        for start in range(0, EXIT_RUNS, EXIT_PARALLEL):
+            batch = range(start, min(start + EXIT_PARALLEL, EXIT_RUNS))
+            children = [
+                (
+                    n % 2 == 0,
+                    subprocess.Popen(
+                        [sys.executable, me, "exit-child", "keep" if n % 2 == 0 else "drop"],
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                    ),
+                )
+                for n in batch
+            ]
+            for kept, child in children:
+                out, err = child.communicate(timeout=60)
+                outcomes.append((kept, child.returncode, out, err))
+
+        def clean(kept, rc, out, err):
+            lines = out.splitlines()
+            delivered = lines.count("listener: ToDeviceFailedToDecrypt_UnsupportedAlgorithm")
+            logged = any(line.startswith("log: ") and "UnsupportedAlgorithm" in line for line in lines)
+            return rc == 0 and not err.strip() and logged and (delivered == 1 if kept else delivered <= 1)
+
+        bad = [(kept, rc, err.strip().splitlines()[-1:], out.splitlines()) for kept, rc, out, err in outcomes if not clean(kept, rc, out, err)]
+        print("python: exit test: %d of %d runs clean" % (len(outcomes) - len(bad), len(outcomes)), file=sys.stderr)
+        self.assertEqual(bad, [], "%d of %d runs were not clean" % (len(bad), len(outcomes)))
+
+
 def measure_overhead(n=200, rounds=5):
     """Median of `rounds` rounds of `n` calls after 50 warm-up calls (the protocol of the Rust
     baseline in benches/ratios.rs, row 7)."""
@@ -345,8 +431,9 @@ def measure_overhead(n=200, rounds=5):
 
 
 if __name__ == "__main__":
-    import sys
-
+    if sys.argv[1:2] == ["exit-child"]:
+        exit_child(keep_handle=sys.argv[2:] == ["keep"])
+        sys.exit(0)
     result = unittest.main(exit=False, verbosity=1).result
     print("python: %d tests, %d failed" % (result.testsRun, len(result.failures) + len(result.errors)))
     measure_overhead()

@@ -12,23 +12,26 @@
 //!   (runs of 43 or more `[A-Za-z0-9+/]`) and the localpart of Matrix user ids (`@alice:example.org`
 //!   → `@…:example.org`) before the line leaves Rust.
 //! - The sink is called on a dedicated thread (`tdc-log-sink`), never on the thread that logged and
-//!   never while holding a lock; a panic, or an exception thrown by the foreign logger, is caught. A
-//!   slow sink cannot stall decryption: at most [`QUEUE_CAPACITY`] lines wait, further ones are
-//!   dropped and counted in a WARN line once the sink catches up.
+//!   never while holding a lock, through the gate of `callbacks.rs`: a panic, or an exception
+//!   thrown by the foreign logger, is caught, and nothing is called once the process prepares to
+//!   exit. A slow sink cannot stall decryption: at most [`QUEUE_CAPACITY`] lines wait, further ones
+//!   are dropped and counted in a WARN line once the sink catches up.
 //! - Lines go to the sink that was installed when they were logged, in order.
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::mpsc::{self, SyncSender, TrySendError};
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock, Weak};
 
 use tracing::field::{Field, Visit};
 use tracing::level_filters::LevelFilter;
 use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Event, Level, Metadata, Subscriber};
+
+use super::callbacks::{
+    call_foreign, register_flushable, release, CallbackQueue, Flushable, Overflow, Push,
+};
 
 /// The severity of a log line, most severe first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, uniffi::Enum)]
@@ -138,31 +141,33 @@ struct Line {
 
 /// Queues `line` for the sink thread (started on first use); never blocks.
 fn send(line: Line) {
-    static QUEUE: OnceLock<Option<SyncSender<Line>>> = OnceLock::new();
+    static QUEUE: OnceLock<Option<Arc<CallbackQueue<Line>>>> = OnceLock::new();
     let queue = QUEUE.get_or_init(|| {
-        let (tx, rx) = mpsc::sync_channel::<Line>(QUEUE_CAPACITY);
-        std::thread::Builder::new()
+        let queue = Arc::new(CallbackQueue::new(QUEUE_CAPACITY, Overflow::DropNewest));
+        let sink_queue = Arc::clone(&queue);
+        let spawned = std::thread::Builder::new()
             .name("tdc-log-sink".into())
             .spawn(move || {
                 ON_SINK_THREAD.with(|flag| flag.set(true));
-                for line in rx {
-                    deliver(line);
-                }
-            })
-            .ok()
-            .map(|_| tx)
+                sink_queue.run(deliver);
+            });
+        spawned.ok()?;
+        register_flushable(Arc::downgrade(&queue) as Weak<dyn Flushable>);
+        Some(queue)
     });
     let Some(queue) = queue else { return };
-    match queue.try_send(line) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => {
+    match queue.push(line) {
+        Push::Queued => {}
+        Push::Dropped(line) => {
             DROPPED.fetch_add(1, Ordering::Relaxed);
+            release(line);
         }
-        Err(TrySendError::Disconnected(_)) => {}
+        Push::Closed(line) => release(line),
     }
 }
 
-/// Calls the sink (on the sink thread, no lock held), isolating its panics and exceptions.
+/// Calls the sink (on the sink thread, no lock held) through the gate of [`super::callbacks`],
+/// which isolates its panics and exceptions and stops calls while the process exits.
 fn deliver(line: Line) {
     let Line {
         sink,
@@ -170,17 +175,19 @@ fn deliver(line: Line) {
         target,
         message,
     } = line;
-    let _ = catch_unwind(AssertUnwindSafe(|| sink.log(level, target, message)));
+    call_foreign(|| sink.log(level, target, message));
     let dropped = DROPPED.swap(0, Ordering::Relaxed);
     if dropped > 0 {
-        let _ = catch_unwind(AssertUnwindSafe(|| {
+        call_foreign(|| {
             sink.log(
                 LogLevel::Warn,
                 module_path!().to_owned(),
                 format!("{dropped} log lines were dropped because the log sink was too slow"),
             )
-        }));
+        });
     }
+    // Replacing the sink may have left this line with the last reference to the old one.
+    release(sink);
 }
 
 fn is_ours(metadata: &Metadata<'_>) -> bool {
@@ -419,7 +426,7 @@ fn redact_user_ids(line: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc::{Receiver, Sender};
+    use std::sync::mpsc::{self, Receiver, Sender};
     use std::sync::Mutex;
     use std::time::Duration;
 

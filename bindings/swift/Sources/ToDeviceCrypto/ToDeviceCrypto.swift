@@ -968,6 +968,13 @@ public protocol ListenerHandleProtocol: AnyObject, Sendable {
     func cancel() 
     
     /**
+     * Waits until every failure published before this call has been handed to the listener
+     * (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
+     * `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+     */
+    func flush(timeoutMs: UInt32) async  -> Bool
+    
+    /**
      * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
      * this may still be `false` for a moment.
      */
@@ -1039,6 +1046,28 @@ open func cancel()  {try! rustCall() {
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 }
+}
+    
+    /**
+     * Waits until every failure published before this call has been handed to the listener
+     * (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
+     * `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+     */
+open func flush(timeoutMs: UInt32)async  -> Bool  {
+    return
+        try!  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_listenerhandle_flush(
+                        self.uniffiCloneHandle(),FfiConverterUInt32.lower(timeoutMs)
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_i8,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_i8,
+            freeFunc: ffi_to_device_crypto_rust_future_free_i8,
+            liftFunc: FfiConverterBool.lift,
+            errorHandler: nil
+            
+        )
 }
     
     /**
@@ -3629,6 +3658,26 @@ fileprivate func uniffiFutureContinuationCallback(handle: UInt64, pollResult: In
     }
 }
 /**
+ * Prepares for the process to exit: delivers what listeners and the log sink have queued (for at
+ * most `timeout_ms`), then stops every call from this library into foreign code for the rest of
+ * the process, waiting for the calls in progress. Returns whether everything queued was
+ * delivered.
+ *
+ * The Python package calls this from `atexit`: CPython aborts the process when one of our threads
+ * calls into Python while the interpreter finalizes. Swift and Kotlin apps do not need it; a
+ * command-line JVM program may call it from a shutdown hook. Irreversible: listeners and the log
+ * sink receive nothing afterwards. Do not call it from a listener or log sink (its own queue
+ * cannot drain while it waits).
+ */
+public func prepareForExit(timeoutMs: UInt32) -> Bool  {
+    return try!  FfiConverterBool.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_to_device_crypto_fn_func_prepare_for_exit(
+        FfiConverterUInt32.lower(timeoutMs),uniffiCallStatus
+    )
+})
+}
+/**
  * Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and
  * `Error`) to `sink`. A second call replaces the sink and the level; `None` stops forwarding.
  *
@@ -3658,10 +3707,10 @@ private let initializationResult: InitializationResult = {
     if bindings_contract_version != scaffolding_contract_version {
         return InitializationResult.contractVersionMismatch
     }
-    if (uniffi_to_device_crypto_checksum_func_set_log_sink() != 23046) {
+    if (uniffi_to_device_crypto_checksum_func_prepare_for_exit() != 34140) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 42663) {
+    if (uniffi_to_device_crypto_checksum_func_set_log_sink() != 23046) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_failuresubscription_missed() != 48711) {
@@ -3670,16 +3719,10 @@ private let initializationResult: InitializationResult = {
     if (uniffi_to_device_crypto_checksum_method_failuresubscription_next() != 1781) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 30830) {
-        return InitializationResult.apiChecksumMismatch
-    }
-    if (uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 58370) {
-        return InitializationResult.apiChecksumMismatch
-    }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() != 64413) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 1983) {
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 19431) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() != 14123) {
@@ -3746,6 +3789,18 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests() != 1400) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 8969) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 49169) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_listenerhandle_flush() != 17991) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 54040) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_logsink_log() != 30402) {

@@ -728,17 +728,13 @@ internal object IntegrityCheckingUniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
-    external fun uniffi_to_device_crypto_checksum_func_set_log_sink(
+    external fun uniffi_to_device_crypto_checksum_func_prepare_for_exit(
     ): Int
-    external fun uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure(
+    external fun uniffi_to_device_crypto_checksum_func_set_log_sink(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_failuresubscription_missed(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_failuresubscription_next(
-    ): Int
-    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_cancel(
-    ): Int
-    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge(
     ): Int
@@ -788,6 +784,14 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_cancel(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_flush(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_logsink_log(
     ): Int
     external fun uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memory(
@@ -818,14 +822,6 @@ internal object UniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
-    external fun uniffi_to_device_crypto_fn_clone_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Long
-    external fun uniffi_to_device_crypto_fn_free_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_init_callback_vtable_decryptionfailurelistener(`vtable`: UniffiVTableCallbackInterfaceDecryptionFailureListener,
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_method_decryptionfailurelistener_on_decryption_failure(`ptr`: Long,`event`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
     external fun uniffi_to_device_crypto_fn_clone_failuresubscription(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_to_device_crypto_fn_free_failuresubscription(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -834,14 +830,6 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_to_device_crypto_fn_method_failuresubscription_next(`ptr`: Long,
     ): Long
-    external fun uniffi_to_device_crypto_fn_clone_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Long
-    external fun uniffi_to_device_crypto_fn_free_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_method_listenerhandle_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_method_listenerhandle_is_cancelled(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Byte
     external fun uniffi_to_device_crypto_fn_clone_olmmachine(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_to_device_crypto_fn_free_olmmachine(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -900,6 +888,24 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests(`ptr`: Long,
     ): Long
+    external fun uniffi_to_device_crypto_fn_clone_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_to_device_crypto_fn_free_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_init_callback_vtable_decryptionfailurelistener(`vtable`: UniffiVTableCallbackInterfaceDecryptionFailureListener,
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_method_decryptionfailurelistener_on_decryption_failure(`ptr`: Long,`event`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_clone_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_to_device_crypto_fn_free_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_method_listenerhandle_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_method_listenerhandle_flush(`ptr`: Long,`timeoutMs`: Int,
+    ): Long
+    external fun uniffi_to_device_crypto_fn_method_listenerhandle_is_cancelled(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_to_device_crypto_fn_clone_logsink(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_to_device_crypto_fn_free_logsink(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -908,6 +914,8 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_to_device_crypto_fn_method_logsink_log(`ptr`: Long,`level`: RustBuffer.ByValue,`target`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_to_device_crypto_fn_func_prepare_for_exit(`timeoutMs`: Int,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_to_device_crypto_fn_func_set_log_sink(`sink`: RustBuffer.ByValue,`maxLevel`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
     external fun ffi_to_device_crypto_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -1029,10 +1037,10 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
-    if ((lib.uniffi_to_device_crypto_checksum_func_set_log_sink() and 0xFFFF) != 23046) {
+    if ((lib.uniffi_to_device_crypto_checksum_func_prepare_for_exit() and 0xFFFF) != 34140) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() and 0xFFFF) != 42663) {
+    if ((lib.uniffi_to_device_crypto_checksum_func_set_log_sink() and 0xFFFF) != 23046) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_failuresubscription_missed() and 0xFFFF) != 48711) {
@@ -1041,16 +1049,10 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_to_device_crypto_checksum_method_failuresubscription_next() and 0xFFFF) != 1781) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() and 0xFFFF) != 30830) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
-    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() and 0xFFFF) != 58370) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() and 0xFFFF) != 64413) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() and 0xFFFF) != 1983) {
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() and 0xFFFF) != 19431) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() and 0xFFFF) != 14123) {
@@ -1117,6 +1119,18 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests() and 0xFFFF) != 1400) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() and 0xFFFF) != 8969) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() and 0xFFFF) != 49169) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush() and 0xFFFF) != 17991) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() and 0xFFFF) != 54040) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_logsink_log() and 0xFFFF) != 30402) {
@@ -2231,6 +2245,13 @@ public interface ListenerHandleInterface {
     fun `cancel`()
     
     /**
+     * Waits until every failure published before this call has been handed to the listener
+     * (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
+     * `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+     */
+    suspend fun `flush`(`timeoutMs`: kotlin.UInt): kotlin.Boolean
+    
+    /**
      * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
      * this may still be `false` for a moment.
      */
@@ -2357,6 +2378,32 @@ open class ListenerHandle: Disposable, AutoCloseable, ListenerHandleInterface
     }
     
     
+
+    
+    /**
+     * Waits until every failure published before this call has been handed to the listener
+     * (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
+     * `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+     */
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `flush`(`timeoutMs`: kotlin.UInt) : kotlin.Boolean {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_flush(
+                uniffiHandle,
+                
+        FfiConverterUInt.lower(`timeoutMs`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_i8(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_i8(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_i8(future) },
+        // lift function
+        { FfiConverterBoolean.lift(it) },
+        // Error FFI converter
+        UniffiNullRustCallStatusErrorHandler,
+    )
+    }
 
     
     /**
@@ -5035,6 +5082,29 @@ public object FfiConverterMapStringString: FfiConverterRustBuffer<Map<kotlin.Str
 
 
 
+
+        /**
+         * Prepares for the process to exit: delivers what listeners and the log sink have queued (for at
+         * most `timeout_ms`), then stops every call from this library into foreign code for the rest of
+         * the process, waiting for the calls in progress. Returns whether everything queued was
+         * delivered.
+         *
+         * The Python package calls this from `atexit`: CPython aborts the process when one of our threads
+         * calls into Python while the interpreter finalizes. Swift and Kotlin apps do not need it; a
+         * command-line JVM program may call it from a shutdown hook. Irreversible: listeners and the log
+         * sink receive nothing afterwards. Do not call it from a listener or log sink (its own queue
+         * cannot drain while it waits).
+         */ fun `prepareForExit`(`timeoutMs`: kotlin.UInt): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_func_prepare_for_exit(
+    
+        
+        FfiConverterUInt.lower(`timeoutMs`),_status)
+}
+    )
+    }
+    
 
         /**
          * Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and

@@ -525,23 +525,27 @@ def _uniffi_check_contract_api_version(lib):
         raise InternalError("UniFFI contract version mismatch: try cleaning and rebuilding your project")
 
 def _uniffi_check_api_checksums(lib):
+    if lib.uniffi_to_device_crypto_checksum_func_prepare_for_exit() != 34140:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_func_set_log_sink() != 23046:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 42663:
+    if lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 8969:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_failuresubscription_missed() != 48711:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_failuresubscription_next() != 1781:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 30830:
+    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 49169:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 58370:
+    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush() != 17991:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 54040:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_logsink_log() != 30402:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() != 64413:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 1983:
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 19431:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() != 14123:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -622,6 +626,9 @@ _UniffiLib.ffi_to_device_crypto_rustbuffer_reserve.restype = _UniffiRustBuffer
 _UniffiLib.ffi_to_device_crypto_uniffi_contract_version.argtypes = (
 )
 _UniffiLib.ffi_to_device_crypto_uniffi_contract_version.restype = ctypes.c_uint32
+_UniffiLib.uniffi_to_device_crypto_checksum_func_prepare_for_exit.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_func_prepare_for_exit.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_func_set_log_sink.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_func_set_log_sink.restype = ctypes.c_uint16
@@ -637,6 +644,9 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_failuresubscription_next.rest
 _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled.restype = ctypes.c_uint16
@@ -724,6 +734,11 @@ _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite.r
 _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite_with_passphrase.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite_with_passphrase.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_fn_func_prepare_for_exit.argtypes = (
+    ctypes.c_uint32,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_func_prepare_for_exit.restype = ctypes.c_int8
 _UniffiLib.uniffi_to_device_crypto_fn_func_set_log_sink.argtypes = (
     _UniffiRustBuffer,
     _UniffiRustBuffer,
@@ -750,6 +765,11 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_cancel.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_cancel.restype = None
+_UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_flush.argtypes = (
+    ctypes.c_uint64,
+    ctypes.c_uint32,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_flush.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_is_cancelled.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -2910,6 +2930,13 @@ class ListenerHandleProtocol(typing.Protocol):
         Stops delivery. A call already in progress finishes.
 """
         raise NotImplementedError
+    async def flush(self, timeout_ms: int) -> bool:
+        """
+        Waits until every failure published before this call has been handed to the listener
+        (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
+        `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+"""
+        raise NotImplementedError
     def is_cancelled(self, ) -> bool:
         """
         Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
@@ -2959,6 +2986,28 @@ class ListenerHandle(ListenerHandleProtocol):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    async def flush(self, timeout_ms: int) -> bool:
+        """
+        Waits until every failure published before this call has been handed to the listener
+        (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
+        `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+"""
+        
+        _UniffiFfiConverterUInt32.check_lower(timeout_ms)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterUInt32.lower(timeout_ms),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterBoolean.lift
+        _uniffi_error_converter = None
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_flush(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_i8,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_i8,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_i8,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     def is_cancelled(self, ) -> bool:
         """
         Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
@@ -4026,6 +4075,32 @@ class _UniffiFfiConverterOptionalTypeLogSink(_UniffiConverterRustBuffer):
             return _UniffiFfiConverterTypeLogSink.read(buf)
         else:
             raise InternalError("Unexpected flag byte for optional type")
+def prepare_for_exit(timeout_ms: int) -> bool:
+    """
+    Prepares for the process to exit: delivers what listeners and the log sink have queued (for at
+    most `timeout_ms`), then stops every call from this library into foreign code for the rest of
+    the process, waiting for the calls in progress. Returns whether everything queued was
+    delivered.
+
+    The Python package calls this from `atexit`: CPython aborts the process when one of our threads
+    calls into Python while the interpreter finalizes. Swift and Kotlin apps do not need it; a
+    command-line JVM program may call it from a shutdown hook. Irreversible: listeners and the log
+    sink receive nothing afterwards. Do not call it from a listener or log sink (its own queue
+    cannot drain while it waits).
+"""
+    
+    _UniffiFfiConverterUInt32.check_lower(timeout_ms)
+    _uniffi_lowered_args = (
+        _UniffiFfiConverterUInt32.lower(timeout_ms),
+    )
+    _uniffi_lift_return = _UniffiFfiConverterBoolean.lift
+    _uniffi_error_converter = None
+    _uniffi_ffi_result = _uniffi_rust_call_with_error(
+        _uniffi_error_converter,
+        _UniffiLib.uniffi_to_device_crypto_fn_func_prepare_for_exit,
+        *_uniffi_lowered_args,
+    )
+    return _uniffi_lift_return(_uniffi_ffi_result)
 def set_log_sink(sink: typing.Optional[LogSink],max_level: LogLevel) -> None:
     """
     Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and
@@ -4065,6 +4140,7 @@ __all__ = [
     "PendingEvent",
     "PosthogErrorEvent",
     "ReportingPolicyFfi",
+    "prepare_for_exit",
     "set_log_sink",
     "DecryptionFailureListenerImpl",
     "DecryptionFailureListener",
