@@ -13,6 +13,7 @@ mod callbacks;
 mod listener;
 mod logging;
 mod requests;
+mod taxonomy;
 mod types;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +33,7 @@ pub use callbacks::prepare_for_exit;
 pub use listener::{DecryptionFailureListener, ListenerHandle, LISTENER_QUEUE_CAPACITY};
 pub use logging::{redact, set_log_sink, LogLevel, LogSink, QUEUE_CAPACITY, REDACTED_KEY};
 pub use requests::OutgoingRequestFfi;
+pub use taxonomy::{all_failure_reasons, failure_reason_from_name, FailureReasonInfo};
 pub use types::{
     CryptoError, CryptoSdkFfi, DecryptedEvent, DecryptionFailure, ErrorDomainFfi, FailureReasonFfi,
     IdentityKeysFfi, PendingEvent, PosthogErrorEvent, ReportingPolicyFfi, ToDeviceResult,
@@ -412,6 +414,7 @@ mod tests {
         for reason in FailureReason::ALL {
             let ffi = FailureReasonFfi::from(reason);
             assert_eq!(format!("{ffi:?}"), format!("{reason:?}"));
+            assert_eq!(FailureReason::from(ffi), reason);
         }
     }
 

@@ -732,6 +732,10 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_func_set_log_sink(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_func_all_failure_reasons(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_func_failure_reason_from_name(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_failuresubscription_missed(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_failuresubscription_next(
@@ -914,10 +918,20 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_to_device_crypto_fn_method_logsink_log(`ptr`: Long,`level`: RustBuffer.ByValue,`target`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_to_device_crypto_fn_method_failurereasonffi_analytics_name(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_method_failurereasonffi_info(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_method_failurereasonffi_posthog_event(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun uniffi_to_device_crypto_fn_func_prepare_for_exit(`timeoutMs`: Int,uniffi_out_err: UniffiRustCallStatus, 
     ): Byte
     external fun uniffi_to_device_crypto_fn_func_set_log_sink(`sink`: RustBuffer.ByValue,`maxLevel`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_to_device_crypto_fn_func_all_failure_reasons(uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_func_failure_reason_from_name(`name`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun ffi_to_device_crypto_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun ffi_to_device_crypto_rustbuffer_from_bytes(`bytes`: ForeignBytes.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1041,6 +1055,12 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_func_set_log_sink() and 0xFFFF) != 23046) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_func_all_failure_reasons() and 0xFFFF) != 5447) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_func_failure_reason_from_name() and 0xFFFF) != 51467) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_failuresubscription_missed() and 0xFFFF) != 48711) {
@@ -3901,6 +3921,94 @@ public object FfiConverterTypeDecryptedEvent: FfiConverterRustBuffer<DecryptedEv
 
 
 /**
+ * The documentation of one failure reason: the columns of the README's failure table.
+ */
+data class FailureReasonInfo (
+    /**
+     * The reason.
+     */
+    var `reason`: FailureReasonFfi
+    , 
+    /**
+     * The short name, e.g. `SessionWedged`.
+     */
+    var `name`: kotlin.String
+    , 
+    /**
+     * The PostHog `Error` event `name`, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+     */
+    var `analyticsName`: kotlin.String
+    , 
+    /**
+     * When this reason is reported (the check that failed).
+     */
+    var `description`: kotlin.String
+    , 
+    /**
+     * The most likely root cause in the field.
+     */
+    var `typicalRootCause`: kotlin.String
+    , 
+    /**
+     * What an app engineer should look at first.
+     */
+    var `whatToLookAt`: kotlin.String
+    , 
+    /**
+     * Whether a new Olm session with the sender fixes it (the machine then queues a
+     * `/keys/claim` for a known sender device).
+     */
+    var `needsNewSession`: kotlin.Boolean
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeFailureReasonInfo: FfiConverterRustBuffer<FailureReasonInfo> {
+    override fun read(buf: ByteBuffer): FailureReasonInfo {
+        return FailureReasonInfo(
+            FfiConverterTypeFailureReasonFfi.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: FailureReasonInfo) = (
+            FfiConverterTypeFailureReasonFfi.allocationSize(value.`reason`) +
+            FfiConverterString.allocationSize(value.`name`) +
+            FfiConverterString.allocationSize(value.`analyticsName`) +
+            FfiConverterString.allocationSize(value.`description`) +
+            FfiConverterString.allocationSize(value.`typicalRootCause`) +
+            FfiConverterString.allocationSize(value.`whatToLookAt`) +
+            FfiConverterBoolean.allocationSize(value.`needsNewSession`)
+    )
+
+    override fun write(value: FailureReasonInfo, buf: ByteBuffer) {
+            FfiConverterTypeFailureReasonFfi.write(value.`reason`, buf)
+            FfiConverterString.write(value.`name`, buf)
+            FfiConverterString.write(value.`analyticsName`, buf)
+            FfiConverterString.write(value.`description`, buf)
+            FfiConverterString.write(value.`typicalRootCause`, buf)
+            FfiConverterString.write(value.`whatToLookAt`, buf)
+            FfiConverterBoolean.write(value.`needsNewSession`, buf)
+    }
+}
+
+
+
+/**
  * Our identity keys, base64.
  */
 data class IdentityKeysFfi (
@@ -4483,6 +4591,45 @@ enum class FailureReasonFfi {
     STORE;
 
     
+    /**
+     * The PostHog `Error` event `name`, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+     */ fun `analyticsName`(): kotlin.String {
+            return FfiConverterString.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_analytics_name(FfiConverterTypeFailureReasonFfi.lower(this),
+        _status)
+}
+    )
+    }
+    
+
+    
+    /**
+     * When this reason is reported, its typical root cause and what to look at.
+     */ fun `info`(): FailureReasonInfo {
+            return FfiConverterTypeFailureReasonInfo.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_info(FfiConverterTypeFailureReasonFfi.lower(this),
+        _status)
+}
+    )
+    }
+    
+
+    
+    /**
+     * The PostHog event for this reason: exactly what a listener receives for such a failure.
+     */ fun `posthogEvent`(): PosthogErrorEvent {
+            return FfiConverterTypePosthogErrorEvent.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_posthog_event(FfiConverterTypeFailureReasonFfi.lower(this),
+        _status)
+}
+    )
+    }
+    
+
+    
 
 
     companion object
@@ -4931,6 +5078,38 @@ public object FfiConverterOptionalTypePosthogErrorEvent: FfiConverterRustBuffer<
 /**
  * @suppress
  */
+public object FfiConverterOptionalTypeFailureReasonFfi: FfiConverterRustBuffer<FailureReasonFfi?> {
+    override fun read(buf: ByteBuffer): FailureReasonFfi? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeFailureReasonFfi.read(buf)
+    }
+
+    override fun allocationSize(value: FailureReasonFfi?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeFailureReasonFfi.allocationSize(value)
+        }
+    }
+
+    override fun write(value: FailureReasonFfi?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeFailureReasonFfi.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterSequenceString: FfiConverterRustBuffer<List<kotlin.String>> {
     override fun read(buf: ByteBuffer): List<kotlin.String> {
         val len = buf.getInt()
@@ -4977,6 +5156,34 @@ public object FfiConverterSequenceTypePendingEvent: FfiConverterRustBuffer<List<
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypePendingEvent.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeFailureReasonFfi: FfiConverterRustBuffer<List<FailureReasonFfi>> {
+    override fun read(buf: ByteBuffer): List<FailureReasonFfi> {
+        val len = buf.getInt()
+        return List<FailureReasonFfi>(len) {
+            FfiConverterTypeFailureReasonFfi.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<FailureReasonFfi>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeFailureReasonFfi.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<FailureReasonFfi>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeFailureReasonFfi.write(it, buf)
         }
     }
 }
@@ -5121,6 +5328,35 @@ public object FfiConverterMapStringString: FfiConverterRustBuffer<Map<kotlin.Str
         FfiConverterTypeLogLevel.lower(`maxLevel`),_status)
 }
     
+    
+
+        /**
+         * Every failure reason, in the order of the README's table.
+         */ fun `allFailureReasons`(): List<FailureReasonFfi> {
+            return FfiConverterSequenceTypeFailureReasonFfi.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_func_all_failure_reasons(
+    
+        _status)
+}
+    )
+    }
+    
+
+        /**
+         * The reason named `name`: a short name (`SessionWedged`) or an analytics name
+         * (`ToDeviceFailedToDecrypt_SessionWedged`); `None` for anything else (names are
+         * case-sensitive).
+         */ fun `failureReasonFromName`(`name`: kotlin.String): FailureReasonFfi? {
+            return FfiConverterOptionalTypeFailureReasonFfi.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_func_failure_reason_from_name(
+    
+        
+        FfiConverterString.lower(`name`),_status)
+}
+    )
+    }
     
 
 
