@@ -29,7 +29,10 @@ from to_device_crypto import (
     LogLevel,
     LogSink,
     OlmMachine,
+    OutgoingRequestFfi,
     ToDeviceResult,
+    all_failure_reasons,
+    failure_reason_from_name,
     set_log_sink,
 )
 
@@ -298,6 +301,92 @@ class BindingsTest(unittest.TestCase):
                     self.assertNotIn(secret, message)
             finally:
                 set_log_sink(None, LogLevel.TRACE)
+
+        run(body())
+
+    def test_j_taxonomy_without_a_machine(self):
+        reason = failure_reason_from_name("SessionWedged")
+        self.assertEqual(reason, FailureReasonFfi.SESSION_WEDGED)
+        self.assertEqual(failure_reason_from_name("ToDeviceFailedToDecrypt_SessionWedged"), reason)
+        self.assertIsNone(failure_reason_from_name("DecryptionFailure"))
+        self.assertEqual(reason.analytics_name(), "ToDeviceFailedToDecrypt_SessionWedged")
+        event = reason.posthog_event()
+        self.assertEqual(event.event, "Error")
+        self.assertEqual(event.properties, {"domain": "TO_DEVICE", "name": "ToDeviceFailedToDecrypt_SessionWedged", "cryptoSDK": "Rust"})
+        info = reason.info()
+        self.assertEqual((info.reason, info.name, info.analytics_name), (reason, "SessionWedged", "ToDeviceFailedToDecrypt_SessionWedged"))
+        self.assertIn("none of them decrypts", info.description)
+        self.assertIn("ratchets diverged", info.typical_root_cause)
+        self.assertTrue(info.needs_new_session)
+        self.assertFalse(FailureReasonFfi.MALFORMED_EVENT.info().needs_new_session)
+        reasons = all_failure_reasons()
+        self.assertEqual(len(reasons), 17)
+        self.assertEqual(len({r.info().analytics_name for r in reasons}), 17)
+
+    def test_k_first_keys_upload_needs_no_call(self):
+        async def body():
+            bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+            upload = json.loads(await bob.keys_for_upload())
+            self.assertEqual(len(upload["one_time_keys"]), 25)
+            self.assertEqual(len(upload["fallback_keys"]), 1)
+            self.assertEqual(upload["device_keys"]["device_id"], "BOBDEVICE")
+            await bob.mark_keys_as_published()
+            self.assertIsNone(await bob.keys_for_upload())
+            self.assertEqual(await bob.receive_one_time_key_count(20, True), 5)
+
+        run(body())
+
+    def test_l_outgoing_requests_recover_a_session(self):
+        async def body():
+            bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+            carol = await OlmMachine.open_in_memory("@carol:example.org", "CAROLDEVICE")
+            alice = await OlmMachine.open_in_memory("@alice:example.org", "ALICEDEVICE")
+            # Bob's keys as a server that hands out the same one-time key twice would serve them.
+            bob_upload = json.loads(await bob.keys_for_upload())
+            await bob.mark_keys_as_published()
+            one_key = dict(list(bob_upload["one_time_keys"].items())[:1])
+            served = json.dumps({"device_keys": bob_upload["device_keys"], "one_time_keys": one_key})
+            first = json.loads(await carol.encrypt_for(served, "m.dummy", "{}"))[0]
+            await bob.decrypt_to_device_event(json.dumps(first))
+            # Bob knows Alice's device, whose message was built on the key Carol used.
+            alice_upload = json.loads(await alice.keys_for_upload())
+            query = {"device_keys": {"@alice:example.org": {"ALICEDEVICE": alice_upload["device_keys"]}}}
+            self.assertEqual(await bob.receive_keys_query_response(json.dumps(query)), 1)
+            second = json.loads(await alice.encrypt_for(served, "m.dummy", "{}"))[0]
+            with self.assertRaises(DecryptionFailure.Failed) as failure:
+                await bob.decrypt_to_device_event(json.dumps(second))
+            self.assertEqual(failure.exception.reason, FailureReasonFfi.UNKNOWN_ONE_TIME_KEY)
+            # Recovery: claim one of Alice's keys, then send her an Olm-encrypted m.dummy.
+            [claim] = await bob.outgoing_requests()
+            self.assertIsInstance(claim, OutgoingRequestFfi.KEYS_CLAIM)
+            self.assertEqual(json.loads(claim.body_json), {"one_time_keys": {"@alice:example.org": {"ALICEDEVICE": "signed_curve25519"}}})
+            alice_key = dict(list(alice_upload["one_time_keys"].items())[:1])
+            await bob.mark_request_as_sent(claim.request_id, json.dumps({"one_time_keys": {"@alice:example.org": {"ALICEDEVICE": alice_key}}}))
+            [dummy] = await bob.outgoing_requests()
+            self.assertIsInstance(dummy, OutgoingRequestFfi.TO_DEVICE)
+            self.assertEqual(dummy.event_type, "m.room.encrypted")
+            content = json.loads(dummy.body_json)["messages"]["@alice:example.org"]["ALICEDEVICE"]
+            event = {"type": dummy.event_type, "sender": "@bob:example.org", "content": content}
+            self.assertEqual((await alice.decrypt_to_device_event(json.dumps(event))).event_type, "m.dummy")
+            await bob.mark_request_as_sent(dummy.request_id, None)
+            self.assertEqual(await bob.outgoing_requests(), [])
+            with self.assertRaises(CryptoError):
+                await bob.mark_request_as_sent(dummy.request_id, None)
+
+        run(body())
+
+    def test_m_flush_waits_for_the_listener(self):
+        async def body():
+            bob = await OlmMachine.open_in_memory("@bob:example.org", "BOBDEVICE")
+            listener = Collecting()
+            handle = bob.add_decryption_failure_listener(listener)
+            for n in range(3):
+                with self.assertRaises(DecryptionFailure):
+                    await bob.decrypt_to_device_event(bad_event(n))
+            self.assertTrue(await handle.flush(5000))
+            self.assertEqual(listener.events.qsize(), 3, "flush returned before delivery")
+            handle.cancel()
+            self.assertFalse(await handle.flush(1000))
 
         run(body())
 
