@@ -1,0 +1,276 @@
+//! The store's [`CryptoStore`] methods: the reads, one query per question the machine asks, and
+//! the cross-process write lock (a `.lock` file beside the database). A batch's writes are in
+//! `transaction.rs`; rekeying and wiping in `mod.rs`.
+
+use std::collections::{HashMap, HashSet};
+
+use async_trait::async_trait;
+use rusqlite::{params, OptionalExtension};
+
+use super::schema::{meta_number, meta_text};
+use super::sealing::{session_context, PendingRow};
+use super::{SqliteStore, LOCK_TIMEOUT};
+use crate::error::StoreError;
+use crate::olm::envelope::MessageHash;
+use crate::store::cipher::StoreKey;
+use crate::store::{
+    Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredResult, StoredSession,
+    WriteLock,
+};
+
+/// How many replay hashes one lookup query checks.
+const HASH_LOOKUP_CHUNK: usize = 64;
+
+static HASH_LOOKUP_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let placeholders = vec!["?"; HASH_LOOKUP_CHUNK].join(",");
+    format!("SELECT hash FROM message_hashes WHERE hash IN ({placeholders})")
+});
+
+#[async_trait]
+impl CryptoStore for SqliteStore {
+    async fn load_account(&self) -> Result<Option<StoredAccount>, StoreError> {
+        let row = self
+            .lock()
+            .query_row(
+                "SELECT user_id, device_id, pickle, device_keys_published FROM account WHERE id = 0",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, bool>(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(|(user_id, device_id, pickle, published)| {
+            Ok(StoredAccount {
+                pickle: self.open_sealed(&pickle, "account", "account pickle")?,
+                user_id,
+                device_id,
+                device_keys_published: published,
+            })
+        })
+        .transpose()
+    }
+
+    async fn load_sessions(&self, sender_key: &str) -> Result<Vec<StoredSession>, StoreError> {
+        let rows: Vec<(String, Vec<u8>, i64)> = {
+            let connection = self.lock();
+            let mut statement = connection.prepare_cached(
+                "SELECT session_id, pickle, last_used FROM sessions WHERE sender_key = ?1",
+            )?;
+            let rows = statement
+                .query_map(params![sender_key], |row| {
+                    Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            rows
+        };
+        rows.into_iter()
+            .map(|(session_id, pickle, last_used)| {
+                Ok(StoredSession {
+                    pickle: self.open_sealed(
+                        &pickle,
+                        &session_context(sender_key, &session_id),
+                        "session pickle",
+                    )?,
+                    sender_key: sender_key.to_owned(),
+                    session_id,
+                    last_used: u64::try_from(last_used).unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    async fn load_devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare_cached("SELECT user_id, device_id, json FROM devices")?;
+        let devices = statement
+            .query_map([], |row| {
+                Ok(StoredDevice {
+                    user_id: row.get(0)?,
+                    device_id: row.get(1)?,
+                    json: row.get(2)?,
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(devices)
+    }
+
+    async fn known_message_hashes(
+        &self,
+        hashes: &[MessageHash],
+    ) -> Result<HashSet<MessageHash>, StoreError> {
+        let mut known = HashSet::new();
+        let Some(last) = hashes.last() else {
+            return Ok(known);
+        };
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&HASH_LOOKUP_SQL)?;
+        for chunk in hashes.chunks(HASH_LOOKUP_CHUNK) {
+            // One statement text for every chunk: a short chunk repeats its last hash.
+            let parameters =
+                (0..HASH_LOOKUP_CHUNK).map(|i| chunk.get(i).unwrap_or(last).0.as_slice());
+            let mut rows = statement.query(rusqlite::params_from_iter(parameters))?;
+            while let Some(row) = rows.next()? {
+                let bytes: Vec<u8> = row.get(0)?;
+                let hash =
+                    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| StoreError::Corrupted {
+                        what: "message hash",
+                        detail: format!("a stored hash has {} bytes, not 32", bytes.len()),
+                    })?;
+                known.insert(MessageHash(hash));
+            }
+        }
+        Ok(known)
+    }
+
+    async fn is_one_time_key_claimed(&self, key: &str) -> Result<bool, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare_cached("SELECT 1 FROM claimed_one_time_keys WHERE key = ?1")?;
+        Ok(statement.exists(params![key])?)
+    }
+
+    async fn contains_failure_mark(&self, mark: &MessageHash) -> Result<bool, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare_cached("SELECT 1 FROM failure_marks WHERE mark = ?1")?;
+        Ok(statement.exists(params![&mark.0[..]])?)
+    }
+
+    async fn load_policy_state(&self) -> Result<Option<String>, StoreError> {
+        let value: Option<Vec<u8>> = self
+            .lock()
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'policy_state'",
+                [],
+                |row| row.get(0),
+            )
+            .optional()?;
+        value
+            .map(|v| {
+                String::from_utf8(v).map_err(|e| StoreError::Corrupted {
+                    what: "reporting policy state",
+                    detail: e.to_string(),
+                })
+            })
+            .transpose()
+    }
+
+    async fn load_outgoing_requests(&self) -> Result<Vec<StoredRequest>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT request_id, json, created_at FROM outgoing_requests ORDER BY created_at, rowid",
+        )?;
+        let requests = statement
+            .query_map([], |row| {
+                Ok(StoredRequest {
+                    request_id: row.get(0)?,
+                    json: row.get(1)?,
+                    created_at: u64::try_from(row.get::<_, i64>(2)?).unwrap_or_default(),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        Ok(requests)
+    }
+
+    async fn last_recovery_attempt(&self, sender_key: &str) -> Result<Option<u64>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection
+            .prepare_cached("SELECT attempted_at FROM recovery_attempts WHERE sender_key = ?1")?;
+        let at: Option<i64> = statement
+            .query_row(params![sender_key], |row| row.get(0))
+            .optional()?;
+        Ok(at.map(|at| u64::try_from(at).unwrap_or_default()))
+    }
+
+    async fn load_pending_results(&self) -> Result<Vec<StoredResult>, StoreError> {
+        let connection = self.lock();
+        let rows = connection
+            .prepare_cached(
+                "SELECT id, batch, idx, data, result_batch FROM pending_results ORDER BY batch, idx",
+            )?
+            .query_map([], PendingRow::read)?
+            .collect::<Result<Vec<_>, _>>()?;
+        self.open_results(&connection, rows)
+    }
+
+    async fn pending_results(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, StoredResult>, StoreError> {
+        let connection = self.lock();
+        let mut rows = Vec::new();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, batch, idx, data, result_batch FROM pending_results WHERE id = ?1",
+        )?;
+        for id in ids {
+            if let Some(row) = statement
+                .query_row(params![id], PendingRow::read)
+                .optional()?
+            {
+                rows.push(row);
+            }
+        }
+        Ok(self
+            .open_results(&connection, rows)?
+            .into_iter()
+            .map(|result| (result.id.clone(), result))
+            .collect())
+    }
+
+    async fn sync_token(&self) -> Result<Option<String>, StoreError> {
+        meta_text(&self.lock(), "sync_token")
+    }
+
+    async fn last_batch_number(&self) -> Result<u64, StoreError> {
+        meta_number(&self.lock(), "batch_number")
+    }
+
+    async fn generation(&self) -> Result<u64, StoreError> {
+        meta_number(&self.lock(), "generation")
+    }
+
+    async fn lock_for_writing(&self) -> Result<WriteLock, StoreError> {
+        let mut lock_path = self.path.clone().into_os_string();
+        lock_path.push(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)?;
+        let deadline = std::time::Instant::now() + LOCK_TIMEOUT;
+        // Polled rather than blocking, so that waiting never blocks the async runtime's thread.
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(WriteLock::file(file)),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(StoreError::Io(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "another process held the store's write lock for over 30 s",
+                    )))
+                }
+                Err(std::fs::TryLockError::Error(error)) => return Err(error.into()),
+            }
+        }
+    }
+
+    async fn rekey(&self, new_key: StoreKey) -> Result<(), StoreError> {
+        SqliteStore::rekey(self, new_key)
+    }
+
+    async fn wipe(&self) -> Result<(), StoreError> {
+        SqliteStore::wipe(self)
+    }
+
+    async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
+        self.write_changes(changes)
+    }
+}
