@@ -7,7 +7,9 @@
 #
 # A suite passes only if every process it runs exits with status 0, it reports no failed test, and it
 # ran at least MIN_TESTS[suite] tests (below): a crash, a runner that stops early, a count that cannot
-# be read, or deleted tests all fail the run.
+# be read, or deleted tests all fail the run. The Swift and Kotlin suites also compile and run the
+# README's adopter snippets (`<!-- snippet: swift-adopt -->`, `kotlin-adopt`), extracted with
+# scripts/lib/readme_snippet.py.
 #
 # Toolchains come from scripts/lib/toolchains.sh (cached outside the repo). Prints per-suite test
 # counts, wall time and the per-event FFI overhead each language measured, then one summary line
@@ -32,7 +34,7 @@ source "$ROOT/scripts/lib/toolchains.sh"
 
 # The fewest tests each suite must run (its count today). Raise it with every new test; a suite that
 # reports fewer fails even if nothing failed.
-declare -A MIN_TESTS=([python]=16 [kotlin]=15 [swift]=16)
+declare -A MIN_TESTS=([python]=16 [kotlin]=16 [swift]=17)
 
 suites=("$@")
 ((${#suites[@]})) || suites=(python kotlin swift)
@@ -49,8 +51,10 @@ cd "$ROOT"
 # same metadata from a release library.
 "$ROOT/scripts/generate-bindings.sh" --check
 if [[ $PROFILE == release ]]; then
+	# The same command as scripts/report-size.sh and scripts/build-wheel.sh: one release cdylib,
+	# built once for all three (and the one the apps ship, unlike `cargo build --lib`'s).
 	echo "test-bindings: building the release library (fat LTO: about a minute when src/ changed)"
-	cargo build --quiet --release --lib
+	cargo rustc --quiet --locked --profile release --lib --crate-type cdylib
 fi
 [[ -f $LIB ]] || { echo "test-bindings: $LIB was not built" >&2; exit 1; }
 
@@ -124,11 +128,18 @@ run_python() {
 run_kotlin() {
 	tdc_ensure_kotlin || return 1
 	local dir=$WORK/kotlin log=$WORK/kotlin.log start status=0 run failed cp
-	mkdir -p "$dir"
+	mkdir -p "$dir/readme"
 	: >"$log"
 	start=$(now)
-	run_logged "$log" "$CARGO_TARGET_DIR/debug/uniffi-bindgen" generate "$LIB" --language kotlin \
-		--out-dir "$dir/gen" --config uniffi-jvm.toml --no-format || status=$?
+	# The README's adopter snippet, compiled as a file of its own package (its imports are real).
+	{
+		echo "package org.matrix.todevicecrypto.readme"
+		python3 scripts/lib/readme_snippet.py kotlin-adopt
+	} >"$dir/readme/ReadmeSnippet.kt" || status=$?
+	if ((status == 0)); then
+		run_logged "$log" "$CARGO_TARGET_DIR/debug/uniffi-bindgen" generate "$LIB" --language kotlin \
+			--out-dir "$dir/gen" --config uniffi-jvm.toml --no-format || status=$?
+	fi
 	cp=$TDC_JNA_JAR:$TDC_COROUTINES_JAR
 	local -a tests
 	mapfile -t tests < <(find bindings/kotlin/src/test/kotlin -name '*.kt' | sort)
@@ -137,7 +148,7 @@ run_kotlin() {
 		run_logged "$log" "$TDC_KOTLINC" -nowarn -cp "$cp" -d "$dir/tests.jar" \
 			"$dir"/gen/org/matrix/todevicecrypto/*.kt \
 			bindings/kotlin/src/main/kotlin/org/matrix/todevicecrypto/FailureFlow.kt \
-			"${tests[@]}" || status=$?
+			"$dir/readme/ReadmeSnippet.kt" "${tests[@]}" || status=$?
 	fi
 	if ((status == 0)); then
 		run_logged "$log" java -Djna.library.path="$LIBDIR" -cp "$cp:$TDC_KOTLIN_STDLIB:$dir/tests.jar" \
@@ -165,7 +176,8 @@ sync_tree() {
 run_swift() {
 	tdc_ensure_swift || return 1
 	# A per-checkout copy of the package at a stable path, so that SwiftPM builds incrementally and
-	# two checkouts testing at once do not share (and clobber) one build directory.
+	# two checkouts testing at once do not share (and clobber) one build directory; the README's
+	# adopter snippet joins its test target.
 	local key base pkg scratch log=$WORK/swift.log start status=0 run failed
 	key=$(printf '%s' "$ROOT" | sha256sum | cut -c1-12)
 	base=$TDC_CACHE/swift-test/$key
@@ -173,12 +185,16 @@ run_swift() {
 	scratch=$base/scratch
 	mkdir -p "$WORK/swift" "$scratch"
 	cp -R bindings/swift/Package.swift bindings/swift/Sources bindings/swift/Tests "$WORK/swift/"
+	python3 scripts/lib/readme_snippet.py swift-adopt >"$WORK/swift/Tests/ToDeviceCryptoTests/ReadmeSnippet.swift" ||
+		status=$?
 	sync_tree "$WORK/swift" "$pkg"
 	: >"$log"
 	start=$(now)
-	TDC_SWIFT_EXTRA_BINDS=$CARGO_TARGET_DIR:$scratch run_logged "$log" tdc_in_swift_chroot "$pkg" \
-		"LD_LIBRARY_PATH=$LIBDIR swift test --disable-swift-testing --scratch-path $scratch -Xlinker -L$LIBDIR" ||
-		status=$?
+	if ((status == 0)); then
+		TDC_SWIFT_EXTRA_BINDS=$CARGO_TARGET_DIR:$scratch run_logged "$log" tdc_in_swift_chroot "$pkg" \
+			"LD_LIBRARY_PATH=$LIBDIR swift test --disable-swift-testing --scratch-path $scratch -Xlinker -L$LIBDIR" ||
+			status=$?
+	fi
 	read -r run failed < <(sed -n 's/^[[:space:]]*Executed \([0-9]*\) tests\{0,1\}, with \([0-9]*\) failures\{0,1\}.*/\1 \2/p' "$log" | tail -1; echo)
 	echo "swift: ${run:-?} tests, ${failed:-?} failed"
 	record swift "$status" "${run:-}" "${failed:-}" "$(elapsed "$start")" "$log"

@@ -71,7 +71,9 @@ final class Slow: DecryptionFailureListener, @unchecked Sendable {
     }
 }
 
-// A stand-in for the PostHog iOS SDK, and the forwarding snippet an app would write.
+// A stand-in for the PostHog iOS SDK (`PostHogSDK.shared.capture(_:properties:)`). The forwarding
+// code an app writes, `PostHogForwarder`, is the README's snippet (ReadmeSnippet.swift, extracted
+// by scripts/test-bindings.sh).
 final class PostHogSDK: @unchecked Sendable {
     static let shared = PostHogSDK()
     private let lock = NSLock()
@@ -83,9 +85,14 @@ final class PostHogSDK: @unchecked Sendable {
     }
 }
 
-final class PostHogForwarder: DecryptionFailureListener {
-    func onDecryptionFailure(event: PosthogErrorEvent) {
-        PostHogSDK.shared.capture(event.event, properties: event.properties)
+/// The homeserver side of the README's `startCrypto`: records the `/keys/upload` bodies.
+final class RecordingUploader: KeysUploader, @unchecked Sendable {
+    private let lock = NSLock()
+    private var _bodies: [String] = []
+    var bodies: [String] { lock.lock(); defer { lock.unlock() }; return _bodies }
+    func uploadKeys(body: String) async throws {
+        lock.lock(); defer { lock.unlock() }
+        _bodies.append(body)
     }
 }
 
@@ -192,12 +199,14 @@ final class ToDeviceCryptoTests: XCTestCase {
 
     func testF_forwardingToPosthog() async throws {
         let bob = try await makeBob()
+        let before = PostHogSDK.shared.captured.count
         let handle = bob.addDecryptionFailureListener(listener: PostHogForwarder())
         try await expectFailure(bob)
-        XCTAssertTrue(waitUntil { PostHogSDK.shared.captured.count == 1 })
-        let (event, properties) = PostHogSDK.shared.captured[0]
-        XCTAssertEqual(event, "Error")
-        XCTAssertEqual(properties as? [String: String], expectedProperties)
+        let flushed = await handle.flush(timeoutMs: 5000)
+        XCTAssertTrue(flushed)
+        let captured = PostHogSDK.shared.captured.dropFirst(before)
+        XCTAssertEqual(captured.map(\.0), ["Error"])
+        XCTAssertEqual(captured.first?.1 as? [String: String], expectedProperties)
         handle.cancel()
     }
 
@@ -365,6 +374,49 @@ final class ToDeviceCryptoTests: XCTestCase {
         handle.cancel()
         let afterCancel = await handle.flush(timeoutMs: 1000)
         XCTAssertFalse(afterCancel)
+    }
+
+    /// The README's Swift snippet, end to end: start, a batch with a decryptable, a plain and a
+    /// failing event, acknowledgement, the failure in PostHog, and decryptOne both ways.
+    func testN_readmeAdopterPath() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(UUID().uuidString)
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let server = RecordingUploader()
+        let (machine, forwarding) = try await startCrypto(
+            userId: "@bob:example.org", deviceId: "BOBDEVICE", storePath: dir.appendingPathComponent("crypto.sqlite3").path,
+            storeKey: Data(repeating: 7, count: 32), server: server)
+        XCTAssertEqual(server.bodies.count, 1)
+        let upload = try parseJSON(try XCTUnwrap(server.bodies.first))
+        XCTAssertEqual((upload["one_time_keys"] as? [String: Any])?.count, 25)
+        let nothing = await machine.keysForUpload()
+        XCTAssertNil(nothing, "the upload was not marked as published")
+
+        // Alice got the published keys from the server (/keys/query, /keys/claim).
+        let alice = try await OlmMachine.openInMemory(userId: "@alice:example.org", deviceId: "ALICEDEVICE")
+        let published = try XCTUnwrap(server.bodies.first)
+        let sendFromAlice = { (content: String) async throws -> String in
+            String(try await alice.encryptFor(recipientKeysUploadJson: published, eventType: "m.dummy", contentJson: content).dropFirst().dropLast())
+        }
+        let before = PostHogSDK.shared.captured.count
+        let event = try await sendFromAlice(#"{"n":1}"#)
+        let plain = #"{"type":"m.dummy","sender":"@a:b","content":{}}"#
+        let decrypted = try await receive(toDeviceEvents: "[\(event),\(plain),\(distinctBadEvent(42))]", nextBatch: "s7", machine: machine)
+        XCTAssertEqual(decrypted.map(\.contentJson), [#"{"n":1}"#])
+        let token = try await machine.syncToken()
+        XCTAssertEqual(token, "s7")
+        let pending = try await machine.pendingDecryptedEvents()
+        XCTAssertEqual(pending, [], "receive() acknowledges what it returns")
+        let flushed = await forwarding.flush(timeoutMs: 5000)
+        XCTAssertTrue(flushed)
+        let captured = PostHogSDK.shared.captured.dropFirst(before)
+        XCTAssertEqual(captured.map(\.0), ["Error"])
+        XCTAssertEqual(captured.first?.1 as? [String: String], expectedProperties)
+
+        let failed = await decryptOne(distinctBadEvent(43), machine: machine)
+        XCTAssertNil(failed)
+        let one = await decryptOne(try await sendFromAlice(#"{"n":2}"#), machine: machine)
+        XCTAssertEqual(one?.contentJson, #"{"n":2}"#)
     }
 
     func testSyncBatchAndSqliteStore() async throws {

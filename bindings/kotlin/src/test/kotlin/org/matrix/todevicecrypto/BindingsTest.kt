@@ -9,6 +9,14 @@ import java.util.concurrent.atomic.AtomicInteger
 import kotlinx.coroutines.flow.first
 import kotlinx.coroutines.runBlocking
 import kotlinx.coroutines.withTimeout
+// PostHog is a stand-in (com/posthog/PostHog.kt); the readme package is the README's Kotlin
+// snippet, extracted by scripts/test-bindings.sh.
+import com.posthog.PostHog
+import org.matrix.todevicecrypto.readme.KeysUploader
+import org.matrix.todevicecrypto.readme.PostHogForwarder
+import org.matrix.todevicecrypto.readme.decryptOne
+import org.matrix.todevicecrypto.readme.receive
+import org.matrix.todevicecrypto.readme.startCrypto
 
 const val BAD_EVENT =
     """{"type":"m.room.encrypted","sender":"@a:b","content":{"algorithm":"m.megolm.v1.aes-sha2"}}"""
@@ -73,17 +81,11 @@ class Throwing : DecryptionFailureListener {
     }
 }
 
-// A stand-in for the PostHog Android SDK, and the forwarding snippet an app would write.
-object PostHog {
-    val captured = CopyOnWriteArrayList<Pair<String, Map<String, Any>>>()
-    fun capture(event: String, properties: Map<String, Any>? = null) {
-        captured.add(event to (properties ?: emptyMap()))
-    }
-}
-
-class PostHogForwarder : DecryptionFailureListener {
-    override fun onDecryptionFailure(event: PosthogErrorEvent) {
-        PostHog.capture(event = event.event, properties = event.properties)
+/** The homeserver side of the README's `startCrypto`: records the `/keys/upload` bodies. */
+class RecordingUploader : KeysUploader {
+    val bodies = CopyOnWriteArrayList<String>()
+    override suspend fun uploadKeys(body: String) {
+        bodies.add(body)
     }
 }
 
@@ -150,10 +152,11 @@ val tests: List<Pair<String, suspend () -> Unit>> = listOf(
     },
     "f forwarding to PostHog" to {
         val bob = bob()
+        val before = PostHog.captured.size
         val handle = bob.addDecryptionFailureListener(PostHogForwarder())
         expectFailure(bob)
-        waitUntil { PostHog.captured.size == 1 }
-        checkEquals(listOf<Pair<String, Map<String, Any>>>("Error" to EXPECTED_PROPERTIES), PostHog.captured.toList())
+        check(handle.flush(5_000u)) { "flush timed out" }
+        checkEquals(listOf<Pair<String, Map<String, Any>>>("Error" to EXPECTED_PROPERTIES), PostHog.captured.drop(before))
         handle.close()
     },
     "g2 logs reach the app logger, redacted" to {
@@ -299,6 +302,39 @@ val tests: List<Pair<String, suspend () -> Unit>> = listOf(
         checkEquals(3, listener.events.size)
         handle.cancel()
         check(!handle.flush(1_000u)) { "flush on a cancelled handle said true" }
+    },
+    "n README adopter path" to {
+        // The README's Kotlin snippet, end to end: start, a batch with a decryptable, a plain and
+        // a failing event, acknowledgement, the failure in PostHog, and decryptOne both ways.
+        val dir = kotlin.io.path.createTempDirectory("tdc").toFile()
+        try {
+            val server = RecordingUploader()
+            val (machine, forwarding) = startCrypto("@bob:example.org", "BOBDEVICE", "$dir/crypto.sqlite3", ByteArray(32) { 7 }, server)
+            checkEquals(1, server.bodies.size)
+            checkEquals(25, parseJson(server.bodies[0]).obj("one_time_keys").size)
+            checkEquals(null, machine.keysForUpload())
+
+            // Alice got the published keys from the server (/keys/query, /keys/claim).
+            val alice = OlmMachine.openInMemory("@alice:example.org", "ALICEDEVICE")
+            suspend fun fromAlice(content: String) =
+                alice.encryptFor(server.bodies[0], "m.dummy", content).removePrefix("[").removeSuffix("]")
+            val before = PostHog.captured.size
+            val event = fromAlice("""{"n":1}""")
+            val plain = """{"type":"m.dummy","sender":"@a:b","content":{}}"""
+            val decrypted = receive("[$event,$plain,${badEvent(42)}]", "s7", machine)
+            checkEquals(listOf("""{"n":1}"""), decrypted.map { it.contentJson })
+            checkEquals("s7", machine.syncToken())
+            checkEquals(emptyList<PendingEvent>(), machine.pendingDecryptedEvents())
+            check(forwarding.flush(5_000u)) { "flush timed out" }
+            checkEquals(listOf<Pair<String, Map<String, Any>>>("Error" to EXPECTED_PROPERTIES), PostHog.captured.drop(before))
+
+            checkEquals(null, decryptOne(badEvent(43), machine))
+            checkEquals("""{"n":2}""", decryptOne(fromAlice("""{"n":2}"""), machine)?.contentJson)
+            forwarding.close()
+            machine.close()
+        } finally {
+            dir.deleteRecursively()
+        }
     },
     "sync batch and SQLite store" to {
         try {
