@@ -3,9 +3,10 @@
 //!
 //! Listeners and the log sink are called on threads we start (`tdc-failure-listener`,
 //! `tdc-log-sink`), through a bounded [`CallbackQueue`] each. That is fine while the foreign
-//! runtime is alive, but not once CPython has begun finalizing. From then on (Python 3.13 and
-//! older) every thread other than the finalizing one that asks for the GIL is ended with
-//! `pthread_exit`, which glibc implements as a *forced unwind* of the thread's stack. That unwind
+//! runtime is alive, but not once CPython has begun finalizing. From then on (CPython 3.13 and
+//! older; 3.14 parks such a thread forever instead, gh-87135) every thread other than the
+//! finalizing one that asks for the GIL is ended with `pthread_exit`, which glibc implements as a
+//! *forced unwind* of the thread's stack. That unwind
 //! runs from the ctypes callback up into our Rust frames, where a `catch_unwind` (ours around each
 //! call, or the one std puts at the base of every thread) catches it as a foreign exception and
 //! deletes it — and glibc answers by aborting the whole process: `FATAL: exception not rethrown`,
