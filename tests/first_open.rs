@@ -383,3 +383,28 @@ fn concurrent_first_opens_of_a_wiped_store_in_processes_make_one_identity() {
     let identity = tally.assert_one_identity_no_error("machine processes, wiped store");
     assert_eq!(stored_identity(&path, &key), identity);
 }
+
+/// A new passphrase store: every concurrent first opener must agree on one salt (it used to be
+/// written after the schema, outside its transaction, by each opener with its own salt), so that
+/// all of them — and every later open — derive the same key.
+#[test]
+fn concurrent_first_opens_with_a_passphrase_agree_on_one_salt() {
+    const PASSPHRASE: &str = "correct horse battery staple";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let open = move |path: &Path| {
+        block_on(async {
+            let store = SqliteStore::open_with_passphrase(path, PASSPHRASE, Synchronous::Normal)
+                .map_err(|e| e.to_string())?;
+            let machine = OlmMachine::open(BOB, "BOBPHONE", Arc::new(store))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(machine.identity_keys().curve25519.to_base64())
+        })
+    };
+    let racing = path.clone();
+    // Each opener derives a key with 600,000 PBKDF2 rounds: fewer openers than elsewhere.
+    let tally = race_threads(openers(4), move || open(&racing));
+    let identity = tally.assert_one_identity_no_error("threads, new passphrase store");
+    assert_eq!(open(&path).unwrap(), identity);
+}

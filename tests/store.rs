@@ -648,3 +648,55 @@ async fn a_passphrase_does_not_open_a_raw_key_store_and_changes_nothing() {
     assert_eq!(std::fs::read(&path).unwrap(), before);
     open(&path, &key).await;
 }
+
+/// Pickles and decrypted results are secrets: the types that carry them print redacted `Debug`
+/// output (a log line or a panic message must not leak them), and so does a memory store that
+/// holds them.
+#[tokio::test]
+async fn debug_output_never_shows_pickles_or_decrypted_results() {
+    use to_device_crypto::store::{
+        Changes, CryptoStore, StoredAccount, StoredResult, StoredSession,
+    };
+    const SECRET: &str = "SECRET-PICKLE-OR-PLAINTEXT";
+    let account = StoredAccount {
+        user_id: BOB.to_owned(),
+        device_id: "BOBPHONE".to_owned(),
+        pickle: SECRET.to_owned(),
+        device_keys_published: true,
+    };
+    let session = StoredSession {
+        sender_key: "SENDERKEY".to_owned(),
+        session_id: "SESSIONID".to_owned(),
+        pickle: SECRET.to_owned(),
+        last_used: 7,
+    };
+    let result = StoredResult {
+        id: "RESULTID".to_owned(),
+        batch: 1,
+        index: 2,
+        json: SECRET.to_owned(),
+    };
+    let changes = Changes {
+        account: Some(account.clone()),
+        sessions: vec![session.clone()],
+        pending_results: vec![result.clone()],
+        ..Changes::default()
+    };
+    let memory = to_device_crypto::MemoryStore::new();
+    memory.save_changes(changes.clone()).await.unwrap();
+    for (printed, shown) in [
+        (format!("{account:?}"), "BOBPHONE"),
+        (format!("{session:?}"), "SESSIONID"),
+        (format!("{result:?}"), "RESULTID"),
+        (format!("{changes:?}"), "SESSIONID"),
+        (format!("{changes:#?}"), "RESULTID"),
+        (format!("{memory:?}"), "BOBPHONE"),
+        (format!("{memory:#?}"), "pending_results"),
+    ] {
+        assert!(!printed.contains(SECRET), "{printed}");
+        assert!(
+            printed.contains(shown),
+            "{printed} should still say {shown}"
+        );
+    }
+}

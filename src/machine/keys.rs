@@ -179,3 +179,78 @@ impl OlmMachine {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use vodozemac::olm::Account;
+
+    use crate::olm::device_keys::signable_json;
+    use crate::olm::device_keys::OLM_V1_ALGORITHM;
+    use crate::OlmMachine;
+
+    const ALICE: &str = "@alice:example.org";
+
+    /// A `/keys/query` body listing ALICEPHONE with `curve25519_of`'s Curve25519 key and
+    /// `signer`'s Ed25519 key, self-signed by `signer`.
+    fn query(signer: &Account, curve25519_of: &Account) -> serde_json::Value {
+        let mut keys = json!({
+            "user_id": ALICE,
+            "device_id": "ALICEPHONE",
+            "algorithms": [OLM_V1_ALGORITHM],
+            "keys": {
+                "curve25519:ALICEPHONE": curve25519_of.curve25519_key().to_base64(),
+                "ed25519:ALICEPHONE": signer.ed25519_key().to_base64(),
+            },
+        });
+        let signature = signer.sign(signable_json(&keys)).to_base64();
+        keys["signatures"] = json!({ALICE: {"ed25519:ALICEPHONE": signature}});
+        json!({"device_keys": {ALICE: {"ALICEPHONE": keys}}})
+    }
+
+    /// The Curve25519 rule, as matrix-sdk-crypto's `update_device`: a new Curve25519 key under
+    /// the known Ed25519 key (so signed by the device itself) replaces the old one; a new Ed25519
+    /// key is refused whatever the Curve25519 key.
+    #[tokio::test]
+    async fn curve25519_may_change_under_the_known_ed25519_key_ed25519_may_not() {
+        let bob = OlmMachine::in_memory("@bob:example.org", "BOBPHONE")
+            .await
+            .unwrap();
+        let alice = Account::new();
+        let new_curve = Account::new();
+        let outcome = bob
+            .receive_keys_query_response(&query(&alice, &alice))
+            .await
+            .unwrap();
+        assert_eq!((outcome.stored, outcome.refused_key_changes.len()), (1, 0));
+
+        let outcome = bob
+            .receive_keys_query_response(&query(&alice, &new_curve))
+            .await
+            .unwrap();
+        assert_eq!((outcome.stored, outcome.refused_key_changes.len()), (1, 0));
+        {
+            let state = bob.state.lock().await;
+            assert!(state
+                .devices
+                .by_curve25519(ALICE, &alice.curve25519_key())
+                .is_none());
+            let device = state
+                .devices
+                .by_curve25519(ALICE, &new_curve.curve25519_key())
+                .expect("found by the new key");
+            assert_eq!(device.ed25519, alice.ed25519_key());
+        }
+
+        // Another Ed25519 key, even with the known Curve25519 key: refused, the known keys kept.
+        let outcome = bob
+            .receive_keys_query_response(&query(&Account::new(), &new_curve))
+            .await
+            .unwrap();
+        assert_eq!((outcome.stored, outcome.refused_key_changes.len()), (0, 1));
+        let state = bob.state.lock().await;
+        let device = state.devices.by_id(ALICE, "ALICEPHONE").unwrap();
+        assert_eq!(device.ed25519, alice.ed25519_key());
+        assert_eq!(device.curve25519, new_curve.curve25519_key());
+    }
+}

@@ -33,11 +33,29 @@ struct Contents {
 }
 
 /// A store that keeps everything in memory. Cloning a snapshot of it (see
-/// [`MemoryStore::snapshot`]) simulates restoring an old backup.
-#[derive(Debug, Default)]
+/// [`MemoryStore::snapshot`]) simulates restoring an old backup. `Debug` prints counts.
+#[derive(Default)]
 pub struct MemoryStore {
     contents: Mutex<Contents>,
     fail_next_save: AtomicBool,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let contents = self.lock();
+        f.debug_struct("MemoryStore")
+            .field("account", &contents.account)
+            .field(
+                "sessions",
+                &contents.sessions.values().map(HashMap::len).sum::<usize>(),
+            )
+            .field("devices", &contents.devices.len())
+            .field("recovery_devices", &contents.recovery_devices.len())
+            .field("pending_results", &contents.pending_results.len())
+            .field("outgoing_requests", &contents.outgoing_requests.len())
+            .field("generation", &contents.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemoryStore {
