@@ -700,3 +700,34 @@ async fn debug_output_never_shows_pickles_or_decrypted_results() {
         );
     }
 }
+
+/// Two machines on one store (the app and the notification extension): one logs out (wipe) and
+/// a new account is created; the other, opened before, must not adopt that identity nor write
+/// its old account back — it fails with `Wiped` and the new identity stays.
+#[tokio::test]
+async fn a_machine_opened_before_another_wiped_the_store_stops_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let key = StoreKey::generate().unwrap();
+    let app = open(&path, &key).await;
+    let extension = open(&path, &key).await;
+    let old_identity = extension.identity_keys();
+    app.wipe().await.unwrap();
+    drop(app);
+    let new_app = open(&path, &key).await;
+    let new_identity = new_app.identity_keys();
+    assert_ne!(new_identity, old_identity);
+
+    for attempt in 0..2 {
+        let error = extension.generate_one_time_keys(1).await.unwrap_err();
+        assert!(matches!(error, StoreError::Wiped), "attempt {attempt}: {error}");
+    }
+    assert!(matches!(
+        extension.receive_to_device_events(&["{}"]).await,
+        Err(StoreError::Wiped)
+    ));
+    drop(extension);
+    assert_eq!(open(&path, &key).await.identity_keys(), new_identity);
+    assert_eq!(new_app.identity_keys(), new_identity);
+    new_app.generate_one_time_keys(1).await.unwrap();
+}
