@@ -720,7 +720,10 @@ async fn a_machine_opened_before_another_wiped_the_store_stops_writing() {
 
     for attempt in 0..2 {
         let error = extension.generate_one_time_keys(1).await.unwrap_err();
-        assert!(matches!(error, StoreError::Wiped), "attempt {attempt}: {error}");
+        assert!(
+            matches!(error, StoreError::Wiped),
+            "attempt {attempt}: {error}"
+        );
     }
     assert!(matches!(
         extension.receive_to_device_events(&["{}"]).await,
@@ -730,4 +733,41 @@ async fn a_machine_opened_before_another_wiped_the_store_stops_writing() {
     assert_eq!(open(&path, &key).await.identity_keys(), new_identity);
     assert_eq!(new_app.identity_keys(), new_identity);
     new_app.generate_one_time_keys(1).await.unwrap();
+}
+
+/// The store half of "one identity": `create_account` is a plain insert in both stores — the
+/// second of two creations gets the first account back and writes nothing, however close
+/// together they come (the machine relies on it where no cross-process lock exists).
+#[tokio::test]
+async fn create_account_never_replaces_an_account() {
+    use to_device_crypto::store::{AccountCreation, CryptoStore, StoredAccount};
+    use to_device_crypto::MemoryStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let stores: [Arc<dyn CryptoStore>; 2] = [
+        Arc::new(new_sqlite_store(dir.path().join("account.sqlite3"))),
+        Arc::new(MemoryStore::new()),
+    ];
+    let account = |pickle: &str| StoredAccount {
+        user_id: BOB.to_owned(),
+        device_id: "BOBPHONE".to_owned(),
+        pickle: pickle.to_owned(),
+        device_keys_published: false,
+    };
+    for store in stores {
+        let generation = store.generation().await.unwrap();
+        assert!(matches!(
+            store.create_account(account("first")).await.unwrap(),
+            AccountCreation::Created
+        ));
+        assert!(
+            store.generation().await.unwrap() > generation,
+            "a commit others notice"
+        );
+        match store.create_account(account("second")).await.unwrap() {
+            AccountCreation::AlreadyExists(existing) => assert_eq!(existing.pickle, "first"),
+            AccountCreation::Created => panic!("{store:?} replaced the account"),
+        }
+        assert_eq!(store.load_account().await.unwrap().unwrap().pickle, "first");
+    }
 }
