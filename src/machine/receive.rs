@@ -217,10 +217,12 @@ impl OlmMachine {
         batch: &mut BatchChanges,
         raw: &str,
         parsed: Result<ParsedEvent, DecryptionError>,
-        facts: EnvelopeFacts,
+        mut facts: EnvelopeFacts,
         position: EventPosition,
     ) -> Result<ToDeviceOutcome, StoreError> {
-        let result = self.decrypt_event(state, batch, parsed, position).await;
+        let result = self
+            .decrypt_event(state, batch, parsed, position, &mut facts)
+            .await;
         Ok(match result {
             Ok(Some(event)) => ToDeviceOutcome::Decrypted(event),
             Ok(None) => match serde_json::from_str(raw) {
@@ -246,6 +248,7 @@ impl OlmMachine {
         batch: &mut BatchChanges,
         parsed: Result<ParsedEvent, DecryptionError>,
         event: EventPosition,
+        facts: &mut EnvelopeFacts,
     ) -> Result<Option<DecryptedToDeviceEvent>, DecryptionError> {
         let EventPosition {
             index,
@@ -326,7 +329,13 @@ impl OlmMachine {
             sender_key: &envelope.sender_key,
             known_devices: devices,
         };
-        let accepted = check_plaintext(&plaintext, &context, verified_device_keys)?;
+        let accepted = match check_plaintext(&plaintext, &context, verified_device_keys) {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                facts.decrypted_type = plaintext_type(&plaintext);
+                return Err(error);
+            }
+        };
         let accepted_raw_content = accepted.raw_content;
         let event = DecryptedToDeviceEvent {
             id: result_id(&envelope.message_hash),
@@ -422,4 +431,17 @@ impl OlmMachine {
         }
         Ok(changes)
     }
+}
+
+/// The `type` of a decrypted plaintext that failed its checks, if it has a string one: only on the
+/// failure path, for the failure's diagnostics.
+fn plaintext_type(plaintext: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct TypeOnly {
+        #[serde(rename = "type")]
+        event_type: Option<String>,
+    }
+    serde_json::from_slice::<TypeOnly>(plaintext)
+        .ok()
+        .and_then(|plaintext| plaintext.event_type)
 }
