@@ -15,8 +15,7 @@ fn assert_names_the_limit(stderr: &str, limit: &str) {
 }
 
 #[test]
-fn a_file_over_the_limit_is_refused_before_the_store_is_opened_and_one_at_the_limit_is_decrypted()
-{
+fn a_file_over_the_limit_is_refused_before_the_store_is_opened_and_one_at_the_limit_is_decrypted() {
     let dir = tempfile::tempdir().unwrap();
     let cast = Cast::new(dir.path());
     let events = cast.alice_to_bob(10, "limit");
@@ -27,21 +26,45 @@ fn a_file_over_the_limit_is_refused_before_the_store_is_opened_and_one_at_the_li
 
     let too_small = (size - 1).to_string();
     let stderr = fails(
-        &["decrypt", "--store", path(&cast.bob), "--max-input-bytes", &too_small, path(&input)],
+        &[
+            "decrypt",
+            "--store",
+            path(&cast.bob),
+            "--max-input-bytes",
+            &too_small,
+            path(&input),
+        ],
         "",
     );
     assert_names_the_limit(&stderr, &format!("{too_small} bytes"));
-    assert!(stderr.contains(&format!("({size} bytes)")), "the file's size: {stderr}");
+    assert!(
+        stderr.contains(&format!("({size} bytes)")),
+        "the file's size: {stderr}"
+    );
     assert!(stderr.contains(path(&input)), "{stderr}");
-    assert_eq!(entries(&cast.bob), entries_before, "the store was not opened");
+    assert_eq!(
+        entries(&cast.bob),
+        entries_before,
+        "the store was not opened"
+    );
 
     // Exactly at the limit: one batch, every event decrypted.
     let out = lines(&ok(
-        &["decrypt", "--store", path(&cast.bob), "--max-input-bytes", &size.to_string(), path(&input)],
+        &[
+            "decrypt",
+            "--store",
+            path(&cast.bob),
+            "--max-input-bytes",
+            &size.to_string(),
+            path(&input),
+        ],
         "",
     ));
     assert_eq!(out.len(), 10);
-    assert!(out.iter().all(|line| line["result"] == "decrypted"), "{out:?}");
+    assert!(
+        out.iter().all(|line| line["result"] == "decrypted"),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -52,7 +75,14 @@ fn stdin_is_read_up_to_the_limit_and_refused_one_byte_past_it() {
     let limit = events.len().to_string();
     let longer = format!("{events} ");
     let stderr = fails(
-        &["decrypt", "--store", path(&cast.bob), "--max-input-bytes", &limit, "-"],
+        &[
+            "decrypt",
+            "--store",
+            path(&cast.bob),
+            "--max-input-bytes",
+            &limit,
+            "-",
+        ],
         &longer,
     );
     assert_names_the_limit(&stderr, &format!("{limit} bytes"));
@@ -61,13 +91,25 @@ fn stdin_is_read_up_to_the_limit_and_refused_one_byte_past_it() {
     // Far more than the limit (the CLI stops reading; the writer sees a closed pipe).
     let flood = "[".to_owned() + &"{}, ".repeat(1 << 20);
     let stderr = fails(
-        &["decrypt", "--store", path(&cast.bob), "--max-input-bytes", "64K"],
+        &[
+            "decrypt",
+            "--store",
+            path(&cast.bob),
+            "--max-input-bytes",
+            "64K",
+        ],
         &flood,
     );
     assert_names_the_limit(&stderr, "64 KiB (65536 bytes)");
 
     let out = lines(&ok(
-        &["decrypt", "--store", path(&cast.bob), "--max-input-bytes", &limit],
+        &[
+            "decrypt",
+            "--store",
+            path(&cast.bob),
+            "--max-input-bytes",
+            &limit,
+        ],
         &events,
     ));
     assert_eq!(out.len(), 5);
@@ -114,7 +156,13 @@ fn the_limit_flag_rejects_nonsense_as_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     for bad in ["0", "12MB", "lots"] {
         let output = run(
-            &["decrypt", "--store", path(dir.path()), "--max-input-bytes", bad],
+            &[
+                "decrypt",
+                "--store",
+                path(dir.path()),
+                "--max-input-bytes",
+                bad,
+            ],
             "[]",
         );
         assert_eq!(output.status.code(), Some(2), "{bad}");

@@ -21,7 +21,12 @@ fn decrypt_without_acknowledging(cast: &Cast, input: &str) -> Vec<Value> {
 fn ids(lines: &[Value]) -> Vec<String> {
     lines
         .iter()
-        .map(|line| line["id"].as_str().expect("every decrypted line has an id").to_owned())
+        .map(|line| {
+            line["id"]
+                .as_str()
+                .expect("every decrypted line has an id")
+                .to_owned()
+        })
         .collect()
 }
 
@@ -33,9 +38,18 @@ fn a_batch_refed_after_a_failed_acknowledgement_prints_one_line_per_event_with_t
 
     let first = decrypt_without_acknowledging(&cast, &events);
     assert_eq!(first.len(), 40);
-    assert!(first.iter().all(|l| l["result"] == "decrypted" && l["pending"] == false), "{first:?}");
+    assert!(
+        first
+            .iter()
+            .all(|l| l["result"] == "decrypted" && l["pending"] == false),
+        "{first:?}"
+    );
     let first_ids = ids(&first);
-    assert_eq!(first_ids.iter().collect::<HashSet<_>>().len(), 40, "ids are distinct");
+    assert_eq!(
+        first_ids.iter().collect::<HashSet<_>>().len(),
+        40,
+        "ids are distinct"
+    );
 
     // The same batch again: one line per input, each the pending result with its id.
     let again = cast.bob_decrypts(&events, &[]);
@@ -51,7 +65,9 @@ fn a_batch_refed_after_a_failed_acknowledgement_prints_one_line_per_event_with_t
     // Acknowledged by that run: a third delivery is a replay.
     let third = cast.bob_decrypts(&events, &[]);
     assert_eq!(third.len(), 40);
-    assert!(third.iter().all(|l| l["name"] == "ToDeviceFailedToDecrypt_ReplayedMessage"));
+    assert!(third
+        .iter()
+        .all(|l| l["name"] == "ToDeviceFailedToDecrypt_ReplayedMessage"));
 }
 
 #[test]
@@ -59,7 +75,8 @@ fn earlier_pending_results_are_printed_first_unless_an_input_of_this_run_prints_
     let dir = tempfile::tempdir().unwrap();
     let cast = Cast::new(dir.path());
     let batch_a: Vec<Value> = serde_json::from_str(&cast.alice_to_bob(10, "a")).unwrap();
-    let printed_a = decrypt_without_acknowledging(&cast, &Value::Array(batch_a.clone()).to_string());
+    let printed_a =
+        decrypt_without_acknowledging(&cast, &Value::Array(batch_a.clone()).to_string());
     let ids_a = ids(&printed_a);
 
     // The next run gets half of batch A again and five new events.
@@ -85,10 +102,13 @@ fn earlier_pending_results_are_printed_first_unless_an_input_of_this_run_prints_
     }
     assert_eq!(ids(&inputs[..5]), ids_a[..5]);
     assert!(inputs[..5].iter().all(|l| l["pending"] == true));
-    assert!(inputs[5..].iter().all(|l| l["pending"] == false && l["content"]["tag"] == "c"));
+    assert!(inputs[5..]
+        .iter()
+        .all(|l| l["pending"] == false && l["content"]["tag"] == "c"));
 
     // Everything printed was acknowledged: nothing is pending any more.
-    let info: Value = serde_json::from_str(&ok(&["info", "--json", "--store", path(&cast.bob)], "")).unwrap();
+    let info: Value =
+        serde_json::from_str(&ok(&["info", "--json", "--store", path(&cast.bob)], "")).unwrap();
     assert_eq!(info["pending_results"], serde_json::json!([]));
     let empty = cast.bob_decrypts("[]", &[]);
     assert!(empty.is_empty(), "{empty:?}");

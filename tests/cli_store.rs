@@ -33,24 +33,46 @@ fn a_new_store_is_private_whatever_the_umask() {
     let dir = tempfile::tempdir().unwrap();
     let bob = dir.path().join("nested/bob");
     let output = ok_with_open_umask(&["keys", "--store", path(&bob)], &[]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let bob_keys = dir.path().join("bob-keys.json");
     std::fs::write(&bob_keys, &output.stdout).unwrap();
     assert_eq!(mode(&bob), 0o700, "the store directory");
     assert_eq!(mode(&bob.join("store.sqlite3")), 0o600, "the database");
     assert_eq!(mode(&bob.join("store.key")), 0o600, "the key file");
-    assert_eq!(mode(&bob.join("store.sqlite3.lock")), 0o600, "the lock file");
+    assert_eq!(
+        mode(&bob.join("store.sqlite3.lock")),
+        0o600,
+        "the lock file"
+    );
 
     // `encrypt --create` makes a store the same way.
     let alice = dir.path().join("alice");
     let output = ok_with_open_umask(
         &[
-            "encrypt", "--create", "--store", path(&alice), "--recipient-keys", path(&bob_keys),
-            "--type", "m.room_key", "--content", "{}", "--count", "3",
+            "encrypt",
+            "--create",
+            "--store",
+            path(&alice),
+            "--recipient-keys",
+            path(&bob_keys),
+            "--type",
+            "m.room_key",
+            "--content",
+            "{}",
+            "--count",
+            "3",
         ],
         &[],
     );
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(mode(&alice), 0o700);
     assert_eq!(mode(&alice.join("store.sqlite3")), 0o600);
     let events = dir.path().join("events.json");
@@ -91,7 +113,14 @@ fn a_missing_key_file_beside_a_database_is_refused_and_no_key_is_left_behind() {
     }
     // With the right key the store opens as before.
     let out = lines(&ok(
-        &["decrypt", "--store", path(&cast.bob), "--store-key-file", path(&saved_key), "-"],
+        &[
+            "decrypt",
+            "--store",
+            path(&cast.bob),
+            "--store-key-file",
+            path(&saved_key),
+            "-",
+        ],
         &events,
     ));
     assert!(out.iter().all(|l| l["result"] == "decrypted"), "{out:?}");
@@ -126,7 +155,10 @@ fn a_key_file_without_its_database_does_not_start_a_new_identity_unless_asked() 
     // The database is gone: refused, and nothing is created.
     remove_database(&store);
     let stderr = fails(&["keys", "--store", path(&store)], "");
-    assert!(stderr.contains("--new-identity") && stderr.contains(path(&db)), "{stderr}");
+    assert!(
+        stderr.contains("--new-identity") && stderr.contains(path(&db)),
+        "{stderr}"
+    );
     assert!(!db.exists());
     let stderr = fails(&["decrypt", "--create", "--store", path(&store)], "[]");
     assert!(stderr.contains("--new-identity"), "{stderr}");
@@ -135,14 +167,23 @@ fn a_key_file_without_its_database_does_not_start_a_new_identity_unless_asked() 
     // An empty (zero-byte) database: the same.
     std::fs::write(&db, b"").unwrap();
     let stderr = fails(&["keys", "--store", path(&store)], "");
-    assert!(stderr.contains("--new-identity") && stderr.contains("is empty"), "{stderr}");
+    assert!(
+        stderr.contains("--new-identity") && stderr.contains("is empty"),
+        "{stderr}"
+    );
     assert_eq!(std::fs::metadata(&db).unwrap().len(), 0);
 
     // Asked for: a new identity with the existing key.
     let key = std::fs::read_to_string(store.join("store.key")).unwrap();
-    let second = curve25519_of(&ok(&["keys", "--store", path(&store), "--new-identity"], ""));
+    let second = curve25519_of(&ok(
+        &["keys", "--store", path(&store), "--new-identity"],
+        "",
+    ));
     assert_ne!(first, second, "a new device");
-    assert_eq!(std::fs::read_to_string(store.join("store.key")).unwrap(), key);
+    assert_eq!(
+        std::fs::read_to_string(store.join("store.key")).unwrap(),
+        key
+    );
     // --new-identity never replaces an existing device.
     let stderr = fails(&["keys", "--store", path(&store), "--new-identity"], "");
     assert!(stderr.contains("already holds device"), "{stderr}");
@@ -154,10 +195,16 @@ fn a_key_file_without_its_database_does_not_start_a_new_identity_unless_asked() 
         .wipe()
         .unwrap();
     let stderr = fails(&["keys", "--store", path(&store)], "");
-    assert!(stderr.contains("holds no device") && stderr.contains("--new-identity"), "{stderr}");
+    assert!(
+        stderr.contains("holds no device") && stderr.contains("--new-identity"),
+        "{stderr}"
+    );
     let stderr = fails(&["decrypt", "--store", path(&store)], "[]");
     assert!(stderr.contains("holds no device"), "{stderr}");
-    let third = curve25519_of(&ok(&["keys", "--store", path(&store), "--new-identity"], ""));
+    let third = curve25519_of(&ok(
+        &["keys", "--store", path(&store), "--new-identity"],
+        "",
+    ));
     assert_ne!(third, second);
 }
 
@@ -173,14 +220,24 @@ fn only_keys_or_create_makes_a_store() {
         for args in [
             vec!["decrypt", "--store", path(store), "-"],
             vec![
-                "encrypt", "--store", path(store), "--recipient-keys", path(&cast.bob_keys),
-                "--type", "m.dummy", "--content", "{}",
+                "encrypt",
+                "--store",
+                path(store),
+                "--recipient-keys",
+                path(&cast.bob_keys),
+                "--type",
+                "m.dummy",
+                "--content",
+                "{}",
             ],
             vec!["requests", "--store", path(store)],
             vec!["info", "--store", path(store)],
         ] {
             let stderr = fails(&args, &events);
-            assert!(stderr.contains(&format!("no store at {}", path(store))), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!("no store at {}", path(store))),
+                "{args:?}: {stderr}"
+            );
             assert!(stderr.contains("keys --store"), "{stderr}");
             assert!(stderr.contains("--create"), "{stderr}");
         }
@@ -189,9 +246,13 @@ fn only_keys_or_create_makes_a_store() {
     assert!(entries(&empty).is_empty(), "nothing was created");
 
     // --create on the decrypt side: a new device, which the events were not encrypted for.
-    let out = lines(&ok(&["decrypt", "--create", "--store", path(&typo), "-"], &events));
+    let out = lines(&ok(
+        &["decrypt", "--create", "--store", path(&typo), "-"],
+        &events,
+    ));
     assert!(
-        out.iter().all(|l| l["name"] == "ToDeviceFailedToDecrypt_MissingCiphertext"),
+        out.iter()
+            .all(|l| l["name"] == "ToDeviceFailedToDecrypt_MissingCiphertext"),
         "{out:?}"
     );
     // --new-identity without --create is a usage error.
@@ -249,12 +310,21 @@ fn a_read_only_store_is_named_with_the_cause_and_what_to_do() {
     let db = cast.bob.join("store.sqlite3");
     std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o400)).unwrap();
     std::fs::set_permissions(&events, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let output = as_unprivileged(&["decrypt", "--store", path(&cast.bob), path(&events)], &cast.bob);
+    let output = as_unprivileged(
+        &["decrypt", "--store", path(&cast.bob), path(&events)],
+        &cast.bob,
+    );
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(path(&db)), "names the store: {stderr}");
-    assert!(stderr.contains("attempt to write a readonly database"), "the cause: {stderr}");
-    assert!(stderr.contains("read-only") && stderr.contains("write access"), "what to do: {stderr}");
+    assert!(
+        stderr.contains("attempt to write a readonly database"),
+        "the cause: {stderr}"
+    );
+    assert!(
+        stderr.contains("read-only") && stderr.contains("write access"),
+        "what to do: {stderr}"
+    );
 }
 
 #[test]
@@ -271,8 +341,14 @@ fn a_damaged_database_is_named_with_the_cause_and_what_to_do() {
     std::fs::write(&db, &damaged).unwrap();
     let stderr = fails(&["decrypt", "--store", path(&cast.bob), "-"], &events);
     assert!(stderr.contains(path(&db)), "{stderr}");
-    assert!(stderr.contains("database disk image is malformed"), "{stderr}");
-    assert!(stderr.contains("damaged") && stderr.contains("from a backup"), "{stderr}");
+    assert!(
+        stderr.contains("database disk image is malformed"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("damaged") && stderr.contains("from a backup"),
+        "{stderr}"
+    );
     assert_eq!(std::fs::read(&db).unwrap(), damaged, "nothing was written");
 
     // A header that is not SQLite's.
@@ -282,5 +358,8 @@ fn a_damaged_database_is_named_with_the_cause_and_what_to_do() {
     let stderr = fails(&["info", "--store", path(&cast.bob)], "");
     assert!(stderr.contains(path(&cast.bob)), "{stderr}");
     assert!(stderr.contains("not a SQLite database"), "{stderr}");
-    assert!(stderr.contains("damaged") && stderr.contains("from a backup"), "{stderr}");
+    assert!(
+        stderr.contains("damaged") && stderr.contains("from a backup"),
+        "{stderr}"
+    );
 }

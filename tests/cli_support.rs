@@ -69,7 +69,13 @@ fn a_failure_from_an_unknown_device_says_why_no_session_was_requested() {
         .lines()
         .find(|line| line.starts_with("hint: "))
         .unwrap_or_else(|| panic!("no hint: {stderr}"));
-    for expected in [MALLORY, mallory_key.as_str(), "SessionWedged", "does not know", "--device-keys"] {
+    for expected in [
+        MALLORY,
+        mallory_key.as_str(),
+        "SessionWedged",
+        "does not know",
+        "--device-keys",
+    ] {
         assert!(hint.contains(expected), "{expected:?} missing: {hint}");
     }
     assert_eq!(std::fs::read_to_string(&requests_out).unwrap(), "");
@@ -88,9 +94,12 @@ fn a_failure_from_an_unknown_device_says_why_no_session_was_requested() {
         &cast,
         &as_input(&[wedged]),
         &[
-            "--device-keys", path(&cast.alice_keys),
-            "--device-keys", path(&mallory_file),
-            "--requests-out", path(&requests_out),
+            "--device-keys",
+            path(&cast.alice_keys),
+            "--device-keys",
+            path(&mallory_file),
+            "--requests-out",
+            path(&requests_out),
         ],
     );
     assert_eq!(out[0]["name"], "ToDeviceFailedToDecrypt_SessionWedged");
@@ -111,10 +120,26 @@ fn a_failure_from_an_unknown_device_says_why_no_session_was_requested() {
 
 /// The keys of each kind of line, in the documented order (README, "The CLI").
 const DECRYPTED_KEYS: [&str; 10] = [
-    "content", "id", "index", "pending", "result", "sender", "sender_device_id",
-    "sender_device_verified", "sender_key", "type",
+    "content",
+    "id",
+    "index",
+    "pending",
+    "result",
+    "sender",
+    "sender_device_id",
+    "sender_device_verified",
+    "sender_key",
+    "type",
 ];
-const FAILED_KEYS: [&str; 7] = ["error", "index", "name", "result", "sender", "sender_key", "type"];
+const FAILED_KEYS: [&str; 7] = [
+    "error",
+    "index",
+    "name",
+    "result",
+    "sender",
+    "sender_key",
+    "type",
+];
 const PLAINTEXT_KEYS: [&str; 5] = ["content", "index", "result", "sender", "type"];
 
 /// The top-level keys of a JSON object line, in the order they appear in the text.
@@ -169,16 +194,25 @@ fn failed_lines_say_who_sent_what_and_every_line_has_the_documented_keys() {
     let out = lines(&text);
     let mallory_key = mallory.curve25519_key().to_base64();
 
-    assert_eq!(out[1]["name"], "ToDeviceFailedToDecrypt_MismatchedRecipient");
+    assert_eq!(
+        out[1]["name"],
+        "ToDeviceFailedToDecrypt_MismatchedRecipient"
+    );
     assert_eq!(out[1]["sender"], MALLORY);
     assert_eq!(out[1]["sender_key"], mallory_key.as_str());
     assert_eq!(out[1]["type"], "m.forwarded_room_key");
-    assert_eq!(out[2]["name"], "ToDeviceFailedToDecrypt_UnsupportedAlgorithm");
+    assert_eq!(
+        out[2]["name"],
+        "ToDeviceFailedToDecrypt_UnsupportedAlgorithm"
+    );
     assert_eq!(out[2]["sender"], MALLORY);
     assert_eq!(out[2]["type"], Value::Null);
     // The same message twice in one batch: the second is the first's result again, same id.
     assert_eq!(out[4]["id"], out[0]["id"]);
-    assert_eq!((out[0]["pending"].clone(), out[4]["pending"].clone()), (json!(false), json!(true)));
+    assert_eq!(
+        (out[0]["pending"].clone(), out[4]["pending"].clone()),
+        (json!(false), json!(true))
+    );
 
     let raw: Vec<&str> = text.lines().collect();
     assert_eq!(keys_in_order(raw[0]), DECRYPTED_KEYS);
@@ -193,8 +227,16 @@ fn explain_prints_each_name_from_the_taxonomy() {
     for reason in FailureReason::ALL {
         let info = reason.info();
         let full = ok(&["explain", reason.analytics_name()], "");
-        for part in [info.analytics_name, info.when, info.typical_root_cause, info.what_to_check] {
-            assert!(full.contains(part), "{reason}: {part:?} missing from {full}");
+        for part in [
+            info.analytics_name,
+            info.when,
+            info.typical_root_cause,
+            info.what_to_check,
+        ] {
+            assert!(
+                full.contains(part),
+                "{reason}: {part:?} missing from {full}"
+            );
         }
         assert_eq!(ok(&["explain", reason.as_str()], ""), full);
         assert_eq!(ok(&["explain", &reason.as_str().to_lowercase()], ""), full);
@@ -219,7 +261,10 @@ fn explain_prints_each_name_from_the_taxonomy() {
 }
 
 fn snapshot(store: &std::path::Path) -> (Vec<String>, Vec<u8>) {
-    (entries(store), std::fs::read(store.join("store.sqlite3")).unwrap())
+    (
+        entries(store),
+        std::fs::read(store.join("store.sqlite3")).unwrap(),
+    )
 }
 
 #[test]
@@ -235,18 +280,29 @@ fn info_shows_what_the_store_holds_and_changes_nothing() {
     assert!(out.iter().all(|l| l["result"] == "decrypted"));
     // Carol, unknown: one event.
     let (mut carol, to_bob) = peer(&cast, CAROL, "CAROLDEV", 1);
-    bob_decrypts(&cast, &as_input(&[carol.encrypt(&to_bob, "m.room_key", room_key(0))]), &[]);
+    bob_decrypts(
+        &cast,
+        &as_input(&[carol.encrypt(&to_bob, "m.room_key", room_key(0))]),
+        &[],
+    );
     // Mallory, made known afterwards: one event, one wedged message, a queued claim.
     let (mut mallory, to_bob) = peer(&cast, MALLORY, "MALLORYDEV", 2);
     let wedged = tamper_with_body(mallory.encrypt(&to_bob, "m.room_key", room_key(1)));
     bob_decrypts(
         &cast,
-        &as_input(&[mallory.encrypt(&to_bob, "m.room_key", room_key(0)), wedged.clone()]),
+        &as_input(&[
+            mallory.encrypt(&to_bob, "m.room_key", room_key(0)),
+            wedged.clone(),
+        ]),
         &[],
     );
     let mallory_file = dir.path().join("mallory-device.json");
     std::fs::write(&mallory_file, mallory.keys_query_response().to_string()).unwrap();
-    bob_decrypts(&cast, &as_input(&[wedged]), &["--device-keys", path(&mallory_file)]);
+    bob_decrypts(
+        &cast,
+        &as_input(&[wedged]),
+        &["--device-keys", path(&mallory_file)],
+    );
     // Two results printed but never acknowledged.
     let mut command = command(&["decrypt", "--store", path(&cast.bob), "-"]);
     command.env("TDC_FAIL_POINT", "after_print");
@@ -270,7 +326,10 @@ fn info_shows_what_the_store_holds_and_changes_nothing() {
     let info: Value =
         serde_json::from_str(&ok(&["info", "--json", "--store", path(&cast.bob)], "")).unwrap();
     let text = ok(&["info", "--store", path(&cast.bob)], "");
-    assert!(started.elapsed() < Duration::from_secs(25), "info waited for the write lock");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "info waited for the write lock"
+    );
     drop(lock);
     assert_eq!(snapshot(&cast.bob), before, "info changed the store");
 
@@ -280,7 +339,10 @@ fn info_shows_what_the_store_holds_and_changes_nothing() {
     assert_eq!(info["user_id"], BOB);
     assert_eq!(info["device_id"], "BOBDEV");
     assert_eq!(info["curve25519"], bob_curve);
-    assert_eq!(info["ed25519"], bob_keys["device_keys"]["keys"]["ed25519:BOBDEV"]);
+    assert_eq!(
+        info["ed25519"],
+        bob_keys["device_keys"]["keys"]["ed25519:BOBDEV"]
+    );
     assert_eq!(info["device_keys_published"], true);
     let known: Vec<&str> = info["known_devices"]
         .as_array()
@@ -294,10 +356,16 @@ fn info_shows_what_the_store_holds_and_changes_nothing() {
     assert_eq!(sessions.len(), 3, "{sessions:?}");
     let session_of = |key: &str| sessions.iter().find(|s| s["sender_key"] == key).unwrap();
     let alice = session_of(&cast.alice_curve25519());
-    assert_eq!((alice["user_id"].clone(), alice["sessions"].clone()), (json!(ALICE), json!(1)));
+    assert_eq!(
+        (alice["user_id"].clone(), alice["sessions"].clone()),
+        (json!(ALICE), json!(1))
+    );
     let carol_sessions = session_of(&carol.curve25519_key().to_base64());
     assert_eq!(carol_sessions["user_id"], Value::Null, "an unknown device");
-    assert_eq!(session_of(&mallory.curve25519_key().to_base64())["device_id"], "MALLORYDEV");
+    assert_eq!(
+        session_of(&mallory.curve25519_key().to_base64())["device_id"],
+        "MALLORYDEV"
+    );
     let total = &info["reporting"]["total"];
     assert_eq!(total["decrypted"], 3 + 1 + 1 + 2);
     assert_eq!(total["failures"]["SessionWedged"]["seen"], 2);
@@ -325,7 +393,9 @@ fn info_shows_what_the_store_holds_and_changes_nothing() {
 
 #[test]
 fn help_texts_do_not_contradict_themselves() {
-    for command in ["demo", "keys", "decrypt", "requests", "encrypt", "info", "explain", "schema"] {
+    for command in [
+        "demo", "keys", "decrypt", "requests", "encrypt", "info", "explain", "schema",
+    ] {
         let help = ok(&[command, "--help"], "");
         for line in help.lines() {
             let lower = line.to_lowercase();

@@ -14,8 +14,7 @@ use serde_json::{json, Value};
 use to_device_crypto::olm::device_keys::DeviceKeys;
 use to_device_crypto::sync_input::split_events;
 use to_device_crypto::{
-    CryptoStore, DecryptedToDeviceEvent, FailedToDeviceEvent, OutgoingRequestKind,
-    ToDeviceOutcome,
+    CryptoStore, DecryptedToDeviceEvent, FailedToDeviceEvent, OutgoingRequestKind, ToDeviceOutcome,
 };
 
 use super::input::{self, ByteLimit};
@@ -128,7 +127,9 @@ fn write_line(out: &mut impl Write, line: &impl Serialize) -> CliResult {
 
 fn write_outcome(out: &mut impl Write, index: u64, outcome: &ToDeviceOutcome) -> CliResult {
     match outcome {
-        ToDeviceOutcome::Decrypted(event) => write_line(out, &DecryptedLine::new(index, event, None)),
+        ToDeviceOutcome::Decrypted(event) => {
+            write_line(out, &DecryptedLine::new(index, event, None))
+        }
         ToDeviceOutcome::Plaintext(event) => write_line(
             out,
             &PlaintextLine {

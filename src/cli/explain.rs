@@ -52,7 +52,11 @@ fn explanation(reason: FailureReason) -> String {
     };
     format!(
         "{} ({})\n\nWhen: {}\n\nTypical root cause: {}\n\nWhat to look at: {}\n\nRecovery: {}\n",
-        info.analytics_name, info.reason, info.when, info.typical_root_cause, info.what_to_check,
+        info.analytics_name,
+        info.reason,
+        info.when,
+        info.typical_root_cause,
+        info.what_to_check,
         recovery
     )
 }

@@ -67,7 +67,8 @@ struct PendingResult {
 
 /// The session table's non-secret columns (sender key, count, last use), read on a read-only
 /// connection: the store API has no listing of sessions, and `info` must not write.
-fn sessions_per_sender_key(db: &Path) -> Result<(i64, Vec<(String, u64, u64)>), rusqlite::Error> {
+/// Returns the schema version too.
+fn sessions_per_sender_key(db: &Path) -> Result<(i64, Vec<SenderSessions>), rusqlite::Error> {
     let connection = rusqlite::Connection::open_with_flags(
         db,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -79,11 +80,13 @@ fn sessions_per_sender_key(db: &Path) -> Result<(i64, Vec<(String, u64, u64)>), 
     )?;
     let rows = statement
         .query_map([], |row| {
-            Ok((
-                row.get::<_, String>(0)?,
-                row.get::<_, i64>(1)?.max(0) as u64,
-                row.get::<_, i64>(2)?.max(0) as u64,
-            ))
+            Ok(SenderSessions {
+                sender_key: row.get(0)?,
+                user_id: None,
+                device_id: None,
+                sessions: row.get::<_, i64>(1)?.max(0) as u64,
+                last_used_ms: row.get::<_, i64>(2)?.max(0) as u64,
+            })
         })?
         .collect::<Result<_, _>>()?;
     Ok((version, rows))
@@ -130,15 +133,12 @@ pub async fn run(store_args: StoreArgs, as_json: bool) -> CliResult {
         sync_token: machine.sync_token().await.map_err(failed)?,
         sessions: sessions
             .into_iter()
-            .map(|(sender_key, sessions, last_used_ms)| {
-                let device = by_key.get(&sender_key);
-                SenderSessions {
-                    user_id: device.map(|d| d.user_id.clone()),
-                    device_id: device.map(|d| d.device_id.clone()),
-                    sender_key,
-                    sessions,
-                    last_used_ms,
+            .map(|mut sender| {
+                if let Some(device) = by_key.get(&sender.sender_key) {
+                    sender.user_id = Some(device.user_id.clone());
+                    sender.device_id = Some(device.device_id.clone());
                 }
+                sender
             })
             .collect(),
         known_devices: known_devices
@@ -187,12 +187,19 @@ fn render(info: &StoreInfo) -> String {
         "store           {} (schema version {})",
         info.store, info.schema_version
     ));
-    line(format!("device          {} {}", info.user_id, info.device_id));
+    line(format!(
+        "device          {} {}",
+        info.user_id, info.device_id
+    ));
     line(format!("curve25519      {}", info.curve25519));
     line(format!("ed25519         {}", info.ed25519));
     line(format!(
         "keys            device keys {}published; {} unpublished one-time key(s)",
-        if info.device_keys_published { "" } else { "not yet " },
+        if info.device_keys_published {
+            ""
+        } else {
+            "not yet "
+        },
         info.unpublished_one_time_keys
     ));
     line(format!(
@@ -281,7 +288,12 @@ fn render(info: &StoreInfo) -> String {
 fn claimed_devices(body: &Value) -> String {
     let mut devices = Vec::new();
     for (user, user_devices) in body["one_time_keys"].as_object().into_iter().flatten() {
-        for device in user_devices.as_object().into_iter().flatten().map(|(d, _)| d) {
+        for device in user_devices
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(d, _)| d)
+        {
             devices.push(format!("{user} {device}"));
         }
     }
@@ -296,7 +308,8 @@ pub fn utc(ms: u64) -> String {
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let day_of_era = z.rem_euclid(146_097);
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let mp = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * mp + 2) / 5 + 1;

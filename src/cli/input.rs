@@ -23,7 +23,7 @@ impl fmt::Display for ByteLimit {
         let bytes = self.0;
         let unit = [(1u64 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")]
             .into_iter()
-            .find(|(size, _)| bytes >= *size && bytes % size == 0);
+            .find(|(size, _)| bytes >= *size && bytes.is_multiple_of(*size));
         match unit {
             Some((size, name)) => write!(f, "{} {name} ({bytes} bytes)", bytes / size),
             None => write!(f, "{bytes} bytes"),
@@ -132,7 +132,11 @@ pub fn read_text(path: Option<&Path>, limit: ByteLimit) -> Result<String, InputE
 }
 
 /// Reads at most `limit` bytes from `reader`: one byte more fails with [`InputError::TooLarge`].
-pub fn read_bounded(reader: impl Read, limit: ByteLimit, what: String) -> Result<String, InputError> {
+pub fn read_bounded(
+    reader: impl Read,
+    limit: ByteLimit,
+    what: String,
+) -> Result<String, InputError> {
     let mut bytes = Vec::new();
     reader
         .take(limit.0.saturating_add(1))
@@ -145,8 +149,7 @@ pub fn read_bounded(reader: impl Read, limit: ByteLimit, what: String) -> Result
             size: None,
         });
     }
-    String::from_utf8(bytes)
-        .map_err(|e| InputError::Read(format!("{what} is not UTF-8 text: {e}")))
+    String::from_utf8(bytes).map_err(|e| InputError::Read(format!("{what} is not UTF-8 text: {e}")))
 }
 
 #[cfg(test)]

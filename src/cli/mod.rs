@@ -253,7 +253,10 @@ async fn keys(
     let machine = opened.machine;
     let failed = |e: to_device_crypto::StoreError| describe(&store.store, &e);
     let count = one_time_keys.unwrap_or(if opened.created { 25 } else { 0 });
-    machine.generate_one_time_keys(count).await.map_err(failed)?;
+    machine
+        .generate_one_time_keys(count)
+        .await
+        .map_err(failed)?;
     let mut body = machine.keys_for_upload().await.unwrap_or_else(|| json!({}));
     // The CLI's keys file is what another device's `encrypt` reads: always include the device
     // keys, even once they are published.
@@ -300,7 +303,8 @@ async fn requests(
                 .map_err(|e| describe(&store.store, &e))
         }
         None => {
-            let listed = write_requests(&machine, &store.store, &mut std::io::stdout().lock()).await?;
+            let listed =
+                write_requests(&machine, &store.store, &mut std::io::stdout().lock()).await?;
             if listed == 0 {
                 // On stderr: stdout stays JSON lines only.
                 eprintln!(

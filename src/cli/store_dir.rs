@@ -164,7 +164,12 @@ pub async fn open_machine(
         Ok(metadata) if metadata.is_dir() => true,
         Ok(_) => return Err(format!("--store {} is not a directory", dir.display())),
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => false,
-        Err(error) => return Err(format!("cannot access the store {}: {error}", dir.display())),
+        Err(error) => {
+            return Err(format!(
+                "cannot access the store {}: {error}",
+                dir.display()
+            ))
+        }
     };
     let db_file = match std::fs::metadata(&db_path) {
         Ok(metadata) if metadata.len() == 0 => DatabaseFile::Empty,
@@ -183,7 +188,10 @@ pub async fn open_machine(
         match (dir_exists, db_file) {
             (false, _) => return Err(missing_store(dir, "the directory does not exist")),
             (true, DatabaseFile::Missing) => {
-                return Err(missing_store(dir, &format!("the directory has no {DB_FILE}")))
+                return Err(missing_store(
+                    dir,
+                    &format!("the directory has no {DB_FILE}"),
+                ))
             }
             (true, DatabaseFile::Empty) => {
                 return Err(missing_store(dir, &format!("its {DB_FILE} is empty")))
@@ -235,15 +243,19 @@ pub async fn open_machine(
     }
     #[cfg(unix)]
     if dir_exists {
-        warn_if_shared(dir, "the store directory", &format!("chmod 700 {}", dir.display()));
+        warn_if_shared(
+            dir,
+            "the store directory",
+            &format!("chmod 700 {}", dir.display()),
+        );
         warn_if_shared(
             &db_path,
             "the store database",
             &format!("chmod 600 {}*", db_path.display()),
         );
     }
-    let store = SqliteStore::open(&db_path, key, Synchronous::Normal)
-        .map_err(|e| describe(dir, &e))?;
+    let store =
+        SqliteStore::open(&db_path, key, Synchronous::Normal).map_err(|e| describe(dir, &e))?;
     let existing = store.load_account().await.map_err(|e| describe(dir, &e))?;
     let created = existing.is_none();
     let (user_id, device_id) = match existing {

@@ -62,7 +62,10 @@ pub fn fails(args: &[&str], stdin: &str) -> String {
     let output = run(args, stdin);
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
-    assert!(stderr.starts_with("error: ") || stderr.contains("\nerror: "), "{stderr}");
+    assert!(
+        stderr.starts_with("error: ") || stderr.contains("\nerror: "),
+        "{stderr}"
+    );
     stderr
 }
 
@@ -95,12 +98,28 @@ impl Cast {
             alice_keys: dir.join("alice-keys.json"),
         };
         let keys = ok(
-            &["keys", "--store", path(&cast.bob), "--user-id", BOB, "--device-id", "BOBDEV"],
+            &[
+                "keys",
+                "--store",
+                path(&cast.bob),
+                "--user-id",
+                BOB,
+                "--device-id",
+                "BOBDEV",
+            ],
             "",
         );
         std::fs::write(&cast.bob_keys, keys).unwrap();
         let keys = ok(
-            &["keys", "--store", path(&cast.alice), "--user-id", ALICE, "--device-id", "ALICEDEV"],
+            &[
+                "keys",
+                "--store",
+                path(&cast.alice),
+                "--user-id",
+                ALICE,
+                "--device-id",
+                "ALICEDEV",
+            ],
             "",
         );
         std::fs::write(&cast.alice_keys, keys).unwrap();
