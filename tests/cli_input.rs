@@ -115,22 +115,16 @@ fn stdin_is_read_up_to_the_limit_and_refused_one_byte_past_it() {
     assert_eq!(out.len(), 5);
 }
 
-/// `/dev/zero` never ends: with the default limit the CLI stops after 64 MiB and says so, fast
-/// and without growing. The child runs under a 1 GiB address-space limit, so a regression
-/// fails here instead of exhausting the machine's memory.
+/// Runs `decrypt` with `args` under a 1 GiB address-space limit, so that a regression fails here
+/// instead of exhausting the machine's memory; fails the test if it runs for over two minutes.
 #[cfg(target_os = "linux")]
-#[test]
-fn an_endless_input_fails_fast_at_the_default_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let cast = Cast::new(dir.path());
+fn decrypt_bounded_in_memory(args: &str) -> std::process::Output {
     let started = Instant::now();
     let mut child = std::process::Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "ulimit -v 1048576 && exec {BIN} decrypt --store {} /dev/zero",
-            path(&cast.bob)
-        ))
+        .arg(format!("ulimit -v 1048576 && exec {BIN} decrypt {args}"))
         .env_remove("TO_DEVICE_CRYPTO_STORE_KEY")
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -139,16 +133,40 @@ fn an_endless_input_fails_fast_at_the_default_limit() {
     while child.try_wait().unwrap().is_none() {
         if started.elapsed() > deadline {
             child.kill().unwrap();
-            panic!("decrypt /dev/zero still running after {deadline:?}");
+            panic!("decrypt {args} still running after {deadline:?}");
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let output = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// `/dev/zero` never ends: with the default limit the CLI stops after 64 MiB and says so, fast
+/// and without growing. The same for a JSON file given to an option.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_endless_input_fails_fast_at_the_default_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let cast = Cast::new(dir.path());
+    let output = decrypt_bounded_in_memory(&format!("--store {} /dev/zero", path(&cast.bob)));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(1), "{stderr}");
     assert_names_the_limit(&stderr, "64 MiB (67108864 bytes)");
     assert!(stderr.contains("/dev/zero"), "{stderr}");
     assert!(output.stdout.is_empty());
+
+    let no_events = dir.path().join("no-events.json");
+    std::fs::write(&no_events, "[]").unwrap();
+    let output = decrypt_bounded_in_memory(&format!(
+        "--store {} --device-keys /dev/zero {}",
+        path(&cast.bob),
+        path(&no_events)
+    ));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("64 MiB (67108864 bytes)") && stderr.contains("/dev/zero"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -163,10 +163,13 @@ fn damaged(store_dir: &Path, what: &str) -> String {
 mod tests {
     use super::*;
 
-    fn sqlite(code: i32, message: Option<&str>) -> StoreError {
+    /// A failure as rusqlite reports it: the code and SQLite's own message for it.
+    fn sqlite(code: i32) -> StoreError {
+        // SAFETY: sqlite3_errstr returns a static, NUL-terminated English string for any code.
+        let message = unsafe { std::ffi::CStr::from_ptr(rusqlite::ffi::sqlite3_errstr(code)) };
         StoreError::Sqlite(rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(code),
-            message.map(str::to_owned),
+            Some(message.to_string_lossy().into_owned()),
         ))
     }
 
@@ -176,37 +179,37 @@ mod tests {
         let dir = Path::new("/data/bob-store");
         let cases = [
             (
-                sqlite(rusqlite::ffi::SQLITE_READONLY, None),
+                sqlite(rusqlite::ffi::SQLITE_READONLY),
                 "attempt to write a readonly database",
                 "write access",
             ),
             (
-                sqlite(rusqlite::ffi::SQLITE_BUSY, None),
+                sqlite(rusqlite::ffi::SQLITE_BUSY),
                 "database is locked",
                 "run the command again",
             ),
             (
-                sqlite(rusqlite::ffi::SQLITE_CORRUPT, None),
+                sqlite(rusqlite::ffi::SQLITE_CORRUPT),
                 "database disk image is malformed",
                 "restore /data/bob-store from a backup",
             ),
             (
-                sqlite(rusqlite::ffi::SQLITE_NOTADB, None),
+                sqlite(rusqlite::ffi::SQLITE_NOTADB),
                 "file is not a database",
                 "restore /data/bob-store from a backup",
             ),
             (
-                sqlite(rusqlite::ffi::SQLITE_FULL, None),
+                sqlite(rusqlite::ffi::SQLITE_FULL),
                 "database or disk is full",
                 "Free some space",
             ),
             (
-                sqlite(rusqlite::ffi::SQLITE_CANTOPEN, None),
+                sqlite(rusqlite::ffi::SQLITE_CANTOPEN),
                 "unable to open database file",
                 "can read, write and enter",
             ),
             (
-                sqlite(rusqlite::ffi::SQLITE_IOERR, None),
+                sqlite(rusqlite::ffi::SQLITE_IOERR),
                 "disk I/O error",
                 "Check the disk",
             ),
@@ -238,7 +241,7 @@ mod tests {
             assert!(message.contains(cause), "{message}");
             assert!(message.contains(advice), "{message}");
         }
-        let message = describe_store_error(dir, &sqlite(rusqlite::ffi::SQLITE_READONLY, None));
+        let message = describe_store_error(dir, &sqlite(rusqlite::ffi::SQLITE_READONLY));
         assert!(
             message.contains("/data/bob-store/store.sqlite3"),
             "{message}"
@@ -252,7 +255,7 @@ mod tests {
             detail: "oops".to_owned(),
         };
         assert_eq!(describe(Path::new("/x"), &error), error.to_string());
-        let wrapped = KeysError::Store(sqlite(rusqlite::ffi::SQLITE_FULL, None));
+        let wrapped = KeysError::Store(sqlite(rusqlite::ffi::SQLITE_FULL));
         assert!(describe(Path::new("/x"), &wrapped).contains("Free some space"));
     }
 }
