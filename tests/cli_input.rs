@@ -141,7 +141,7 @@ fn decrypt_bounded_in_memory(args: &str) -> std::process::Output {
 }
 
 /// `/dev/zero` never ends: with the default limit the CLI stops after 64 MiB and says so, fast
-/// and without growing. The same for a JSON file given to an option.
+/// and without growing, whether it is the input file, stdin, or a JSON file given to an option.
 #[cfg(target_os = "linux")]
 #[test]
 fn an_endless_input_fails_fast_at_the_default_limit() {
@@ -153,6 +153,14 @@ fn an_endless_input_fails_fast_at_the_default_limit() {
     assert_names_the_limit(&stderr, "64 MiB (67108864 bytes)");
     assert!(stderr.contains("/dev/zero"), "{stderr}");
     assert!(output.stdout.is_empty());
+
+    let output = decrypt_bounded_in_memory(&format!("--store {} - < /dev/zero", path(&cast.bob)));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stdin is larger than the limit of 64 MiB"),
+        "{stderr}"
+    );
 
     let no_events = dir.path().join("no-events.json");
     std::fs::write(&no_events, "[]").unwrap();
