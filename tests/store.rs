@@ -37,13 +37,14 @@ async fn a_version_1_store_is_migrated_in_place_to_the_current_version() {
         let connection = rusqlite::Connection::open(&path).unwrap();
         connection
             .execute_batch(
-                "DROP TABLE pending_results; DROP TABLE result_batches; PRAGMA user_version = 1;",
+                "DROP TABLE pending_results; DROP TABLE result_batches; DROP TABLE analytics_outbox;
+                 PRAGMA user_version = 1;",
             )
             .unwrap();
     }
     assert_eq!(user_version(&path), 1);
     let bob = open(&path, &key).await;
-    assert_eq!(user_version(&path), 4);
+    assert_eq!(user_version(&path), 5);
     assert_eq!(
         bob.identity_keys(),
         identity,
@@ -82,7 +83,7 @@ async fn results_pending_in_a_version_3_store_survive_the_upgrade() {
         let connection = rusqlite::Connection::open(&path).unwrap();
         connection
             .execute_batch(
-                "DROP TABLE result_batches;
+                "DROP TABLE result_batches; DROP TABLE analytics_outbox;
                  ALTER TABLE pending_results DROP COLUMN result_batch;
                  PRAGMA user_version = 3;",
             )
@@ -98,7 +99,7 @@ async fn results_pending_in_a_version_3_store_survive_the_upgrade() {
             .unwrap();
     }
     let bob = open(&path, &key).await;
-    assert_eq!(user_version(&path), 4);
+    assert_eq!(user_version(&path), 5);
     // A new result next to the old one, sealed the version-4 way.
     let keys = publish(&bob, 1).await;
     let mut alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
@@ -147,7 +148,7 @@ async fn newer_and_corrupted_files_are_refused_clearly_and_left_untouched() {
             error,
             StoreError::NewerSchema {
                 found: 99,
-                supported: 4
+                supported: 5
             }
         ),
         "{error}"

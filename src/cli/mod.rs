@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
 use to_device_crypto::olm::device_keys::parse_keys_upload_body;
 use to_device_crypto::sync_input::split_events;
@@ -229,6 +228,17 @@ async fn decrypt(
             eprintln!("warning: ignoring device keys {rejected}");
         }
     }
+    // Analytics first: payloads earlier runs left undelivered (killed after their commit), then
+    // this batch's, each written and flushed before it is acknowledged (see `AnalyticsOut`).
+    let mut analytics = analytics_out.map(AnalyticsOut::open).transpose()?;
+    if let Some(out) = &mut analytics {
+        machine.set_analytics_lease(cli_analytics_lease());
+        let leftovers = machine
+            .flush_pending_analytics()
+            .await
+            .map_err(|e| e.to_string())?;
+        out.append(&leftovers)?;
+    }
     // Results of earlier batches that were never acknowledged (the previous run was killed after
     // committing): print them first, marked as pending, with their original batch and index.
     let earlier = machine
@@ -242,11 +252,30 @@ async fn decrypt(
         print_line(&line)?;
         printed.push(pending.event.id.clone());
     }
-    let mut failures = machine.to_device_decryption_failure_stream();
-    let outcomes = machine
+    let received = machine
         .receive_sync(&input.events, input.next_batch.as_deref())
-        .await
-        .map_err(|e| e.to_string())?;
+        .await;
+    let outcomes = match received {
+        Ok(outcomes) => outcomes,
+        Err(error) => {
+            // The leftovers were written: acknowledge them before reporting the failure.
+            if let Some(out) = &mut analytics {
+                out.deliver(&machine).await?;
+            }
+            return Err(error.to_string());
+        }
+    };
+    if let Some(out) = &mut analytics {
+        // This batch's payloads, claimed by this run when they were committed (and any that
+        // another process abandoned meanwhile). Read from the store, not from the failure stream,
+        // so a batch of any size writes every payload the policy allowed.
+        let batch_payloads = machine
+            .flush_pending_analytics()
+            .await
+            .map_err(|e| e.to_string())?;
+        out.append(&batch_payloads)?;
+        out.deliver(&machine).await?;
+    }
     for (index, outcome) in outcomes.iter().enumerate() {
         print_line(&outcome_line(index as u64, outcome))?;
         if let ToDeviceOutcome::Decrypted(event) = outcome {
@@ -261,21 +290,6 @@ async fn decrypt(
         .acknowledge(&printed)
         .await
         .map_err(|e| e.to_string())?;
-    if let Some(path) = analytics_out {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        while let Some(Some(item)) = failures.next().now_or_never() {
-            let item = item.map_err(|e| e.to_string())?;
-            // Only what passes the reporting policy is an analytics event.
-            if let Some(payload) = item.payload() {
-                writeln!(file, "{}", payload.to_json())
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            }
-        }
-    }
     if let Some(path) = requests_out {
         write_requests(
             &machine,
@@ -285,6 +299,75 @@ async fn decrypt(
         .await?;
     }
     Ok(())
+}
+
+/// The environment variable that sets how long (ms) a `decrypt` run's claim on the payloads it
+/// writes holds; for tests that must see a killed run's payloads again without waiting.
+const ANALYTICS_LEASE_ENV: &str = "TO_DEVICE_CRYPTO_ANALYTICS_LEASE_MS";
+
+/// A `decrypt` run writes its payloads within moments of committing them, so its claim needs far
+/// less than the library's default lease: a run killed before writing leaves them to the runs
+/// that start 10 s later.
+fn cli_analytics_lease() -> std::time::Duration {
+    let millis = std::env::var(ANALYTICS_LEASE_ENV)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(10_000);
+    std::time::Duration::from_millis(millis)
+}
+
+/// `--analytics-out`: payloads are appended as they are claimed, and [`AnalyticsOut::deliver`]
+/// flushes the file to disk and only then acknowledges them, so a kill at any point loses none
+/// (at worst, a kill between the flush and the acknowledgement writes a payload twice).
+struct AnalyticsOut {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    /// Appended, not yet acknowledged.
+    written: Vec<to_device_crypto::AnalyticsPayloadId>,
+    /// Everything appended by this run (a second claim returns this run's own claims again).
+    appended: std::collections::HashSet<to_device_crypto::AnalyticsPayloadId>,
+}
+
+impl AnalyticsOut {
+    fn open(path: PathBuf) -> Result<Self, String> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        Ok(Self {
+            path,
+            file: std::io::BufWriter::new(file),
+            written: Vec::new(),
+            appended: std::collections::HashSet::new(),
+        })
+    }
+
+    fn append(&mut self, payloads: &[to_device_crypto::PendingAnalyticsEvent]) -> CliResult {
+        for payload in payloads {
+            if !self.appended.insert(payload.id) {
+                continue; // claimed again by the second flush of this run
+            }
+            writeln!(self.file, "{}", payload.event.to_json())
+                .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
+            self.written.push(payload.id);
+        }
+        Ok(())
+    }
+
+    async fn deliver(&mut self, machine: &OlmMachine) -> CliResult {
+        self.file
+            .flush()
+            .and_then(|()| self.file.get_ref().sync_data())
+            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
+        to_device_crypto::fail_point::hit("analytics_written");
+        machine
+            .acknowledge_analytics(&self.written)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.written.clear();
+        Ok(())
+    }
 }
 
 async fn write_requests(machine: &OlmMachine, out: &mut impl Write) -> CliResult {

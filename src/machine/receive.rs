@@ -229,6 +229,7 @@ impl OlmMachine {
                     error: DecryptionError::MalformedEvent(error.to_string()),
                     facts,
                     analytics: UNDECIDED,
+                    analytics_id: None,
                 }),
             },
             Err(DecryptionError::Store(error)) => return Err(error),
@@ -236,6 +237,7 @@ impl OlmMachine {
                 error,
                 facts,
                 analytics: UNDECIDED,
+                analytics_id: None,
             }),
         })
     }
@@ -390,6 +392,9 @@ impl OlmMachine {
             removed_sessions: batch.removed_sessions,
             sync_token: batch.sync_token,
             batch_number: batch.batch_number,
+            analytics_claim: (!batch.analytics.is_empty())
+                .then(|| self.analytics_claim(now_millis())),
+            analytics: batch.analytics,
             ..Changes::default()
         };
         if batch.policy_changed || state.policy_dirty {

@@ -14,7 +14,9 @@ use super::cipher::StoreKey;
 use crate::error::StoreError;
 
 // One concern per file: `schema` (creation, migrations, meta values), `sealing` (encrypting values
-// bound to their rows), `queries` (the reads), `transaction` (a batch's writes).
+// bound to their rows), `queries` (the reads), `transaction` (a batch's writes), `analytics` (the
+// analytics outbox's own claims, removals and releases).
+mod analytics;
 mod queries;
 mod schema;
 mod sealing;
@@ -238,7 +240,7 @@ impl SqliteStore {
              DELETE FROM message_hashes; DELETE FROM claimed_one_time_keys;
              DELETE FROM failure_marks; DELETE FROM outgoing_requests;
              DELETE FROM recovery_attempts; DELETE FROM pending_results;
-             DELETE FROM result_batches;
+             DELETE FROM result_batches; DELETE FROM analytics_outbox;
              DELETE FROM meta WHERE key != 'key_check';
              COMMIT;",
         )?;

@@ -10,12 +10,13 @@ use rusqlite::{params, OptionalExtension};
 use super::schema::{meta_number, meta_text};
 use super::sealing::{session_context, PendingRow};
 use super::{SqliteStore, LOCK_TIMEOUT};
+use crate::analytics::policy::AnalyticsOutboxStats;
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 use crate::store::cipher::StoreKey;
 use crate::store::{
-    Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredResult, StoredSession,
-    WriteLock,
+    AnalyticsClaim, Changes, CryptoStore, StoredAccount, StoredAnalytics, StoredDevice,
+    StoredRequest, StoredResult, StoredSession, WriteLock,
 };
 
 /// How many replay hashes one lookup query checks.
@@ -272,5 +273,26 @@ impl CryptoStore for SqliteStore {
 
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
         self.write_changes(changes)
+    }
+
+    async fn claim_analytics(
+        &self,
+        claim: AnalyticsClaim,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredAnalytics>, StoreError> {
+        self.claim_analytics_rows(claim, now, limit)
+    }
+
+    async fn remove_analytics(&self, ids: &[u64]) -> Result<(), StoreError> {
+        self.remove_analytics_rows(ids)
+    }
+
+    async fn release_analytics(&self, owner: [u8; 16], ids: &[u64]) -> Result<u64, StoreError> {
+        self.release_analytics_rows(owner, ids)
+    }
+
+    async fn analytics_outbox_stats(&self) -> Result<AnalyticsOutboxStats, StoreError> {
+        self.analytics_stats()
     }
 }

@@ -8,8 +8,22 @@ use crate::store::cipher::StoreKey;
 
 /// The schema version this build writes. Version 1 had no outbox; version 2 kept session pickles
 /// in a `WITHOUT ROWID` table; version 3 sealed every pending result on its own row (such rows are
-/// still read); [`migrate`] upgrades them all.
-pub const SCHEMA_VERSION: i64 = 4;
+/// still read); version 4 had no analytics outbox; [`migrate`] upgrades them all.
+pub const SCHEMA_VERSION: i64 = 5;
+
+/// Schema 5, analytics outbox (issue 15): the PostHog payloads a batch decided to report,
+/// committed with the batch's failure marks and removed once delivered. `id` is the
+/// `AnalyticsPayloadId` (batch << 32 | index); `name` the payload's failure name, in the clear (the
+/// payload holds nothing else, so nothing secret); `owner`/`lease_until` the claim of the machine
+/// instance delivering it (NULL/0 when unclaimed); `attempts` the failed deliveries so far.
+const SCHEMA_5_ANALYTICS_OUTBOX: &str = "
+             CREATE TABLE analytics_outbox (
+                 id INTEGER PRIMARY KEY,
+                 name TEXT NOT NULL,
+                 created_at INTEGER NOT NULL,
+                 owner BLOB,
+                 lease_until INTEGER NOT NULL DEFAULT 0,
+                 attempts INTEGER NOT NULL DEFAULT 0);";
 
 pub(super) const KEY_CHECK_PLAINTEXT: &[u8] = b"to-device-crypto store key check";
 
@@ -130,6 +144,16 @@ pub(super) fn migrate(connection: &Connection) -> Result<(), StoreError> {
              PRAGMA user_version = 4;
              COMMIT;",
         )?;
+    }
+    if version < 5 {
+        // One step for every format change of this release (users see one migration); each change
+        // keeps its own statements, in its own constant, listed here.
+        connection.execute_batch(&format!(
+            "BEGIN IMMEDIATE;
+             {SCHEMA_5_ANALYTICS_OUTBOX}
+             PRAGMA user_version = 5;
+             COMMIT;"
+        ))?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use rusqlite::{params, OptionalExtension};
 
+use super::analytics::insert_analytics;
 use super::schema::meta_number;
 use super::sealing::{result_batch_context, session_context};
 use super::SqliteStore;
@@ -208,6 +209,9 @@ impl SqliteStore {
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('policy_state', ?1)",
                     params![policy_state.as_bytes()],
                 )?;
+            }
+            if !changes.analytics.is_empty() {
+                insert_analytics(&transaction, &changes)?;
             }
         }
         transaction.commit()?;
