@@ -2,8 +2,8 @@
 //! listener, fed from the store by one delivery task per machine.
 //!
 //! The task claims pending payloads from the analytics outbox (see `src/machine/analytics_outbox.rs`)
-//! after every batch (it watches the failure stream, and the adapter wakes it after each receive
-//! call), when a listener is added, and on `flush_pending_analytics()`; it pushes each claimed
+//! once after every batch (the adapter wakes it after each receive call), when a listener is
+//! added, and on `flush_pending_analytics()`; it pushes each claimed
 //! payload, with a shared ticket, into every listener's queue. A listener's thread pops payloads
 //! and calls the listener, in order, without holding the queue's lock, inside `catch_unwind` (a
 //! foreign exception comes back from UniFFI as a panic).
@@ -22,7 +22,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::sync::Notify;
 
 use super::types::PosthogErrorEvent;
@@ -217,19 +217,10 @@ impl AnalyticsDelivery {
         listener_runtime().spawn(async move {
             loop {
                 tokio::select! {
-                    item = stream.next() => {
-                        let Some(first) = item else { break };
-                        // Everything already published is handled with one claim.
-                        let mut claim = false;
-                        let mut next = Some(first);
-                        while let Some(item) = next {
-                            claim |= delivery.forward(item);
-                            next = stream.next().now_or_never().flatten();
-                        }
-                        if claim {
-                            delivery.claim_and_queue_logged().await;
-                        }
-                    }
+                    item = stream.next() => match item {
+                        Some(item) => delivery.forward(item),
+                        None => break,
+                    },
                     () = delivery.wake.notified() => delivery.claim_and_queue_logged().await,
                 }
             }
@@ -246,31 +237,29 @@ impl AnalyticsDelivery {
         });
     }
 
-    /// Handles one stream item; returns whether the outbox may hold new payloads.
+    /// Handles one stream item. Payloads with an id are in the outbox: the claim after the batch
+    /// (one per batch, so that a payload released by a throwing listener is retried once per
+    /// batch) hands them out, also when this subscription lagged and missed their items. A payload
+    /// the store could not keep (a `Store` failure's) is queued here, at most once, from memory.
     fn forward(
         self: &Arc<Self>,
         item: Result<crate::ToDeviceDecryptionFailure, crate::MissedFailures>,
-    ) -> bool {
-        match item {
-            Ok(failure) if failure.analytics_id.is_some() => true,
-            // A payload the store could not keep (a `Store` failure's): at most once, from memory.
-            Ok(failure) => {
-                if let Some(payload) = failure.payload() {
-                    let queues = lock(&self.listeners).clone();
-                    for queue in queues {
-                        let item = Item {
-                            event: PosthogErrorEvent::from(*payload),
-                            ticket: None,
-                        };
-                        if let Some(dropped) = queue.push(item) {
-                            self.dropped_from_queue(dropped);
-                        }
-                    }
+    ) {
+        let Ok(failure) = item else { return };
+        if failure.analytics_id.is_some() {
+            return;
+        }
+        if let Some(payload) = failure.payload() {
+            let queues = lock(&self.listeners).clone();
+            for queue in queues {
+                let item = Item {
+                    event: PosthogErrorEvent::from(*payload),
+                    ticket: None,
+                };
+                if let Some(dropped) = queue.push(item) {
+                    self.dropped_from_queue(dropped);
                 }
-                false
             }
-            // The payloads of missed items are in the outbox: nothing is lost, claim them.
-            Err(_missed) => true,
         }
     }
 
