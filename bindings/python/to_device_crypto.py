@@ -541,7 +541,7 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() != 64413:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 1983:
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 55915:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() != 14123:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -550,6 +550,8 @@ def _uniffi_check_api_checksums(lib):
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_encrypt_for() != 2690:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription() != 25053:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics() != 14347:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys() != 62339:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -661,6 +663,9 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_encrypt_for.restyp
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys.restype = ctypes.c_uint16
@@ -796,6 +801,10 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_failure_subscription.arg
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_failure_subscription.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics.argtypes = (
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_generate_one_time_keys.argtypes = (
     ctypes.c_uint64,
     ctypes.c_uint32,
@@ -3282,9 +3291,14 @@ class OlmMachineProtocol(typing.Protocol):
         raise NotImplementedError
     def add_decryption_failure_listener(self, listener: DecryptionFailureListener) -> ListenerHandle:
         """
-        Calls `listener` once per decryption failure, in order, on a background thread (never on
-        the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-        Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+        Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+        a background thread (never on the decrypting thread, never under a lock). Payloads come
+        from the analytics outbox: a payload counts as delivered, and is removed from the store,
+        once a listener returned without throwing; one that threw goes out again with the next
+        batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+        or another process go out as soon as a listener is added. A listener that panics or throws
+        is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+        dropped.
 """
         raise NotImplementedError
     async def decrypt_to_device_event(self, json: str) -> DecryptedEvent:
@@ -3308,6 +3322,14 @@ class OlmMachineProtocol(typing.Protocol):
     def failure_subscription(self, ) -> FailureSubscription:
         """
         A pull-style subscription to every failure from now on.
+"""
+        raise NotImplementedError
+    async def flush_pending_analytics(self, ) -> int:
+        """
+        Hands every undelivered analytics payload to the listeners now: those of this process
+        that a listener threw on, and those another process or an earlier run left behind once
+        their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+        listener (the payloads then wait for a process that has one).
 """
         raise NotImplementedError
     async def generate_one_time_keys(self, count: int) -> int:
@@ -3535,9 +3557,14 @@ class OlmMachine(OlmMachineProtocol):
         )
     def add_decryption_failure_listener(self, listener: DecryptionFailureListener) -> ListenerHandle:
         """
-        Calls `listener` once per decryption failure, in order, on a background thread (never on
-        the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-        Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+        Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+        a background thread (never on the decrypting thread, never under a lock). Payloads come
+        from the analytics outbox: a payload counts as delivered, and is removed from the store,
+        once a listener returned without throwing; one that threw goes out again with the next
+        batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+        or another process go out as soon as a listener is added. A listener that panics or throws
+        is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+        dropped.
 """
         
         _UniffiFfiConverterTypeDecryptionFailureListener.check_lower(listener)
@@ -3632,6 +3659,26 @@ class OlmMachine(OlmMachineProtocol):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    async def flush_pending_analytics(self, ) -> int:
+        """
+        Hands every undelivered analytics payload to the listeners now: those of this process
+        that a listener threw on, and those another process or an earlier run left behind once
+        their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+        listener (the payloads then wait for a process that has one).
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterUInt32.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_u32,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_u32,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_u32,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     async def generate_one_time_keys(self, count: int) -> int:
         """
         Generates up to `count` one-time keys; returns how many were made.

@@ -1335,9 +1335,14 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
     func acknowledge(ids: [String]) async throws 
     
     /**
-     * Calls `listener` once per decryption failure, in order, on a background thread (never on
-     * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-     * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+     * Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+     * a background thread (never on the decrypting thread, never under a lock). Payloads come
+     * from the analytics outbox: a payload counts as delivered, and is removed from the store,
+     * once a listener returned without throwing; one that threw goes out again with the next
+     * batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+     * or another process go out as soon as a listener is added. A listener that panics or throws
+     * is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+     * dropped.
      */
     func addDecryptionFailureListener(listener: DecryptionFailureListener)  -> ListenerHandle
     
@@ -1363,6 +1368,14 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
      * A pull-style subscription to every failure from now on.
      */
     func failureSubscription()  -> FailureSubscription
+    
+    /**
+     * Hands every undelivered analytics payload to the listeners now: those of this process
+     * that a listener threw on, and those another process or an earlier run left behind once
+     * their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+     * listener (the payloads then wait for a process that has one).
+     */
+    func flushPendingAnalytics() async throws  -> UInt32
     
     /**
      * Generates up to `count` one-time keys; returns how many were made.
@@ -1589,9 +1602,14 @@ open func acknowledge(ids: [String])async throws   {
 }
     
     /**
-     * Calls `listener` once per decryption failure, in order, on a background thread (never on
-     * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-     * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+     * Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+     * a background thread (never on the decrypting thread, never under a lock). Payloads come
+     * from the analytics outbox: a payload counts as delivered, and is removed from the store,
+     * once a listener returned without throwing; one that threw goes out again with the next
+     * batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+     * or another process go out as soon as a listener is added. A listener that panics or throws
+     * is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+     * dropped.
      */
 open func addDecryptionFailureListener(listener: DecryptionFailureListener) -> ListenerHandle  {
     return try!  FfiConverterTypeListenerHandle_lift(try! rustCall() {
@@ -1666,6 +1684,28 @@ open func failureSubscription() -> FailureSubscription  {
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
+}
+    
+    /**
+     * Hands every undelivered analytics payload to the listeners now: those of this process
+     * that a listener threw on, and those another process or an earlier run left behind once
+     * their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+     * listener (the payloads then wait for a process that has one).
+     */
+open func flushPendingAnalytics()async throws  -> UInt32  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics(
+                        self.uniffiCloneHandle()
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_u32,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_u32,
+            freeFunc: ffi_to_device_crypto_rust_future_free_u32,
+            liftFunc: FfiConverterUInt32.lift,
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
 }
     
     /**
@@ -3679,7 +3719,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() != 64413) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 1983) {
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 55915) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() != 14123) {
@@ -3692,6 +3732,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription() != 25053) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics() != 14347) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys() != 62339) {
