@@ -402,3 +402,50 @@ async fn the_outbox_lists_in_order_finds_by_id_and_forgets_acknowledged_results(
         .unwrap();
     assert_eq!(sealed, 0);
 }
+
+/// Version 4 had no analytics outbox: a real version-4 store (results pending) is upgraded in
+/// place, keeps its results, and its new table holds payloads — failure names and nothing else.
+#[tokio::test]
+async fn a_version_4_store_gains_the_analytics_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let key = StoreKey::generate().unwrap();
+    let bob = open(&path, &key).await;
+    let keys = publish(&bob, 1).await;
+    let mut alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
+    let to_bob = alice.create_session(&keys, None);
+    let event = alice.encrypt(&to_bob, "m.room_key", json!({"kept": true}));
+    bob.decrypt_to_device_event(&event.to_string())
+        .await
+        .unwrap();
+    drop(bob);
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch("DROP TABLE analytics_outbox; PRAGMA user_version = 4;")
+        .unwrap();
+
+    let bob = open(&path, &key).await;
+    assert_eq!(user_version(&path), 5);
+    let pending = bob.pending_decrypted_events().await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].event.content, json!({"kept": true}));
+    let megolm = json!({"type": "m.room.encrypted", "sender": "@mallory:evil.example", "content": {"algorithm": "m.megolm.v1.aes-sha2", "sender_key": "KEYKEYKEY"}});
+    bob.decrypt_to_device_event(&megolm.to_string())
+        .await
+        .unwrap_err();
+    let payloads = bob.flush_pending_analytics().await.unwrap();
+    assert_eq!(payloads.len(), 1);
+    let rows: Vec<(i64, String, i64)> = rusqlite::Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT id, name, created_at FROM analytics_outbox")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, "ToDeviceFailedToDecrypt_UnsupportedAlgorithm");
+    assert_eq!(rows[0].0 as u64, payloads[0].id.0);
+    bob.acknowledge_analytics(&[payloads[0].id]).await.unwrap();
+    assert!(bob.flush_pending_analytics().await.unwrap().is_empty());
+}
