@@ -8,7 +8,9 @@
 //! messages, one in ten failing), deliver its analytics, acknowledge its results.
 //!
 //! Sub-commands (used by the default run, which spawns itself): `setup DIR EVENTS` builds a store
-//! and a batch in DIR; `measure DIR` measures one batch and prints `peak_kib baseline_kib`.
+//! and a batch in DIR; `measure DIR` measures one batch and prints `peak_kib baseline_kib`. An
+//! argument `N` alone sets the runs per size (default 2); `EXTENSION_MEMORY_STOP=open` or
+//! `=listener` stops each run after opening the store or adding the listener (a breakdown).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -107,25 +109,34 @@ fn setup(dir: &Path, events: usize) {
         )
         .unwrap();
         let bob = OlmMachine::open(BOB, DEVICE, Arc::new(store)).await.unwrap();
-        let keys = publish_machine_keys(&bob, SESSIONS).await.unwrap();
         let to_bob = recipient_of(&bob);
         let mut senders = Vec::new();
         let mut device_keys = serde_json::Map::new();
-        for (i, key) in keys.one_time_keys.iter().enumerate() {
-            let user = format!("@sender{i}:example.org");
-            let mut sender = SimulatedDevice::new(&user, "PHONE");
-            sender.create_session(&keys, Some(key.key));
-            let first = sender.encrypt(&to_bob, "m.dummy", json!({}));
-            bob.decrypt_to_device_event(&first.to_string()).await.unwrap();
-            let reply = bob
-                .encrypt(&sender.published_keys(), "m.dummy", &[json!({})])
+        // An account holds at most 50 one-time keys: publish in rounds, each used at once.
+        while senders.len() < SESSIONS {
+            let keys = publish_machine_keys(&bob, SESSIONS - senders.len())
                 .await
                 .unwrap();
-            sender.decrypt(&reply[0]).unwrap();
-            if i < KNOWN_DEVICES {
-                device_keys.insert(user, json!({"PHONE": sender.device_keys()}));
+            for key in &keys.one_time_keys {
+                if senders.len() == SESSIONS {
+                    break;
+                }
+                let i = senders.len();
+                let user = format!("@sender{i}:example.org");
+                let mut sender = SimulatedDevice::new(&user, "PHONE");
+                sender.create_session(&keys, Some(key.key));
+                let first = sender.encrypt(&to_bob, "m.dummy", json!({}));
+                bob.decrypt_to_device_event(&first.to_string()).await.unwrap();
+                let reply = bob
+                    .encrypt(&sender.published_keys(), "m.dummy", &[json!({})])
+                    .await
+                    .unwrap();
+                sender.decrypt(&reply[0]).unwrap();
+                if i < KNOWN_DEVICES {
+                    device_keys.insert(user, json!({"PHONE": sender.device_keys()}));
+                }
+                senders.push(sender);
             }
-            senders.push(sender);
         }
         let outcome = bob
             .receive_keys_query_response(&json!({ "device_keys": device_keys }))
@@ -154,6 +165,8 @@ fn setup(dir: &Path, events: usize) {
             })
             .collect();
         std::fs::write(dir.join("batch.json"), serde_json::to_string(&batch).unwrap()).unwrap();
+        let failures = batch.iter().filter(|e| e["content"]["ciphertext"].is_null());
+        std::fs::write(dir.join("failures.txt"), failures.count().to_string()).unwrap();
     });
 }
 
@@ -165,16 +178,22 @@ impl DecryptionFailureListener for Forwarding {
     }
 }
 
+/// `EXTENSION_MEMORY_STOP=open|listener` ends the run after that step, for a breakdown.
+fn stop_after(step: &str) -> bool {
+    std::env::var("EXTENSION_MEMORY_STOP").as_deref() == Ok(step)
+}
+
 /// One extension run; prints `peak_kib baseline_kib` (peak over baseline).
 fn measure(dir: &Path) {
     // The app's side, before the library is used: the batch as received, a runtime to call the
     // async API on.
+    // (Nothing is parsed here: memory freed before the baseline would hide library allocations.)
     let batch = std::fs::read_to_string(dir.join("batch.json")).unwrap();
-    let expected_failures = serde_json::from_str::<Vec<Value>>(&batch)
+    let expected_failures: usize = std::fs::read_to_string(dir.join("failures.txt"))
         .unwrap()
-        .iter()
-        .filter(|event| event["content"]["ciphertext"].is_null())
-        .count();
+        .trim()
+        .parse()
+        .unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -185,8 +204,15 @@ fn measure(dir: &Path) {
         let bob = ffi::OlmMachine::open_sqlite(BOB.into(), DEVICE.into(), path, STORE_KEY.to_vec())
             .await
             .unwrap();
+        if stop_after("open") {
+            return;
+        }
         let listener = Arc::new(Forwarding(Mutex::new(Vec::new())));
         let handle = bob.add_decryption_failure_listener(listener.clone());
+        if stop_after("listener") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            return;
+        }
         let results = bob.receive_sync(batch, Some("s1".into())).await.unwrap();
         let ids: Vec<String> = results
             .into_iter()
