@@ -143,9 +143,15 @@ fn leftovers_of_earlier_runs_come_first_then_this_batch() {
         .status
         .success());
     wait_for_lease();
-    // The next batch fails otherwise (MalformedEvent): its payload follows the leftovers.
+    // The next batch fails otherwise (MalformedEvent). The leftovers are on disk before that
+    // batch is even committed (this run is killed just before its commit)...
     let second = dir.path().join("second.json");
     std::fs::write(&second, r#"[{"type": "m.room.encrypted"}]"#).unwrap();
+    assert!(!decrypt(&store, &second, &analytics, Some("before_commit"))
+        .status
+        .success());
+    assert_eq!(line_count(&analytics), 2);
+    // ...and the batch's payload follows them.
     decrypt_ok(&store, &second, &analytics);
     let names: Vec<String> = std::fs::read_to_string(&analytics)
         .unwrap()

@@ -67,11 +67,12 @@ fn child_store() -> Option<std::path::PathBuf> {
 }
 
 /// Child: decrypts a batch with three failures from three senders (three payloads), with a short
-/// lease so the parent need not wait a minute for the abandoned claims.
+/// lease so the parent need not wait a minute for the abandoned claims. Every distinct message is
+/// reported (no window, no cap), so only the once-per-message marks keep a redelivery quiet.
 #[tokio::test]
 async fn child_decrypts_three_failures() {
     let Some(store) = child_store() else { return };
-    let bob = open_sqlite(&store, ReportingPolicy::default()).await;
+    let bob = open_sqlite(&store, ReportingPolicy::every_message()).await;
     bob.set_analytics_lease(Duration::from_millis(300));
     let batch: Vec<String> = (0..3)
         .map(|i| megolm_event(&format!("@s{i}:x"), i))
@@ -87,6 +88,9 @@ fn names(payloads: &[to_device_crypto::PendingAnalyticsEvent]) -> Vec<String> {
         .collect()
 }
 
+/// Also two processes on one store: the "extension" (the child) fails three messages and is killed
+/// before delivering; the "app" gets the same messages redelivered and reports none of them again,
+/// and delivers the extension's three payloads once.
 #[tokio::test]
 async fn a_kill_after_the_commit_and_before_delivery_loses_no_payload() {
     if child_store().is_some() {
@@ -94,12 +98,12 @@ async fn a_kill_after_the_commit_and_before_delivery_loses_no_payload() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.sqlite3");
-    drop(open_sqlite(&path, ReportingPolicy::default()).await);
+    drop(open_sqlite(&path, ReportingPolicy::every_message()).await);
     assert!(
         !run_child("child_decrypts_three_failures", &path, Some("after_commit")),
         "the fail point aborts the child"
     );
-    let app = open_sqlite(&path, ReportingPolicy::default()).await;
+    let app = open_sqlite(&path, ReportingPolicy::every_message()).await;
     // The killed process's claims hold for their lease; then its payloads are the app's.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let pending = app.flush_pending_analytics().await.unwrap();
@@ -117,6 +121,12 @@ async fn a_kill_after_the_commit_and_before_delivery_loses_no_payload() {
         .collect();
     app.receive_to_device_events(&batch).await.unwrap();
     assert!(app.flush_pending_analytics().await.unwrap().is_empty());
+    let seen = &app.reporting_stats().await.total.failures
+        [&to_device_crypto::FailureReason::UnsupportedAlgorithm];
+    assert_eq!(
+        (seen.seen, seen.reported, seen.suppressed_already_seen),
+        (6, 3, 3)
+    );
     assert_eq!(app.reporting_stats().await.outbox.pending, 0);
 }
 
@@ -133,7 +143,7 @@ async fn a_kill_before_the_commit_leaves_neither_mark_nor_payload() {
         &path,
         Some("before_commit")
     ));
-    let app = open_sqlite(&path, ReportingPolicy::default()).await;
+    let app = open_sqlite(&path, ReportingPolicy::every_message()).await;
     assert!(app.flush_pending_analytics().await.unwrap().is_empty());
     // The batch is decided afresh when it comes again.
     let batch: Vec<String> = (0..3)
