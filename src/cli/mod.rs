@@ -229,7 +229,9 @@ async fn decrypt(
         }
     }
     // Analytics first: payloads earlier runs left undelivered (killed after their commit), then
-    // this batch's, each written and flushed before it is acknowledged (see `AnalyticsOut`).
+    // this batch's, each written and flushed before it is acknowledged (see `AnalyticsOut`). The
+    // leftovers go out before the batch, so that however long the batch takes, no claim of this
+    // run outlives its lease before its payloads are on disk.
     let mut analytics = analytics_out.map(AnalyticsOut::open).transpose()?;
     if let Some(out) = &mut analytics {
         machine.set_analytics_lease(cli_analytics_lease());
@@ -238,6 +240,7 @@ async fn decrypt(
             .await
             .map_err(|e| e.to_string())?;
         out.append(&leftovers)?;
+        out.deliver(&machine).await?;
     }
     // Results of earlier batches that were never acknowledged (the previous run was killed after
     // committing): print them first, marked as pending, with their original batch and index.
@@ -252,19 +255,10 @@ async fn decrypt(
         print_line(&line)?;
         printed.push(pending.event.id.clone());
     }
-    let received = machine
+    let outcomes = machine
         .receive_sync(&input.events, input.next_batch.as_deref())
-        .await;
-    let outcomes = match received {
-        Ok(outcomes) => outcomes,
-        Err(error) => {
-            // The leftovers were written: acknowledge them before reporting the failure.
-            if let Some(out) = &mut analytics {
-                out.deliver(&machine).await?;
-            }
-            return Err(error.to_string());
-        }
-    };
+        .await
+        .map_err(|e| e.to_string())?;
     if let Some(out) = &mut analytics {
         // This batch's payloads, claimed by this run when they were committed (and any that
         // another process abandoned meanwhile). Read from the store, not from the failure stream,
@@ -356,6 +350,9 @@ impl AnalyticsOut {
     }
 
     async fn deliver(&mut self, machine: &OlmMachine) -> CliResult {
+        if self.written.is_empty() {
+            return Ok(());
+        }
         self.file
             .flush()
             .and_then(|()| self.file.get_ref().sync_data())

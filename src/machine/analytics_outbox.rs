@@ -45,7 +45,9 @@
 //!   for over a minute) can also be repeated by another process that claims the payload meanwhile.
 //!
 //! A `Store` failure's payload (the store just failed to commit the batch) cannot be kept: it is
-//! published on the stream without an id and delivered at most once, from memory.
+//! published on the stream without an id and delivered at most once, from memory. Observers — the
+//! FFI pull subscription, a Rust subscriber that never acknowledges — remove nothing: their
+//! payloads stay (within the bound) for a channel that delivers.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
