@@ -373,7 +373,9 @@ async fn a_throwing_listener_leaves_its_payload_for_the_next_delivery() {
         .await
         .unwrap();
     let listener = Flaky::new(1);
-    let _handle = machine.add_decryption_failure_listener(listener.clone());
+    let handle = machine.add_decryption_failure_listener(listener.clone());
+    // The claim made when a listener is added is done (nothing was pending).
+    assert!(handle.flush(5_000).await);
     machine
         .receive_to_device_events(events_json(&[megolm_event("@a:x", 0)]))
         .await
@@ -406,7 +408,8 @@ async fn a_listener_that_always_throws_cannot_grow_the_outbox_without_bound() {
         .await
         .unwrap();
     let listener = Flaky::new(usize::MAX);
-    let _handle = machine.add_decryption_failure_listener(listener.clone());
+    let handle = machine.add_decryption_failure_listener(listener.clone());
+    assert!(handle.flush(5_000).await);
     // One new payload per batch; each batch also retries every earlier one.
     let batches = 12;
     for n in 0..batches {

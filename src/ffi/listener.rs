@@ -1,14 +1,16 @@
 //! Delivery of the analytics outbox to foreign listeners: one bounded queue and one thread per
 //! listener, fed from the store by one delivery task per machine.
 //!
-//! The task claims pending payloads from the analytics outbox (see `src/machine/analytics_outbox.rs`)
-//! once after every batch (the adapter wakes it after each receive call), when a listener is
-//! added, and on `flush_pending_analytics()`; it pushes each claimed
-//! payload, with a shared ticket, into every listener's queue. A listener's thread pops payloads
-//! and calls the listener, in order, without holding the queue's lock, inside `catch_unwind` (a
-//! foreign exception comes back from UniFFI as a panic).
+//! Pending payloads are claimed from the analytics outbox (see `src/machine/analytics_outbox.rs`)
+//! once after every batch (by the adapter's receive call itself, before it returns, so a batch's
+//! payloads are queued by then), when a listener is added, on `flush_pending_analytics()` and on a
+//! handle's `flush`; it pushes each claimed payload,
+//! with a shared ticket, into every listener's [`CallbackQueue`]. A listener's thread makes the
+//! calls, in order, without holding the queue's lock, through the process-wide gate of
+//! [`super::callbacks`] (which also catches a foreign exception, returned by UniFFI as a panic, and
+//! keeps our threads out of foreign code while the process exits).
 //!
-//! A payload is **delivered** once one listener's callback returned without throwing: that thread
+//! A payload is **delivered** once one listener's call returned without throwing: that thread
 //! commits its removal before it calls its listener again (the double-report window is that one
 //! small transaction). If every listener that got it threw, the claim is released and the payload
 //! goes out again with the next delivery, up to `MAX_ANALYTICS_DELIVERY_ATTEMPTS` times. A listener
@@ -17,23 +19,78 @@
 //! payloads are undecided at once, so memory stays bounded whatever the listeners do, and a
 //! listener that blocks or throws never slows decryption or another listener.
 
-use std::collections::{HashSet, VecDeque};
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use tokio::sync::Notify;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, Notify};
 
+use super::callbacks::{
+    call_foreign_returned, register_flushable, release, CallbackQueue, Flush, FlushMarker,
+    Flushable, Overflow, Push,
+};
+use super::listener_runtime;
 use super::types::PosthogErrorEvent;
-use super::{listener_runtime, DecryptionFailureListener};
 use crate::error::StoreError;
-use crate::machine::OlmMachine as CoreMachine;
-use crate::reporting::AnalyticsPayloadId;
+use crate::machine::{AnalyticsAcknowledger, OlmMachine as CoreMachine};
+use crate::reporting::{AnalyticsPayloadId, MissedFailures, ToDeviceDecryptionFailure};
 
 /// How many payloads wait for a slow listener before its oldest are dropped; also how many
 /// claimed payloads may be undecided (neither delivered nor released) at once.
 pub const LISTENER_QUEUE_CAPACITY: usize = 256;
+
+/// Receives the PostHog event of every to-device decryption failure.
+#[uniffi::export(foreign)]
+pub trait DecryptionFailureListener: Send + Sync {
+    /// Called once per failure, in order, on a background thread.
+    fn on_decryption_failure(&self, event: PosthogErrorEvent);
+}
+
+/// Keeps a listener registered; `cancel()` or dropping it stops delivery.
+#[derive(uniffi::Object)]
+pub struct ListenerHandle {
+    registration: Registration,
+    /// Asks the delivery task for a flush; registered (weakly) for `prepare_for_exit`.
+    flusher: Arc<ListenerFlusher>,
+}
+
+#[uniffi::export(async_runtime = "tokio")]
+impl ListenerHandle {
+    /// Stops delivery. A call already in progress finishes; payloads this listener had not
+    /// received stay in the store unless another listener delivered them.
+    pub fn cancel(&self) {
+        self.registration.cancel();
+    }
+
+    /// Whether delivery has stopped (cancelled, or the machine is gone).
+    pub fn is_cancelled(&self) -> bool {
+        self.registration.is_cancelled()
+    }
+
+    /// Waits until every payload committed before this call that this process can deliver has
+    /// been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+    /// that happened in time; `false` as well when the handle was cancelled. Use it before
+    /// exiting, or in tests.
+    pub async fn flush(&self, timeout_ms: u32) -> bool {
+        let deadline = Instant::now() + Duration::from_millis(timeout_ms.into());
+        let flush = Flush::default();
+        self.flusher.flush(flush.marker());
+        // The wait blocks a thread: not one of the runtime's workers.
+        let flushed = listener_runtime()
+            .spawn_blocking(move || flush.wait(deadline))
+            .await
+            .unwrap_or(false);
+        flushed && !self.registration.queue.is_closed()
+    }
+}
+
+impl Drop for ListenerHandle {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // Only plain collection updates happen under these locks, never a listener call.
@@ -43,17 +100,18 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// What became of one payload at one listener.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
-    /// The callback returned without throwing.
+    /// The call returned without throwing.
     Delivered,
-    /// The callback threw (or panicked).
+    /// The call threw (or panicked).
     Failed,
-    /// Never called: the queue was full or the listener was cancelled.
+    /// Never called: the queue was full or closed, or the process is exiting.
     Discarded,
 }
 
 /// One claimed payload, shared by the listeners it was queued for.
 struct Ticket {
     id: AnalyticsPayloadId,
+    delivery: Weak<AnalyticsDelivery>,
     /// Listeners that have not finished with it yet.
     remaining: AtomicUsize,
     /// Acknowledged, released or given back: nothing more to do.
@@ -61,82 +119,46 @@ struct Ticket {
     failed: AtomicBool,
 }
 
+/// A payload in one listener's queue.
 struct Item {
     event: PosthogErrorEvent,
-    /// `None` for a payload that exists only in memory (a `Store` failure's).
+    /// `None` for a payload that exists only in memory (a `Store` failure's); taken once the
+    /// listener was called.
     ticket: Option<Arc<Ticket>>,
 }
 
-#[derive(Default)]
-struct QueueState {
-    items: VecDeque<Item>,
-    closed: bool,
-}
-
-/// The bounded queue in front of one listener's thread.
-#[derive(Default)]
-pub(crate) struct DeliveryQueue {
-    state: Mutex<QueueState>,
-    ready: Condvar,
-}
-
-impl DeliveryQueue {
-    /// Queues `item`; returns the item that did not fit (the oldest, or `item` once closed).
-    fn push(&self, item: Item) -> Option<Item> {
-        let mut state = lock(&self.state);
-        if state.closed {
-            return Some(item);
-        }
-        let dropped = if state.items.len() >= LISTENER_QUEUE_CAPACITY {
-            state.items.pop_front()
-        } else {
-            None
-        };
-        state.items.push_back(item);
-        drop(state);
-        self.ready.notify_one();
-        dropped
-    }
-
-    /// Waits for the next payload; `None` once the queue is closed.
-    fn pop(&self) -> Option<Item> {
-        let mut state = lock(&self.state);
-        loop {
-            if state.closed {
-                return None;
+impl Drop for Item {
+    fn drop(&mut self) {
+        // Dropped without a call (queue full or closed): this listener is done with it.
+        if let Some(ticket) = self.ticket.take() {
+            if let Some(delivery) = ticket.delivery.upgrade() {
+                delivery.finish(&ticket, Outcome::Discarded, false);
             }
-            if let Some(item) = state.items.pop_front() {
-                return Some(item);
-            }
-            state = self.ready.wait(state).unwrap_or_else(|p| p.into_inner());
         }
     }
-
-    /// Stops delivery: returns the queued payloads, and the delivery thread exits.
-    fn close(&self) -> Vec<Item> {
-        let mut state = lock(&self.state);
-        state.closed = true;
-        let items = state.items.drain(..).collect();
-        drop(state);
-        self.ready.notify_all();
-        items
-    }
-
-    fn is_closed(&self) -> bool {
-        lock(&self.state).closed
-    }
 }
+
+type Queue = CallbackQueue<Item>;
+
+/// A flush request for one listener's queue.
+type FlushRequest = (Arc<Queue>, FlushMarker);
 
 /// The listeners of one machine and the payloads handed to them.
 pub(crate) struct AnalyticsDelivery {
     /// Weak: a forgotten listener must not keep the machine alive.
     machine: Weak<CoreMachine>,
-    listeners: Mutex<Vec<Arc<DeliveryQueue>>>,
+    /// Removes and releases payloads, also once the machine is gone (its queued payloads are
+    /// still delivered then, and must still be removed).
+    acknowledger: AnalyticsAcknowledger,
+    listeners: Mutex<Vec<Arc<Queue>>>,
     /// Payloads claimed and queued, not yet decided.
     undecided: Mutex<HashSet<AnalyticsPayloadId>>,
     /// Serializes claims, so that one payload is never queued twice at once.
     pump_lock: tokio::sync::Mutex<()>,
     wake: Notify,
+    flushes: mpsc::UnboundedSender<FlushRequest>,
+    /// Taken by the delivery task when it starts.
+    flush_requests: Mutex<Option<mpsc::UnboundedReceiver<FlushRequest>>>,
     /// The last claim was cut short by the bound: claim again as soon as a payload is decided.
     saturated: AtomicBool,
     task_started: AtomicBool,
@@ -145,21 +167,35 @@ pub(crate) struct AnalyticsDelivery {
 
 impl AnalyticsDelivery {
     pub(crate) fn new(machine: &Arc<CoreMachine>) -> Arc<Self> {
+        let (flushes, flush_requests) = mpsc::unbounded_channel();
         Arc::new(Self {
             machine: Arc::downgrade(machine),
+            acknowledger: machine.analytics_acknowledger(),
             listeners: Mutex::new(Vec::new()),
             undecided: Mutex::new(HashSet::new()),
             pump_lock: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
+            flushes,
+            flush_requests: Mutex::new(Some(flush_requests)),
             saturated: AtomicBool::new(false),
             task_started: AtomicBool::new(false),
             task_finished: AtomicBool::new(false),
         })
     }
 
-    /// Asks the delivery task to claim what is pending (after a batch).
+    /// Asks the delivery task to claim what is pending.
     pub(crate) fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// Claims and queues what is pending, after a batch: the batch's own payloads (and any left
+    /// undelivered) are in the listeners' queues when the receive call returns, so they are
+    /// delivered even if the app drops the machine right away. Nothing to do without a listener.
+    pub(crate) async fn claim_after_batch(self: &Arc<Self>) {
+        if lock(&self.listeners).is_empty() {
+            return;
+        }
+        self.claim_and_queue_logged().await;
     }
 
     /// Registers `listener`: starts its thread (and, for the first listener, the delivery task),
@@ -167,27 +203,28 @@ impl AnalyticsDelivery {
     pub(crate) fn add_listener(
         self: &Arc<Self>,
         listener: Arc<dyn DecryptionFailureListener>,
-    ) -> Registration {
-        let queue = Arc::new(DeliveryQueue::default());
-        let thread_delivery = Arc::clone(self);
+    ) -> ListenerHandle {
+        let queue = Arc::new(Queue::new(LISTENER_QUEUE_CAPACITY, Overflow::DropOldest));
+        let delivery = Arc::clone(self);
         let thread_queue = Arc::clone(&queue);
         let spawned = std::thread::Builder::new()
             .name("tdc-failure-listener".to_owned())
             .spawn(move || {
-                while let Some(item) = thread_queue.pop() {
-                    let returned = catch_unwind(AssertUnwindSafe(|| {
-                        listener.on_decryption_failure(item.event)
-                    }))
-                    .is_ok();
-                    if let Some(ticket) = item.ticket {
-                        let outcome = if returned {
-                            Outcome::Delivered
-                        } else {
-                            Outcome::Failed
+                thread_queue.run(|mut item| {
+                    let ticket = item.ticket.take();
+                    let event = item.event.clone();
+                    drop(item);
+                    let returned = call_foreign_returned(|| listener.on_decryption_failure(event));
+                    if let Some(ticket) = ticket {
+                        let outcome = match returned {
+                            Some(true) => Outcome::Delivered,
+                            Some(false) => Outcome::Failed,
+                            None => Outcome::Discarded,
                         };
-                        thread_delivery.finish(&ticket, outcome);
+                        delivery.finish(&ticket, outcome, true);
                     }
-                }
+                });
+                release(listener);
             });
         match spawned {
             Ok(_) => lock(&self.listeners).push(Arc::clone(&queue)),
@@ -200,39 +237,56 @@ impl AnalyticsDelivery {
             self.start_task();
         }
         self.wake();
-        Registration {
+        let flusher = Arc::new(ListenerFlusher {
             delivery: Arc::downgrade(self),
-            queue,
+            queue: Arc::clone(&queue),
+        });
+        register_flushable(Arc::downgrade(&flusher) as Weak<dyn Flushable>);
+        ListenerHandle {
+            registration: Registration {
+                delivery: Arc::downgrade(self),
+                queue,
+            },
+            flusher,
         }
     }
 
     fn start_task(self: &Arc<Self>) {
-        let Some(machine) = self.machine.upgrade() else {
+        let requests = lock(&self.flush_requests).take();
+        let (Some(machine), Some(mut requests)) = (self.machine.upgrade(), requests) else {
             self.task_finished.store(true, Ordering::SeqCst);
             return;
         };
-        let mut stream = machine.to_device_decryption_failure_stream();
+        // Fused: a flush below may see the end of the stream, and the loop then polls it again.
+        let mut stream = machine.to_device_decryption_failure_stream().fuse();
         drop(machine);
         let delivery = Arc::clone(self);
         listener_runtime().spawn(async move {
             loop {
                 tokio::select! {
+                    // In this order, so that a flush requested after a wake-up comes after its claim.
+                    biased;
                     item = stream.next() => match item {
                         Some(item) => delivery.forward(item),
                         None => break,
                     },
                     () = delivery.wake.notified() => delivery.claim_and_queue_logged().await,
-                }
-            }
-            // The machine is gone: stop every listener thread.
-            delivery.task_finished.store(true, Ordering::SeqCst);
-            let queues = std::mem::take(&mut *lock(&delivery.listeners));
-            for queue in queues {
-                for item in queue.close() {
-                    if let Some(ticket) = item.ticket {
-                        delivery.finish(&ticket, Outcome::Discarded);
+                    Some((queue, marker)) = requests.recv() => {
+                        // Everything published and committed before the request is queued first.
+                        while let Some(Some(item)) = stream.next().now_or_never() {
+                            delivery.forward(item);
+                        }
+                        delivery.claim_and_queue_logged().await;
+                        queue.push_flush(marker);
                     }
                 }
+            }
+            // The machine is gone: nothing more will be queued. Flush requests that arrived
+            // meanwhile wait for their queue; closing first makes later ones go to the queue too.
+            delivery.task_finished.store(true, Ordering::SeqCst);
+            requests.close();
+            while let Ok((queue, marker)) = requests.try_recv() {
+                queue.push_flush(marker);
             }
         });
     }
@@ -241,10 +295,7 @@ impl AnalyticsDelivery {
     /// (one per batch, so that a payload released by a throwing listener is retried once per
     /// batch) hands them out, also when this subscription lagged and missed their items. A payload
     /// the store could not keep (a `Store` failure's) is queued here, at most once, from memory.
-    fn forward(
-        self: &Arc<Self>,
-        item: Result<crate::ToDeviceDecryptionFailure, crate::MissedFailures>,
-    ) {
+    fn forward(self: &Arc<Self>, item: Result<ToDeviceDecryptionFailure, MissedFailures>) {
         let Ok(failure) = item else { return };
         if failure.analytics_id.is_some() {
             return;
@@ -252,14 +303,28 @@ impl AnalyticsDelivery {
         if let Some(payload) = failure.payload() {
             let queues = lock(&self.listeners).clone();
             for queue in queues {
-                let item = Item {
-                    event: PosthogErrorEvent::from(*payload),
-                    ticket: None,
-                };
-                if let Some(dropped) = queue.push(item) {
-                    self.dropped_from_queue(dropped);
-                }
+                self.push(
+                    &queue,
+                    Item {
+                        event: PosthogErrorEvent::from(*payload),
+                        ticket: None,
+                    },
+                );
             }
+        }
+    }
+
+    /// Queues `item`; an item given up (the oldest, when full) is counted and finished.
+    fn push(&self, queue: &Queue, item: Item) {
+        match queue.push(item) {
+            Push::Queued => {}
+            Push::Dropped(dropped) => {
+                if let Some(machine) = self.machine.upgrade() {
+                    machine.record_listener_drops(1);
+                }
+                drop(dropped);
+            }
+            Push::Closed(item) => drop(item),
         }
     }
 
@@ -290,6 +355,7 @@ impl AnalyticsDelivery {
         // Our own undecided claims come back too: ask for enough to see `room` new ones.
         let limit = undecided + room;
         let claimed = machine.claim_pending_analytics(limit).await?;
+        drop(machine);
         if claimed.len() >= limit {
             self.saturated.store(true, Ordering::SeqCst);
         }
@@ -300,49 +366,39 @@ impl AnalyticsDelivery {
             }
             let ticket = Arc::new(Ticket {
                 id: payload.id,
+                delivery: Arc::downgrade(self),
                 remaining: AtomicUsize::new(listeners.len()),
                 decided: AtomicBool::new(false),
                 failed: AtomicBool::new(false),
             });
             for queue in &listeners {
-                let item = Item {
-                    event: PosthogErrorEvent::from(payload.event),
-                    ticket: Some(Arc::clone(&ticket)),
-                };
-                if let Some(dropped) = queue.push(item) {
-                    self.dropped_from_queue(dropped);
-                }
+                self.push(
+                    queue,
+                    Item {
+                        event: PosthogErrorEvent::from(payload.event),
+                        ticket: Some(Arc::clone(&ticket)),
+                    },
+                );
             }
             queued += 1;
         }
         Ok(queued)
     }
 
-    fn dropped_from_queue(self: &Arc<Self>, item: Item) {
-        if let Some(machine) = self.machine.upgrade() {
-            machine.record_listener_drops(1);
-        }
-        if let Some(ticket) = item.ticket {
-            self.finish(&ticket, Outcome::Discarded);
-        }
-    }
-
     /// Records one listener's outcome for a payload and decides it: the first delivery removes
     /// it; once every listener is done without one, a failure releases it (one attempt) and
-    /// discards alone leave it claimed (it is queued again with the next claim).
-    fn finish(self: &Arc<Self>, ticket: &Ticket, outcome: Outcome) {
+    /// discards alone leave it claimed (it is queued again with the next claim). `blocking`: the
+    /// listener's own thread waits for the removal to commit before its next call.
+    fn finish(self: &Arc<Self>, ticket: &Ticket, outcome: Outcome, blocking: bool) {
         if outcome == Outcome::Failed {
             ticket.failed.store(true, Ordering::SeqCst);
         }
         let last = ticket.remaining.fetch_sub(1, Ordering::SeqCst) == 1;
-        let decision = if outcome == Outcome::Delivered {
-            Some(true)
-        } else if last {
-            Some(false)
-        } else {
-            None
+        let delivered = match (outcome, last) {
+            (Outcome::Delivered, _) => true,
+            (_, true) => false,
+            (_, false) => return,
         };
-        let Some(delivered) = decision else { return };
         if ticket.decided.swap(true, Ordering::SeqCst) {
             return;
         }
@@ -350,18 +406,16 @@ impl AnalyticsDelivery {
         let id = ticket.id;
         let delivery = Arc::clone(self);
         let decide = async move {
-            if let Some(machine) = delivery.machine.upgrade() {
-                let result = if delivered {
-                    machine.acknowledge_analytics(&[id]).await
-                } else if release {
-                    machine.release_analytics(&[id]).await.map(drop)
-                } else {
-                    Ok(())
-                };
-                if let Err(error) = result {
-                    // The payload stays claimed: it goes out again once the lease ends.
-                    tracing::warn!(%error, "cannot record the delivery of an analytics payload");
-                }
+            let result = if delivered {
+                delivery.acknowledger.acknowledge(&[id]).await
+            } else if release {
+                delivery.acknowledger.release(&[id]).await.map(drop)
+            } else {
+                Ok(())
+            };
+            if let Err(error) = result {
+                // The payload stays claimed: it goes out again once the lease ends.
+                tracing::warn!(%error, "cannot record the delivery of an analytics payload");
             }
             // Only now may a claim queue it again (a discarded payload, still ours).
             lock(&delivery.undecided).remove(&id);
@@ -369,43 +423,113 @@ impl AnalyticsDelivery {
                 delivery.wake();
             }
         };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            // Inside a runtime (a claim, or a cancel from async code): cannot block here.
-            listener_runtime().spawn(decide);
-        } else {
+        if blocking && tokio::runtime::Handle::try_current().is_err() {
             // The listener's own thread: the removal commits before its next call.
             listener_runtime().block_on(decide);
+        } else {
+            listener_runtime().spawn(decide);
         }
     }
 }
 
-/// One listener's registration, held by its `ListenerHandle`.
-pub(crate) struct Registration {
+/// The flush side of one listener: the delivery task queues what is pending, then the marker.
+struct ListenerFlusher {
     delivery: Weak<AnalyticsDelivery>,
-    queue: Arc<DeliveryQueue>,
+    queue: Arc<Queue>,
+}
+
+impl Flushable for ListenerFlusher {
+    fn flush(&self, marker: FlushMarker) {
+        // Once the task has ended (the machine is gone, nothing more is queued), the queue alone
+        // decides.
+        let Some(delivery) = self.delivery.upgrade() else {
+            self.queue.push_flush(marker);
+            return;
+        };
+        if delivery.task_finished.load(Ordering::SeqCst) {
+            self.queue.push_flush(marker);
+            return;
+        }
+        if let Err(mpsc::error::SendError((queue, marker))) =
+            delivery.flushes.send((Arc::clone(&self.queue), marker))
+        {
+            queue.push_flush(marker);
+        }
+    }
+}
+
+/// One listener's registration, held by its [`ListenerHandle`].
+struct Registration {
+    delivery: Weak<AnalyticsDelivery>,
+    queue: Arc<Queue>,
 }
 
 impl Registration {
-    /// Stops delivery to this listener; payloads it had not received stay pending (unless another
-    /// listener delivers them).
-    pub(crate) fn cancel(&self) {
-        let items = self.queue.close();
+    fn cancel(&self) {
         if let Some(delivery) = self.delivery.upgrade() {
             lock(&delivery.listeners).retain(|queue| !Arc::ptr_eq(queue, &self.queue));
-            for item in items {
-                if let Some(ticket) = item.ticket {
-                    delivery.finish(&ticket, Outcome::Discarded);
-                }
-            }
         }
+        // What it holds is dropped: each of its payloads is finished as discarded here.
+        self.queue.close();
     }
 
-    /// Whether delivery to this listener has stopped (cancelled, or the machine is gone).
-    pub(crate) fn is_cancelled(&self) -> bool {
+    fn is_cancelled(&self) -> bool {
         self.queue.is_closed()
             || self
                 .delivery
                 .upgrade()
                 .is_none_or(|delivery| delivery.task_finished.load(Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::ffi::OlmMachine;
+
+    /// Slow on purpose: a flush must wait for calls, not only for the queue to be taken.
+    #[derive(Default)]
+    struct SlowCollecting(Mutex<Vec<String>>);
+
+    impl DecryptionFailureListener for SlowCollecting {
+        fn on_decryption_failure(&self, event: PosthogErrorEvent) {
+            std::thread::sleep(Duration::from_millis(50));
+            self.0.lock().unwrap().push(event.analytics_name);
+        }
+    }
+
+    fn bad_event(n: usize) -> String {
+        format!(
+            r#"{{"type":"m.room.encrypted","sender":"@a{n}:b","content":{{"algorithm":"m.megolm.v1.aes-sha2"}}}}"#
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn flush_returns_once_every_earlier_failure_was_delivered() {
+        let machine = OlmMachine::open_in_memory("@bob:example.org".into(), "BOBDEVICE".into())
+            .await
+            .unwrap();
+        let listener = Arc::new(SlowCollecting::default());
+        let handle = machine.add_decryption_failure_listener(listener.clone());
+        for n in 0..3 {
+            machine
+                .decrypt_to_device_event(bad_event(n))
+                .await
+                .unwrap_err();
+        }
+        assert!(handle.flush(5_000).await);
+        assert_eq!(listener.0.lock().unwrap().len(), 3, "flush returned early");
+
+        // A flush that cannot finish in time says so; one on a cancelled handle is false.
+        machine
+            .decrypt_to_device_event(bad_event(3))
+            .await
+            .unwrap_err();
+        assert!(!handle.flush(0).await);
+        handle.cancel();
+        assert!(!handle.flush(1_000).await);
     }
 }

@@ -9,9 +9,11 @@
 //!   [`ListenerHandle`]) or pull-style ([`FailureSubscription::next`], which the hand-written Swift
 //!   `AsyncStream` and Kotlin `Flow` helpers wrap).
 
+mod callbacks;
 mod listener;
 mod logging;
 mod requests;
+mod taxonomy;
 mod types;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,10 +29,12 @@ use crate::olm::device_keys::parse_keys_upload_body;
 use crate::reporting::FailureStream;
 use crate::store::StoreKey;
 
-pub use listener::LISTENER_QUEUE_CAPACITY;
-use listener::{AnalyticsDelivery, Registration};
+pub use callbacks::prepare_for_exit;
+use listener::AnalyticsDelivery;
+pub use listener::{DecryptionFailureListener, ListenerHandle, LISTENER_QUEUE_CAPACITY};
 pub use logging::{redact, set_log_sink, LogLevel, LogSink, QUEUE_CAPACITY, REDACTED_KEY};
 pub use requests::OutgoingRequestFfi;
+pub use taxonomy::{all_failure_reasons, failure_reason_from_name, FailureReasonInfo};
 pub use types::{
     CryptoError, CryptoSdkFfi, DecryptedEvent, DecryptionFailure, ErrorDomainFfi, FailureReasonFfi,
     IdentityKeysFfi, PendingEvent, PosthogErrorEvent, ReportingPolicyFfi, ToDeviceResult,
@@ -193,7 +197,7 @@ impl OlmMachine {
         json: String,
     ) -> Result<DecryptedEvent, DecryptionFailure> {
         let result = self.inner.decrypt_to_device_event(&json).await;
-        self.delivery.wake();
+        self.delivery.claim_after_batch().await;
         result
             .map(DecryptedEvent::from)
             .map_err(DecryptionFailure::from)
@@ -211,7 +215,7 @@ impl OlmMachine {
         let raw: Vec<&str> = events.iter().map(|e| e.get()).collect();
         let outcomes = self.inner.receive_to_device_events(&raw).await;
         // Payloads left undelivered go out with the next batch, whatever it produced.
-        self.delivery.wake();
+        self.delivery.claim_after_batch().await;
         Ok(outcomes?.into_iter().map(ToDeviceResult::from).collect())
     }
 
@@ -227,7 +231,7 @@ impl OlmMachine {
             })?;
         let raw: Vec<&str> = events.iter().map(|e| e.get()).collect();
         let outcomes = self.inner.receive_sync(&raw, next_batch.as_deref()).await;
-        self.delivery.wake();
+        self.delivery.claim_after_batch().await;
         Ok(outcomes?.into_iter().map(ToDeviceResult::from).collect())
     }
 
@@ -300,9 +304,7 @@ impl OlmMachine {
         &self,
         listener: Arc<dyn DecryptionFailureListener>,
     ) -> Arc<ListenerHandle> {
-        Arc::new(ListenerHandle {
-            registration: self.delivery.add_listener(listener),
-        })
+        Arc::new(self.delivery.add_listener(listener))
     }
 
     /// Hands every undelivered analytics payload to the listeners now: those of this process
@@ -338,39 +340,6 @@ fn parse_json(json: &str) -> Result<Value, CryptoError> {
     serde_json::from_str(json).map_err(|e| CryptoError::InvalidJson {
         detail: e.to_string(),
     })
-}
-
-/// Receives the PostHog event of every to-device decryption failure.
-#[uniffi::export(foreign)]
-pub trait DecryptionFailureListener: Send + Sync {
-    /// Called once per failure, in order, on a background thread.
-    fn on_decryption_failure(&self, event: PosthogErrorEvent);
-}
-
-/// Keeps a listener registered; `cancel()` or dropping it stops delivery.
-#[derive(uniffi::Object)]
-pub struct ListenerHandle {
-    registration: Registration,
-}
-
-#[uniffi::export]
-impl ListenerHandle {
-    /// Stops delivery. A call already in progress finishes.
-    pub fn cancel(&self) {
-        self.registration.cancel();
-    }
-
-    /// Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-    /// this may still be `false` for a moment.
-    pub fn is_cancelled(&self) -> bool {
-        self.registration.is_cancelled()
-    }
-}
-
-impl Drop for ListenerHandle {
-    fn drop(&mut self) {
-        self.cancel();
-    }
 }
 
 /// A pull-style subscription to the failure stream.
@@ -468,6 +437,7 @@ mod tests {
         for reason in FailureReason::ALL {
             let ffi = FailureReasonFfi::from(reason);
             assert_eq!(format!("{ffi:?}"), format!("{reason:?}"));
+            assert_eq!(FailureReason::from(ffi), reason);
         }
     }
 

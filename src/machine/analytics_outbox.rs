@@ -50,6 +50,7 @@
 //! payloads stay (within the bound) for a channel that delivers.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::{now_millis, OlmMachine};
@@ -57,13 +58,47 @@ use crate::analytics::{AnalyticsEvent, FailureReason};
 use crate::error::StoreError;
 use crate::reporting::{AnalyticsPayloadId, PendingAnalyticsEvent};
 use crate::store::{
-    AnalyticsClaim, StoredAnalytics, MAX_ANALYTICS_DELIVERY_ATTEMPTS, MAX_PENDING_ANALYTICS,
+    AnalyticsClaim, CryptoStore, StoredAnalytics, MAX_ANALYTICS_DELIVERY_ATTEMPTS,
+    MAX_PENDING_ANALYTICS,
 };
 
 /// How long a machine's claim on the payloads it is delivering holds by default: long enough for
 /// any listener to return, short enough that a payload abandoned by a killed extension goes out
 /// with the app's next batch a minute later.
 pub const DEFAULT_ANALYTICS_LEASE: Duration = Duration::from_secs(60);
+
+/// Acknowledges or releases one machine instance's analytics payloads (see
+/// [`OlmMachine::analytics_acknowledger`]). It keeps the store open while it lives.
+#[derive(Clone)]
+pub struct AnalyticsAcknowledger {
+    store: Arc<dyn CryptoStore>,
+    owner: [u8; 16],
+}
+
+impl std::fmt::Debug for AnalyticsAcknowledger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnalyticsAcknowledger")
+            .finish_non_exhaustive()
+    }
+}
+
+impl AnalyticsAcknowledger {
+    /// Like [`OlmMachine::acknowledge_analytics`].
+    pub async fn acknowledge(&self, ids: &[AnalyticsPayloadId]) -> Result<(), StoreError> {
+        let ids: Vec<u64> = ids.iter().map(|id| id.0).collect();
+        self.store.remove_analytics(&ids).await
+    }
+
+    /// Like [`OlmMachine::release_analytics`].
+    pub async fn release(&self, ids: &[AnalyticsPayloadId]) -> Result<u64, StoreError> {
+        let ids: Vec<u64> = ids.iter().map(|id| id.0).collect();
+        let dropped = self.store.release_analytics(self.owner, &ids).await?;
+        if dropped > 0 {
+            tracing::warn!(target: super::LOG_TARGET, dropped, attempts = MAX_ANALYTICS_DELIVERY_ATTEMPTS, "dropping analytics payloads that failed every delivery attempt");
+        }
+        Ok(dropped)
+    }
+}
 
 pub(super) fn new_owner_token() -> Result<[u8; 16], StoreError> {
     let mut token = [0u8; 16];
@@ -174,6 +209,16 @@ impl OlmMachine {
             tracing::warn!(target: super::LOG_TARGET, dropped, attempts = MAX_ANALYTICS_DELIVERY_ATTEMPTS, "dropping analytics payloads that failed every delivery attempt");
         }
         Ok(dropped)
+    }
+
+    /// A handle that acknowledges and releases this machine's claims without the machine: what
+    /// a delivery that may outlive the machine (a listener thread at app teardown) keeps, so that
+    /// a payload delivered after the machine was dropped is still removed.
+    pub fn analytics_acknowledger(&self) -> AnalyticsAcknowledger {
+        AnalyticsAcknowledger {
+            store: Arc::clone(&self.store),
+            owner: self.analytics_owner,
+        }
     }
 
     async fn refuse_if_wiped(&self) -> Result<(), StoreError> {

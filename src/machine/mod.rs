@@ -34,7 +34,7 @@ mod recovery;
 mod reporting;
 mod state;
 
-pub use analytics_outbox::DEFAULT_ANALYTICS_LEASE;
+pub use analytics_outbox::{AnalyticsAcknowledger, DEFAULT_ANALYTICS_LEASE};
 
 /// The target of the machine's log lines, whichever of its files writes them: apps filter on it
 /// (and it is what [`crate::ffi`]'s log forwarding reports).

@@ -76,7 +76,7 @@ impl OlmMachine {
                 )
             }
             None => {
-                let account = Account::new();
+                let account = crate::olm::account::new_account();
                 store
                     .save_changes(Changes {
                         account: Some(stored_account(&account, user_id, device_id, false)?),
