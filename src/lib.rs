@@ -46,6 +46,9 @@ pub use machine::{
     DecryptedToDeviceEvent, FailedToDeviceEvent, KeysQueryOutcome, OlmMachine,
     PendingDecryptedEvent, RefusedKeyChange, ToDeviceOutcome,
 };
-pub use reporting::{FailureStream, MissedFailures, ToDeviceDecryptionFailure};
+pub use reporting::{
+    AnalyticsPayloadId, FailureStream, MissedFailures, PendingAnalyticsEvent,
+    ToDeviceDecryptionFailure,
+};
 pub use requests::{OutgoingRequest, OutgoingRequestKind, RequestError};
 pub use store::{CryptoStore, MemoryStore, SqliteStore, StoreKey};

@@ -771,3 +771,38 @@ async fn create_account_never_replaces_an_account() {
         assert_eq!(store.load_account().await.unwrap().unwrap().pickle, "first");
     }
 }
+
+/// Version 4 had no analytics outbox: a real version-4 store (`tests/fixtures/v4`, results
+/// pending) is upgraded in place, keeps its results, and its new table holds payloads — failure
+/// names and nothing else.
+#[tokio::test]
+async fn a_version_4_store_gains_the_analytics_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    std::fs::copy(fixture("store.sqlite3"), &path).unwrap();
+    let key = StoreKey::from_hex(&std::fs::read_to_string(fixture("store.key")).unwrap()).unwrap();
+    assert_eq!(user_version(&path), 4);
+    let store = Arc::new(SqliteStore::open(&path, key, Synchronous::Normal).unwrap());
+    assert_eq!(user_version(&path), 5);
+    let bob = OlmMachine::open(BOB, "BOBPHONE", store).await.unwrap();
+    assert_eq!(bob.pending_decrypted_events().await.unwrap().len(), 3);
+    let megolm = json!({"type": "m.room.encrypted", "sender": "@mallory:evil.example", "content": {"algorithm": "m.megolm.v1.aes-sha2", "sender_key": "KEYKEYKEY"}});
+    bob.decrypt_to_device_event(&megolm.to_string())
+        .await
+        .unwrap_err();
+    let payloads = bob.flush_pending_analytics().await.unwrap();
+    assert_eq!(payloads.len(), 1);
+    let rows: Vec<(i64, String, i64)> = rusqlite::Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT id, name, created_at FROM analytics_outbox")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, "ToDeviceFailedToDecrypt_UnsupportedAlgorithm");
+    assert_eq!(rows[0].0 as u64, payloads[0].id.0);
+    bob.acknowledge_analytics(&[payloads[0].id]).await.unwrap();
+    assert!(bob.flush_pending_analytics().await.unwrap().is_empty());
+}

@@ -89,6 +89,32 @@ class Throwing(DecryptionFailureListener):
         raise RuntimeError("listener bug")
 
 
+class ThrowingOnce(DecryptionFailureListener):
+    def __init__(self):
+        self.calls = 0
+        self.events = queue.Queue()
+
+    def on_decryption_failure(self, event):
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError("the analytics client is not ready yet")
+        self.events.put(event)
+
+
+async def eventually(condition):
+    """Awaits `condition()` (a coroutine function) until it returns True, or TIMEOUT."""
+    deadline = time.monotonic() + TIMEOUT
+    while not await condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+async def pending_payloads(machine):
+    return json.loads(await machine.reporting_stats_json())["outbox"]["pending"]
+
+
 # --- a stand-in for the PostHog SDK, and the forwarding snippet an app would write -----------------
 class PostHog:
     def __init__(self):
@@ -246,6 +272,38 @@ class BindingsTest(unittest.TestCase):
             with self.assertRaises(DecryptionFailure) as failure:
                 await bob.decrypt_to_device_event(event)
             self.assertEqual(failure.exception.reason, FailureReasonFfi.REPLAYED_MESSAGE)
+
+        run(body())
+
+    def test_j_analytics_outbox_and_flush(self):
+        async def body():
+            with tempfile.TemporaryDirectory() as directory:
+                path = os.path.join(directory, "store.sqlite3")
+                bob = await OlmMachine.open_sqlite("@bob:example.org", "BOBDEVICE", path, bytes(32))
+                # No listener yet: the payload waits in the store, nothing is claimed.
+                with self.assertRaises(DecryptionFailure):
+                    await bob.decrypt_to_device_event(BAD_EVENT)
+                self.assertEqual(await bob.flush_pending_analytics(), 0)
+                self.assertEqual(await pending_payloads(bob), 1)
+                # A listener that throws once: added, it gets the waiting payload at once; the
+                # throw leaves the payload for the next delivery, which flush makes now.
+                flaky = ThrowingOnce()
+                handle = bob.add_decryption_failure_listener(flaky)
+                self.assertTrue(wait_until(lambda: flaky.calls == 1))
+                async def flushed_one():
+                    return await bob.flush_pending_analytics() == 1
+
+                self.assertTrue(await eventually(flushed_one))
+                event = flaky.events.get(timeout=TIMEOUT)
+                self.assertEqual(event.json, EXPECTED_JSON)
+                # Delivered: removed from the store, never delivered again.
+                async def none_pending():
+                    return await pending_payloads(bob) == 0
+
+                self.assertTrue(await eventually(none_pending))
+                self.assertEqual(await bob.flush_pending_analytics(), 0)
+                self.assertTrue(flaky.events.empty())
+                handle.cancel()
 
         run(body())
 

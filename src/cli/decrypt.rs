@@ -4,11 +4,9 @@
 //! that needs a new session did or did not get one.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
-use std::fs::OpenOptions;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use futures::{FutureExt, StreamExt};
 use serde::Serialize;
 use serde_json::{json, Value};
 use to_device_crypto::olm::device_keys::DeviceKeys;
@@ -17,6 +15,7 @@ use to_device_crypto::{
     CryptoStore, DecryptedToDeviceEvent, FailedToDeviceEvent, OutgoingRequestKind, ToDeviceOutcome,
 };
 
+use super::analytics_out::{cli_analytics_lease, AnalyticsOut};
 use super::input::{self, ByteLimit};
 use super::store_dir::{open_machine, OpenedMachine};
 use super::store_errors::describe;
@@ -194,6 +193,24 @@ pub async fn run(args: DecryptArgs) -> CliResult {
             eprintln!("warning: ignoring device keys {rejected}");
         }
     }
+    // Analytics first: payloads earlier runs left undelivered (killed after their commit), then
+    // this batch's, each written and flushed before it is acknowledged (see `AnalyticsOut`). The
+    // leftovers go out before the batch, so that however long the batch takes, no claim of this
+    // run outlives its lease before its payloads are on disk.
+    let mut analytics = args
+        .analytics_out
+        .clone()
+        .map(AnalyticsOut::open)
+        .transpose()?;
+    if let Some(out) = &mut analytics {
+        machine.set_analytics_lease(cli_analytics_lease());
+        let leftovers = machine
+            .flush_pending_analytics()
+            .await
+            .map_err(|e| describe(&dir, &e))?;
+        out.append(&leftovers)?;
+        out.deliver(machine).await?;
+    }
     // Results of earlier runs that were never acknowledged (a run killed after committing, or
     // whose acknowledgement failed): printed first, marked pending, with their original batch and
     // index — except those that an input of this run matches, which its own line prints.
@@ -201,11 +218,20 @@ pub async fn run(args: DecryptArgs) -> CliResult {
         .pending_decrypted_events()
         .await
         .map_err(|e| describe(&dir, &e))?;
-    let mut failures = machine.to_device_decryption_failure_stream();
     let outcomes = machine
         .receive_sync(&input.events, input.next_batch.as_deref())
         .await
         .map_err(|e| format!("the batch was not decrypted: {}", describe(&dir, &e)))?;
+    if let Some(out) = &mut analytics {
+        // This batch's payloads, claimed by this run when they were committed (and any that
+        // another process abandoned meanwhile), written before any result is acknowledged.
+        let batch_payloads = machine
+            .flush_pending_analytics()
+            .await
+            .map_err(|e| describe(&dir, &e))?;
+        out.append(&batch_payloads)?;
+        out.deliver(machine).await?;
+    }
     let this_run: HashSet<&str> = outcomes
         .iter()
         .filter_map(|outcome| match outcome {
@@ -237,21 +263,6 @@ pub async fn run(args: DecryptArgs) -> CliResult {
         .acknowledge(&printed)
         .await
         .map_err(|e| format!("the results were printed but not acknowledged (the next run prints them again, marked pending): {}", describe(&dir, &e)))?;
-    if let Some(path) = &args.analytics_out {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        while let Some(Some(item)) = failures.next().now_or_never() {
-            let item = item.map_err(|e| e.to_string())?;
-            // Only what passes the reporting policy is an analytics event.
-            if let Some(payload) = item.payload() {
-                writeln!(file, "{}", payload.to_json())
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            }
-        }
-    }
     if let Some(path) = &args.requests_out {
         super::write_requests(
             machine,

@@ -2,6 +2,7 @@
 //! `schema`). `decrypt` lives in [`decrypt`], `info` in [`info`], `explain` in [`explain`], the
 //! `demo` scenario in [`demo`]; the store directory's rules in [`store_dir`].
 
+mod analytics_out;
 mod decrypt;
 mod demo;
 mod explain;

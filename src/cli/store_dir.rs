@@ -83,23 +83,40 @@ fn explicit_key(args: &StoreArgs) -> Result<Option<StoreKey>, String> {
     }
 }
 
+/// Creates `store.key` with a new random key, or returns the key another process's first run put
+/// there at the same moment: the key is written to a private temporary file and linked into place,
+/// so the file either does not exist or holds a whole key, and every concurrent first run ends up
+/// with the same one.
 fn write_new_key_file(path: &Path) -> Result<StoreKey, String> {
     let key = StoreKey::generate().map_err(|e| e.to_string())?;
+    let mut suffix = [0u8; 8];
+    getrandom::fill(&mut suffix).map_err(|e| e.to_string())?;
+    let temporary = path.with_extension(format!("key.{:016x}.tmp", u64::from_ne_bytes(suffix)));
     let mut options = OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options
-        .open(path)
-        .map_err(|e| format!("cannot create the store key file {}: {e}", path.display()))?;
-    writeln!(file, "{}", key.to_hex())
-        .and_then(|()| file.sync_all())
-        .map_err(|e| format!("cannot write the store key file {}: {e}", path.display()))?;
-    eprintln!(
-        "note: created a random store key in {} (it protects a copied database, not a stolen home folder; pass --store-key-file or ${STORE_KEY_ENV} to manage it yourself)",
-        path.display()
-    );
-    Ok(key)
+    let written = options.open(&temporary).and_then(|mut file| {
+        writeln!(file, "{}", key.to_hex())?;
+        file.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&temporary, path));
+    let _ = std::fs::remove_file(&temporary);
+    match linked {
+        Ok(()) => {
+            eprintln!(
+                "note: created a random store key in {} (it protects a copied database, not a stolen home folder; pass --store-key-file or ${STORE_KEY_ENV} to manage it yourself)",
+                path.display()
+            );
+            Ok(key)
+        }
+        // Another first run won the race: its key is whole (linked after it was synced).
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => read_key_file(path),
+        Err(error) => Err(format!(
+            "cannot create the store key file {}: {error}",
+            path.display()
+        )),
+    }
 }
 
 fn create_private_dir(dir: &Path) -> Result<(), String> {
@@ -119,10 +136,15 @@ fn create_private_file(path: &Path) -> Result<(), String> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options
-        .open(path)
-        .map(drop)
-        .map_err(|e| format!("cannot create the store file {}: {e}", path.display()))
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        // Another first run created it a moment ago, with this same mode.
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(format!(
+            "cannot create the store file {}: {error}",
+            path.display()
+        )),
+    }
 }
 
 /// Warns about a store made before its files were private (older versions took the umask).

@@ -80,11 +80,15 @@ impl Drop for InFlight {
 /// Runs `call` (a call into foreign code) unless the process is exiting, catching a panic (a
 /// foreign exception comes back from UniFFI as one). Returns whether it ran.
 pub(crate) fn call_foreign(call: impl FnOnce()) -> bool {
-    let Some(_in_flight) = InFlight::enter() else {
-        return false;
-    };
-    let _ = catch_unwind(AssertUnwindSafe(call));
-    true
+    call_foreign_returned(call).is_some()
+}
+
+/// Like [`call_foreign`], telling how the call ended: `Some(true)` when it returned, `Some(false)`
+/// when it threw (or panicked), `None` when it did not run (the process is exiting). The analytics
+/// outbox counts a payload as delivered only when its listener returned.
+pub(crate) fn call_foreign_returned(call: impl FnOnce()) -> Option<bool> {
+    let _in_flight = InFlight::enter()?;
+    Some(catch_unwind(AssertUnwindSafe(call)).is_ok())
 }
 
 /// Drops `value` (which may hold the last reference to a foreign object) as a gated call; once

@@ -30,6 +30,7 @@ use crate::reporting::FailureStream;
 use crate::store::StoreKey;
 
 pub use callbacks::prepare_for_exit;
+use listener::AnalyticsDelivery;
 pub use listener::{DecryptionFailureListener, ListenerHandle, LISTENER_QUEUE_CAPACITY};
 pub use logging::{redact, set_log_sink, LogLevel, LogSink, QUEUE_CAPACITY, REDACTED_KEY};
 pub use requests::OutgoingRequestFfi;
@@ -57,6 +58,18 @@ fn listener_runtime() -> &'static Runtime {
 #[derive(uniffi::Object)]
 pub struct OlmMachine {
     inner: Arc<CoreMachine>,
+    /// The listeners and the analytics outbox payloads handed to them.
+    delivery: Arc<AnalyticsDelivery>,
+}
+
+impl OlmMachine {
+    fn wrap(inner: CoreMachine) -> Arc<Self> {
+        let inner = Arc::new(inner);
+        Arc::new(Self {
+            delivery: AnalyticsDelivery::new(&inner),
+            inner,
+        })
+    }
 }
 
 #[uniffi::export(async_runtime = "tokio")]
@@ -73,9 +86,7 @@ impl OlmMachine {
         let inner =
             CoreMachine::with_sqlite(&user_id, &device_id, path, store_key_from(&store_key)?)
                 .await?;
-        Ok(Arc::new(Self {
-            inner: Arc::new(inner),
-        }))
+        Ok(Self::wrap(inner))
     }
 
     /// Opens (or creates) the machine in the SQLite store at `path`, encrypted with a key derived
@@ -93,9 +104,7 @@ impl OlmMachine {
             crate::store::Synchronous::Normal,
         )?;
         let inner = CoreMachine::open(&user_id, &device_id, Arc::new(store)).await?;
-        Ok(Arc::new(Self {
-            inner: Arc::new(inner),
-        }))
+        Ok(Self::wrap(inner))
     }
 
     /// Opens a machine on a new in-memory store (tests, or apps that keep no state).
@@ -105,9 +114,7 @@ impl OlmMachine {
         device_id: String,
     ) -> Result<Arc<Self>, CryptoError> {
         let inner = CoreMachine::in_memory(&user_id, &device_id).await?;
-        Ok(Arc::new(Self {
-            inner: Arc::new(inner),
-        }))
+        Ok(Self::wrap(inner))
     }
 
     /// Replaces the reporting policy (which failures become PostHog events).
@@ -189,9 +196,9 @@ impl OlmMachine {
         &self,
         json: String,
     ) -> Result<DecryptedEvent, DecryptionFailure> {
-        self.inner
-            .decrypt_to_device_event(&json)
-            .await
+        let result = self.inner.decrypt_to_device_event(&json).await;
+        self.delivery.claim_after_batch().await;
+        result
             .map(DecryptedEvent::from)
             .map_err(DecryptionFailure::from)
     }
@@ -206,8 +213,10 @@ impl OlmMachine {
                 detail: e.to_string(),
             })?;
         let raw: Vec<&str> = events.iter().map(|e| e.get()).collect();
-        let outcomes = self.inner.receive_to_device_events(&raw).await?;
-        Ok(outcomes.into_iter().map(ToDeviceResult::from).collect())
+        let outcomes = self.inner.receive_to_device_events(&raw).await;
+        // Payloads left undelivered go out with the next batch, whatever it produced.
+        self.delivery.claim_after_batch().await;
+        Ok(outcomes?.into_iter().map(ToDeviceResult::from).collect())
     }
 
     /// Like `receive_to_device_events`, committing the `/sync` `next_batch` token with the batch.
@@ -221,8 +230,9 @@ impl OlmMachine {
                 detail: e.to_string(),
             })?;
         let raw: Vec<&str> = events.iter().map(|e| e.get()).collect();
-        let outcomes = self.inner.receive_sync(&raw, next_batch.as_deref()).await?;
-        Ok(outcomes.into_iter().map(ToDeviceResult::from).collect())
+        let outcomes = self.inner.receive_sync(&raw, next_batch.as_deref()).await;
+        self.delivery.claim_after_batch().await;
+        Ok(outcomes?.into_iter().map(ToDeviceResult::from).collect())
     }
 
     /// The `next_batch` token committed with the last `receive_sync`: resume `/sync` from it.
@@ -282,14 +292,27 @@ impl OlmMachine {
         Ok(Value::Array(events).to_string())
     }
 
-    /// Calls `listener` once per decryption failure, in order, on a background thread (never on
-    /// the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-    /// Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+    /// Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+    /// a background thread (never on the decrypting thread, never under a lock). Payloads come
+    /// from the analytics outbox: a payload counts as delivered, and is removed from the store,
+    /// once a listener returned without throwing; one that threw goes out again with the next
+    /// batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+    /// or another process go out as soon as a listener is added. A listener that panics or throws
+    /// is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+    /// dropped.
     pub fn add_decryption_failure_listener(
         &self,
         listener: Arc<dyn DecryptionFailureListener>,
     ) -> Arc<ListenerHandle> {
-        Arc::new(listener::add_listener(&self.inner, listener))
+        Arc::new(self.delivery.add_listener(listener))
+    }
+
+    /// Hands every undelivered analytics payload to the listeners now: those of this process
+    /// that a listener threw on, and those another process or an earlier run left behind once
+    /// their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+    /// listener (the payloads then wait for a process that has one).
+    pub async fn flush_pending_analytics(&self) -> Result<u32, CryptoError> {
+        Ok(self.delivery.claim_and_queue().await?)
     }
 
     /// A pull-style subscription to every failure from now on.

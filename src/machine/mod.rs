@@ -18,12 +18,14 @@ use crate::olm::device_keys::KnownDevices;
 use crate::olm::envelope::{EnvelopeFacts, MessageHash};
 use crate::olm::plaintext::VerifiedDeviceKeysCache;
 use crate::olm::sessions::SessionEntry;
-use crate::reporting::FailureReporter;
-use crate::store::{CryptoStore, StoredDevice, StoredRequest, StoredResult};
+use crate::reporting::{AnalyticsPayloadId, FailureReporter};
+use crate::store::{CryptoStore, StoredAnalytics, StoredDevice, StoredRequest, StoredResult};
 
 // One concern per file, in the order an event meets them: `state` (open, reload, commit under the
 // cross-process lock), `receive` (the receive path), `reporting` (the policy's decisions and the
-// failure stream), `outbox` (results until acknowledged), `recovery` (unwedging), `keys`, `encrypt`.
+// failure stream), `analytics_outbox` (payloads until delivered), `outbox` (results until
+// acknowledged), `recovery` (unwedging), `keys`, `encrypt`.
+mod analytics_outbox;
 mod encrypt;
 mod keys;
 mod outbox;
@@ -31,6 +33,8 @@ mod receive;
 mod recovery;
 mod reporting;
 mod state;
+
+pub use analytics_outbox::{AnalyticsAcknowledger, DEFAULT_ANALYTICS_LEASE};
 
 /// The target of the machine's log lines, whichever of its files writes them: apps filter on it
 /// (and it is what [`crate::ffi`]'s log forwarding reports).
@@ -83,6 +87,9 @@ pub struct FailedToDeviceEvent {
     pub facts: EnvelopeFacts,
     /// Whether the failure produced a PostHog payload, per the reporting policy.
     pub analytics: AnalyticsDecision,
+    /// The payload's id in the analytics outbox, when the policy reported it: acknowledge it with
+    /// [`OlmMachine::acknowledge_analytics`] once sent.
+    pub analytics_id: Option<AnalyticsPayloadId>,
 }
 
 /// The result for one event of a `/sync` batch.
@@ -154,6 +161,10 @@ pub struct OlmMachine {
     state: Mutex<MachineState>,
     reporter: FailureReporter,
     listener_drops: AtomicU64,
+    /// This instance's owner token in the analytics outbox (random per instance).
+    analytics_owner: [u8; 16],
+    /// How long this instance's claims on payloads hold, in ms.
+    analytics_lease_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for OlmMachine {
@@ -214,6 +225,8 @@ struct BatchChanges {
     pending_results: Vec<StoredResult>,
     /// Index into `pending_results` of each message decrypted in this batch.
     decrypted_in_batch: HashMap<MessageHash, usize>,
+    /// The payloads the policy reported in this batch (the analytics outbox's new rows).
+    analytics: Vec<StoredAnalytics>,
 }
 
 fn now_millis() -> u64 {

@@ -232,6 +232,7 @@ impl OlmMachine {
                     error: DecryptionError::MalformedEvent(error.to_string()),
                     facts,
                     analytics: UNDECIDED,
+                    analytics_id: None,
                 }),
             },
             Err(DecryptionError::Store(error)) => return Err(error),
@@ -239,6 +240,7 @@ impl OlmMachine {
                 error,
                 facts,
                 analytics: UNDECIDED,
+                analytics_id: None,
             }),
         })
     }
@@ -414,6 +416,9 @@ impl OlmMachine {
             recovery_devices: batch.recovery_devices,
             sync_token: batch.sync_token,
             batch_number: batch.batch_number,
+            analytics_claim: (!batch.analytics.is_empty())
+                .then(|| self.analytics_claim(now_millis())),
+            analytics: batch.analytics,
             ..Changes::default()
         };
         if batch.policy_changed || state.policy_dirty {

@@ -13,7 +13,10 @@ use crate::analytics::policy::{
 use crate::analytics::FailureReason;
 use crate::error::StoreError;
 use crate::olm::envelope::{EnvelopeFacts, MessageHash};
-use crate::reporting::{FailureDiagnostics, FailureStream, ToDeviceDecryptionFailure};
+use crate::reporting::{
+    AnalyticsPayloadId, FailureDiagnostics, FailureStream, ToDeviceDecryptionFailure,
+};
+use crate::store::StoredAnalytics;
 
 impl OlmMachine {
     /// A new subscription to the failure stream: one item per failed event, in order, from now
@@ -41,10 +44,17 @@ impl OlmMachine {
     }
 
     /// Failure counts per name (seen, reported, suppressed per rule) and decrypted counts, since
-    /// the store was created and per hour; persisted with each batch.
+    /// the store was created and per hour; persisted with each batch. `outbox` reads the analytics
+    /// outbox (left at zero, with a warning logged, if the store cannot be read).
     pub async fn reporting_stats(&self) -> ReportingStats {
         let mut stats = self.state.lock().await.policy_state.stats().clone();
         stats.listener_drops = self.listener_drops.load(Ordering::Relaxed);
+        match self.store.analytics_outbox_stats().await {
+            Ok(outbox) => stats.outbox = outbox,
+            Err(error) => {
+                tracing::warn!(target: super::LOG_TARGET, %error, "cannot read the analytics outbox's counts")
+            }
+        }
         stats
     }
 
@@ -57,21 +67,25 @@ impl OlmMachine {
     pub(super) fn publish_failure(&self, index: usize, failed: &FailedToDeviceEvent) {
         let reason = failed.error.reason();
         tracing::debug!(target: super::LOG_TARGET, index, %reason, "to-device event failed to decrypt");
-        self.reporter.publish(ToDeviceDecryptionFailure::new(
-            reason,
-            FailureDiagnostics {
-                sender: failed.facts.sender.clone(),
-                sender_key: failed.facts.sender_key.clone(),
-                message_type: failed.facts.message_type,
-                index,
-                error: failed.error.to_string(),
-            },
-            failed.analytics,
-        ));
+        self.reporter.publish(
+            ToDeviceDecryptionFailure::new(
+                reason,
+                FailureDiagnostics {
+                    sender: failed.facts.sender.clone(),
+                    sender_key: failed.facts.sender_key.clone(),
+                    message_type: failed.facts.message_type,
+                    index,
+                    error: failed.error.to_string(),
+                },
+                failed.analytics,
+            )
+            .with_analytics_id(failed.analytics_id),
+        );
     }
 
     /// Decides, for every failure of the batch, whether it produces a payload, and records the
-    /// once-per-message marks and the policy state in the batch (so they commit with it).
+    /// once-per-message marks, the policy state and the reported payloads (the analytics outbox's
+    /// new rows) in the batch, so that they all commit in its one transaction.
     pub(super) async fn apply_reporting_policy<S: AsRef<str>>(
         &self,
         state: &mut MachineState,
@@ -82,7 +96,8 @@ impl OlmMachine {
     ) -> Result<(), StoreError> {
         let mut decrypted = 0;
         let mut marked_in_batch = HashSet::new();
-        for (outcome, raw) in outcomes.iter_mut().zip(raw_events) {
+        let batch_number = batch.batch_number.unwrap_or_default();
+        for (index, (outcome, raw)) in outcomes.iter_mut().zip(raw_events).enumerate() {
             let failed = match outcome {
                 ToDeviceOutcome::Failed(failed) => failed,
                 ToDeviceOutcome::Decrypted(event) => {
@@ -109,6 +124,15 @@ impl OlmMachine {
             let policy = state.policy;
             failed.analytics = state.policy_state.decide(&policy, &key, now);
             batch.policy_changed = true;
+            if let AnalyticsDecision::Reported(payload) = &failed.analytics {
+                let id = AnalyticsPayloadId::from_batch_and_index(batch_number, index as u64);
+                failed.analytics_id = Some(id);
+                batch.analytics.push(StoredAnalytics {
+                    id: id.0,
+                    name: payload.reason().analytics_name().to_owned(),
+                    created_at: now,
+                });
+            }
         }
         state.policy_state.record_decrypted(decrypted, now);
         batch.policy_changed |= decrypted > 0;

@@ -107,6 +107,10 @@ impl OlmMachine {
             }),
             reporter: FailureReporter::default(),
             listener_drops: AtomicU64::new(0),
+            analytics_owner: super::analytics_outbox::new_owner_token()?,
+            analytics_lease_ms: AtomicU64::new(super::analytics_outbox::lease_millis(
+                super::DEFAULT_ANALYTICS_LEASE,
+            )),
         })
     }
 

@@ -1,15 +1,17 @@
 //! An in-memory [`CryptoStore`] for tests, benchmarks and the demo.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
 use super::{
-    AccountCreation, Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest,
-    StoredResult, StoredSession, WriteLock,
+    AccountCreation, AnalyticsClaim, Changes, CryptoStore, StoredAccount, StoredAnalytics,
+    StoredDevice, StoredRequest, StoredResult, StoredSession, WriteLock,
+    MAX_ANALYTICS_DELIVERY_ATTEMPTS, MAX_PENDING_ANALYTICS,
 };
+use crate::analytics::policy::AnalyticsOutboxStats;
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 
@@ -30,6 +32,16 @@ struct Contents {
     sync_token: Option<String>,
     batch_number: u64,
     generation: u64,
+    /// The analytics outbox by payload id (so in id order).
+    analytics: BTreeMap<u64, PendingAnalytics>,
+    analytics_dropped: AnalyticsOutboxStats,
+}
+
+#[derive(Clone, Debug)]
+struct PendingAnalytics {
+    stored: StoredAnalytics,
+    claim: Option<AnalyticsClaim>,
+    attempts: u32,
 }
 
 /// A store that keeps everything in memory. Cloning a snapshot of it (see
@@ -275,7 +287,83 @@ impl CryptoStore for MemoryStore {
         if let Some(batch_number) = changes.batch_number {
             contents.batch_number = batch_number;
         }
+        for stored in changes.analytics {
+            contents.analytics.insert(
+                stored.id,
+                PendingAnalytics {
+                    stored,
+                    claim: changes.analytics_claim,
+                    attempts: 0,
+                },
+            );
+        }
+        // Like SQLite: beyond the bound the oldest payloads go, counted.
+        while contents.analytics.len() as u64 > MAX_PENDING_ANALYTICS {
+            contents.analytics.pop_first();
+            contents.analytics_dropped.dropped_full += 1;
+        }
         contents.generation += 1;
         Ok(())
+    }
+
+    async fn claim_analytics(
+        &self,
+        claim: AnalyticsClaim,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredAnalytics>, StoreError> {
+        let mut contents = self.lock();
+        let mut claimed = Vec::new();
+        for pending in contents.analytics.values_mut() {
+            if claimed.len() >= limit {
+                break;
+            }
+            let free = match pending.claim {
+                None => true,
+                Some(held) => held.owner == claim.owner || held.lease_until <= now,
+            };
+            if free {
+                pending.claim = Some(claim);
+                claimed.push(pending.stored.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn remove_analytics(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let mut contents = self.lock();
+        for id in ids {
+            contents.analytics.remove(id);
+        }
+        Ok(())
+    }
+
+    async fn release_analytics(&self, owner: [u8; 16], ids: &[u64]) -> Result<u64, StoreError> {
+        let mut contents = self.lock();
+        let mut dropped = 0;
+        for id in ids {
+            let Some(pending) = contents.analytics.get_mut(id) else {
+                continue;
+            };
+            if pending.claim.map(|claim| claim.owner) != Some(owner) {
+                continue; // another owner's now: not ours to release
+            }
+            pending.attempts += 1;
+            pending.claim = None;
+            if pending.attempts >= MAX_ANALYTICS_DELIVERY_ATTEMPTS {
+                contents.analytics.remove(id);
+                dropped += 1;
+            }
+        }
+        contents.analytics_dropped.dropped_undeliverable += dropped;
+        Ok(dropped)
+    }
+
+    async fn analytics_outbox_stats(&self) -> Result<AnalyticsOutboxStats, StoreError> {
+        let contents = self.lock();
+        Ok(AnalyticsOutboxStats {
+            pending: contents.analytics.len() as u64,
+            ..contents.analytics_dropped
+        })
     }
 }

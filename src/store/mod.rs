@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 
+use crate::analytics::policy::AnalyticsOutboxStats;
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 
@@ -95,7 +96,46 @@ pub struct Changes {
     pub sync_token: Option<String>,
     /// The number of this batch (results carry it), when a batch was processed.
     pub batch_number: Option<u64>,
+    /// The analytics payloads this batch decided to report (the analytics outbox), committed with
+    /// the failure marks and policy state that decided them.
+    pub analytics: Vec<StoredAnalytics>,
+    /// The claim `analytics` are committed under: the committing machine delivers them itself.
+    pub analytics_claim: Option<AnalyticsClaim>,
 }
+
+/// One payload in the analytics outbox. It holds no secret: the payload is the failure name alone
+/// (`domain` and `cryptoSDK` are constants), so it is stored as that name, in the clear.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredAnalytics {
+    /// The payload id ([`AnalyticsPayloadId`](crate::reporting::AnalyticsPayloadId)'s number).
+    pub id: u64,
+    /// The payload's `name` property, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+    pub name: String,
+    /// When it was decided (ms since the Unix epoch).
+    pub created_at: u64,
+}
+
+/// Who is delivering a payload, and until when that claim holds.
+///
+/// Every machine instance has its own random owner token. A payload claimed by another owner
+/// whose lease has not run out is being delivered by that owner (another process, usually) and
+/// is left alone; an expired claim is treated as abandoned (its owner was killed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnalyticsClaim {
+    /// The claiming machine instance.
+    pub owner: [u8; 16],
+    /// The claim holds until this time (ms since the Unix epoch).
+    pub lease_until: u64,
+}
+
+/// The most payloads the analytics outbox holds; beyond it the oldest are dropped (and counted),
+/// so a listener that never succeeds cannot grow the store without bound. About 100 bytes each.
+pub const MAX_PENDING_ANALYTICS: u64 = 10_000;
+
+/// How many times a delivery may fail (a listener threw) before its payload is given up (and
+/// counted). Each attempt is one delivery: the first with its batch, the others with later
+/// batches or `flush_pending_analytics`.
+pub const MAX_ANALYTICS_DELIVERY_ATTEMPTS: u32 = 5;
 
 /// A decrypted result waiting in the outbox for the app's acknowledgement. `Debug` leaves the
 /// decrypted JSON out.
@@ -163,6 +203,7 @@ impl Changes {
             && self.acknowledged.is_empty()
             && self.sync_token.is_none()
             && self.batch_number.is_none()
+            && self.analytics.is_empty()
     }
 }
 
@@ -295,4 +336,25 @@ pub trait CryptoStore: Send + Sync + std::fmt::Debug {
     async fn wipe(&self) -> Result<(), StoreError>;
     /// Commits `changes` atomically.
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError>;
+
+    // The analytics outbox. These writes are their own small transactions: they change nothing
+    // the machine caches, so they do not advance the generation (another process need not reload).
+
+    /// Claims for `claim.owner` at most `limit` payloads that nobody else is delivering — unclaimed,
+    /// claimed under a lease that ended before `now`, or already claimed by `claim.owner` — and
+    /// returns them oldest first. Atomic: two processes never both get a payload whose lease holds.
+    async fn claim_analytics(
+        &self,
+        claim: AnalyticsClaim,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredAnalytics>, StoreError>;
+    /// Removes delivered payloads (unknown ids are ignored: already removed).
+    async fn remove_analytics(&self, ids: &[u64]) -> Result<(), StoreError>;
+    /// Gives back `owner`'s claim on payloads whose delivery failed: each counts one failed attempt
+    /// and is dropped (and counted) at [`MAX_ANALYTICS_DELIVERY_ATTEMPTS`]; the others can be
+    /// claimed again at once. Returns how many were dropped.
+    async fn release_analytics(&self, owner: [u8; 16], ids: &[u64]) -> Result<u64, StoreError>;
+    /// How many payloads are pending, and how many were dropped (outbox full; undeliverable).
+    async fn analytics_outbox_stats(&self) -> Result<AnalyticsOutboxStats, StoreError>;
 }

@@ -539,17 +539,17 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_failuresubscription_next() != 1781:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 49169:
+    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 48121:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush() != 17991:
+    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush() != 62493:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 54040:
+    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 15453:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_logsink_log() != 30402:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() != 64413:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 19431:
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 41666:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() != 14123:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -558,6 +558,8 @@ def _uniffi_check_api_checksums(lib):
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_encrypt_for() != 2690:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription() != 25053:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics() != 14347:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys() != 62339:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -681,6 +683,9 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_encrypt_for.restyp
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys.restype = ctypes.c_uint16
@@ -835,6 +840,10 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_failure_subscription.arg
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_failure_subscription.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics.argtypes = (
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_generate_one_time_keys.argtypes = (
     ctypes.c_uint64,
     ctypes.c_uint32,
@@ -3075,20 +3084,21 @@ class ListenerHandleProtocol(typing.Protocol):
     
     def cancel(self, ) -> None:
         """
-        Stops delivery. A call already in progress finishes.
+        Stops delivery. A call already in progress finishes; payloads this listener had not
+        received stay in the store unless another listener delivered them.
 """
         raise NotImplementedError
     async def flush(self, timeout_ms: int) -> bool:
         """
-        Waits until every failure published before this call has been handed to the listener
-        (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
-        `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+        Waits until every payload committed before this call that this process can deliver has
+        been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+        that happened in time; `false` as well when the handle was cancelled. Use it before
+        exiting, or in tests.
 """
         raise NotImplementedError
     def is_cancelled(self, ) -> bool:
         """
-        Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-        this may still be `false` for a moment.
+        Whether delivery has stopped (cancelled, or the machine is gone).
 """
         raise NotImplementedError
 
@@ -3121,7 +3131,8 @@ class ListenerHandle(ListenerHandleProtocol):
         return inst
     def cancel(self, ) -> None:
         """
-        Stops delivery. A call already in progress finishes.
+        Stops delivery. A call already in progress finishes; payloads this listener had not
+        received stay in the store unless another listener delivered them.
 """
         _uniffi_lowered_args = (
             self._uniffi_clone_handle(),
@@ -3136,9 +3147,10 @@ class ListenerHandle(ListenerHandleProtocol):
         return _uniffi_lift_return(_uniffi_ffi_result)
     async def flush(self, timeout_ms: int) -> bool:
         """
-        Waits until every failure published before this call has been handed to the listener
-        (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
-        `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+        Waits until every payload committed before this call that this process can deliver has
+        been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+        that happened in time; `false` as well when the handle was cancelled. Use it before
+        exiting, or in tests.
 """
         
         _UniffiFfiConverterUInt32.check_lower(timeout_ms)
@@ -3158,8 +3170,7 @@ class ListenerHandle(ListenerHandleProtocol):
         )
     def is_cancelled(self, ) -> bool:
         """
-        Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-        this may still be `false` for a moment.
+        Whether delivery has stopped (cancelled, or the machine is gone).
 """
         _uniffi_lowered_args = (
             self._uniffi_clone_handle(),
@@ -3479,9 +3490,14 @@ class OlmMachineProtocol(typing.Protocol):
         raise NotImplementedError
     def add_decryption_failure_listener(self, listener: DecryptionFailureListener) -> ListenerHandle:
         """
-        Calls `listener` once per decryption failure, in order, on a background thread (never on
-        the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-        Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+        Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+        a background thread (never on the decrypting thread, never under a lock). Payloads come
+        from the analytics outbox: a payload counts as delivered, and is removed from the store,
+        once a listener returned without throwing; one that threw goes out again with the next
+        batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+        or another process go out as soon as a listener is added. A listener that panics or throws
+        is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+        dropped.
 """
         raise NotImplementedError
     async def decrypt_to_device_event(self, json: str) -> DecryptedEvent:
@@ -3505,6 +3521,14 @@ class OlmMachineProtocol(typing.Protocol):
     def failure_subscription(self, ) -> FailureSubscription:
         """
         A pull-style subscription to every failure from now on.
+"""
+        raise NotImplementedError
+    async def flush_pending_analytics(self, ) -> int:
+        """
+        Hands every undelivered analytics payload to the listeners now: those of this process
+        that a listener threw on, and those another process or an earlier run left behind once
+        their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+        listener (the payloads then wait for a process that has one).
 """
         raise NotImplementedError
     async def generate_one_time_keys(self, count: int) -> int:
@@ -3732,9 +3756,14 @@ class OlmMachine(OlmMachineProtocol):
         )
     def add_decryption_failure_listener(self, listener: DecryptionFailureListener) -> ListenerHandle:
         """
-        Calls `listener` once per decryption failure, in order, on a background thread (never on
-        the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-        Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+        Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+        a background thread (never on the decrypting thread, never under a lock). Payloads come
+        from the analytics outbox: a payload counts as delivered, and is removed from the store,
+        once a listener returned without throwing; one that threw goes out again with the next
+        batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+        or another process go out as soon as a listener is added. A listener that panics or throws
+        is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+        dropped.
 """
         
         _UniffiFfiConverterTypeDecryptionFailureListener.check_lower(listener)
@@ -3829,6 +3858,26 @@ class OlmMachine(OlmMachineProtocol):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    async def flush_pending_analytics(self, ) -> int:
+        """
+        Hands every undelivered analytics payload to the listeners now: those of this process
+        that a listener threw on, and those another process or an earlier run left behind once
+        their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+        listener (the payloads then wait for a process that has one).
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterUInt32.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_u32,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_u32,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_u32,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     async def generate_one_time_keys(self, count: int) -> int:
         """
         Generates up to `count` one-time keys; returns how many were made.

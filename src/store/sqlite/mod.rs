@@ -15,7 +15,9 @@ use crate::error::StoreError;
 
 // One concern per file: `schema` (creation, migrations, meta values), `migrate_v5` (the schema-5
 // step that seals every row), `sealing` (encrypting values bound to their rows), `queries` (the
-// reads), `transaction` (a batch's writes), `rekey` (re-encrypting everything).
+// reads), `transaction` (a batch's writes), `rekey` (re-encrypting everything), `analytics` (the
+// analytics outbox's own claims, removals and releases).
+mod analytics;
 mod migrate_v5;
 mod queries;
 mod rekey;
@@ -155,7 +157,7 @@ impl SqliteStore {
                  DELETE FROM message_hashes; DELETE FROM claimed_one_time_keys;
                  DELETE FROM failure_marks; DELETE FROM outgoing_requests;
                  DELETE FROM recovery_attempts; DELETE FROM pending_results;
-                 DELETE FROM result_batches;
+                 DELETE FROM result_batches; DELETE FROM analytics_outbox;
                  DELETE FROM meta WHERE key NOT IN ('key_check', 'kdf_salt');",
             )?;
             connection.execute(
@@ -181,9 +183,23 @@ impl SqliteStore {
 fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
     let connection = Connection::open(path).map_err(describe_open_error)?;
     connection.busy_timeout(BUSY_TIMEOUT)?;
-    connection
-        .pragma_update(None, "journal_mode", "WAL")
-        .map_err(describe_open_error)?;
+    // A new file starts in rollback-journal mode, where SQLite answers a lock conflict that could
+    // deadlock with an immediate SQLITE_BUSY instead of calling the busy handler: several first
+    // opens switching the same new file to WAL at once then fail at random. Retried here, within
+    // the same bound as the busy handler.
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match connection.pragma_update(None, "journal_mode", "WAL") {
+            Ok(()) => break,
+            Err(error)
+                if error.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(error) => return Err(describe_open_error(error)),
+        }
+    }
     connection.pragma_update(
         None,
         "synchronous",

@@ -20,12 +20,13 @@ use super::sealing::{
     account_context, device_context, request_context, session_context, DeviceTable, PendingRow,
 };
 use super::{SqliteStore, LOCK_TIMEOUT};
+use crate::analytics::policy::AnalyticsOutboxStats;
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 use crate::store::cipher::StoreKey;
 use crate::store::{
-    AccountCreation, Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest,
-    StoredResult, StoredSession, WriteLock,
+    AccountCreation, AnalyticsClaim, Changes, CryptoStore, StoredAccount, StoredAnalytics,
+    StoredDevice, StoredRequest, StoredResult, StoredSession, WriteLock,
 };
 
 const LOG_TARGET: &str = "to_device_crypto::store";
@@ -270,6 +271,27 @@ impl CryptoStore for SqliteStore {
 
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
         self.write_changes(changes)
+    }
+
+    async fn claim_analytics(
+        &self,
+        claim: AnalyticsClaim,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredAnalytics>, StoreError> {
+        self.claim_analytics_rows(claim, now, limit)
+    }
+
+    async fn remove_analytics(&self, ids: &[u64]) -> Result<(), StoreError> {
+        self.remove_analytics_rows(ids)
+    }
+
+    async fn release_analytics(&self, owner: [u8; 16], ids: &[u64]) -> Result<u64, StoreError> {
+        self.release_analytics_rows(owner, ids)
+    }
+
+    async fn analytics_outbox_stats(&self) -> Result<AnalyticsOutboxStats, StoreError> {
+        self.analytics_stats()
     }
 }
 

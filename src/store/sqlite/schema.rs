@@ -14,9 +14,24 @@ use crate::store::cipher::StoreKey;
 
 /// The schema version this build writes. Version 1 had no outbox; version 2 kept session pickles
 /// in a `WITHOUT ROWID` table; version 3 sealed every pending result on its own row; version 4
-/// sealed a batch's results together but bound them only to their batch number, and kept device
-/// keys and outgoing requests as plain JSON. [`migrate`] upgrades them all.
+/// sealed a batch's results together but bound them only to their batch number, kept device
+/// keys and outgoing requests as plain JSON, and had no analytics outbox. [`migrate`] upgrades
+/// them all.
 pub const SCHEMA_VERSION: i64 = 5;
+
+/// Schema 5, analytics outbox (issue 15): the PostHog payloads a batch decided to report,
+/// committed with the batch's failure marks and removed once delivered. `id` is the
+/// `AnalyticsPayloadId` (batch << 32 | index); `name` the payload's failure name, in the clear (the
+/// payload holds nothing else, so nothing secret); `owner`/`lease_until` the claim of the machine
+/// instance delivering it (NULL/0 when unclaimed); `attempts` the failed deliveries so far.
+const SCHEMA_5_ANALYTICS_OUTBOX: &str = "
+             CREATE TABLE analytics_outbox (
+                 id INTEGER PRIMARY KEY,
+                 name TEXT NOT NULL,
+                 created_at INTEGER NOT NULL,
+                 owner BLOB,
+                 lease_until INTEGER NOT NULL DEFAULT 0,
+                 attempts INTEGER NOT NULL DEFAULT 0);";
 
 pub(super) const KEY_CHECK_PLAINTEXT: &[u8] = b"to-device-crypto store key check";
 pub(super) const KEY_CHECK_CONTEXT: &[u8] = b"key_check";
@@ -211,6 +226,8 @@ fn migrate(connection: &Connection, version: i64, key: &StoreKey) -> Result<(), 
         // `sender_device_keys` kept for recovery. (Other schema-5 changes go in this step too,
         // as separate statements: users see one migration.)
         migrate_v5::seal_every_row(connection, key)?;
+        // Issue 15, the analytics outbox: a new table.
+        connection.execute_batch(SCHEMA_5_ANALYTICS_OUTBOX)?;
         connection.execute_batch("PRAGMA user_version = 5;")?;
     }
     Ok(())

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, OptionalExtension};
 use zeroize::Zeroizing;
 
+use super::analytics::insert_analytics;
 use super::schema::meta_number;
 use super::sealing::{
     account_context, device_context, request_context, result_batch_context, session_context,
@@ -244,6 +245,9 @@ impl SqliteStore {
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('policy_state', ?1)",
                     params![policy_state.as_bytes()],
                 )?;
+            }
+            if !changes.analytics.is_empty() {
+                insert_analytics(&transaction, &changes)?;
             }
         }
         transaction.commit()?;

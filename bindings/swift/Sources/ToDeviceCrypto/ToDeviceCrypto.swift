@@ -963,20 +963,21 @@ public func FfiConverterTypeFailureSubscription_lower(_ value: FailureSubscripti
 public protocol ListenerHandleProtocol: AnyObject, Sendable {
     
     /**
-     * Stops delivery. A call already in progress finishes.
+     * Stops delivery. A call already in progress finishes; payloads this listener had not
+     * received stay in the store unless another listener delivered them.
      */
     func cancel() 
     
     /**
-     * Waits until every failure published before this call has been handed to the listener
-     * (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
-     * `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+     * Waits until every payload committed before this call that this process can deliver has
+     * been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+     * that happened in time; `false` as well when the handle was cancelled. Use it before
+     * exiting, or in tests.
      */
     func flush(timeoutMs: UInt32) async  -> Bool
     
     /**
-     * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-     * this may still be `false` for a moment.
+     * Whether delivery has stopped (cancelled, or the machine is gone).
      */
     func isCancelled()  -> Bool
     
@@ -1038,7 +1039,8 @@ open class ListenerHandle: ListenerHandleProtocol, @unchecked Sendable {
 
     
     /**
-     * Stops delivery. A call already in progress finishes.
+     * Stops delivery. A call already in progress finishes; payloads this listener had not
+     * received stay in the store unless another listener delivered them.
      */
 open func cancel()  {try! rustCall() {
         uniffiCallStatus in
@@ -1049,9 +1051,10 @@ open func cancel()  {try! rustCall() {
 }
     
     /**
-     * Waits until every failure published before this call has been handed to the listener
-     * (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
-     * `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+     * Waits until every payload committed before this call that this process can deliver has
+     * been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+     * that happened in time; `false` as well when the handle was cancelled. Use it before
+     * exiting, or in tests.
      */
 open func flush(timeoutMs: UInt32)async  -> Bool  {
     return
@@ -1071,8 +1074,7 @@ open func flush(timeoutMs: UInt32)async  -> Bool  {
 }
     
     /**
-     * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-     * this may still be `false` for a moment.
+     * Whether delivery has stopped (cancelled, or the machine is gone).
      */
 open func isCancelled() -> Bool  {
     return try!  FfiConverterBool.lift(try! rustCall() {
@@ -1364,9 +1366,14 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
     func acknowledge(ids: [String]) async throws 
     
     /**
-     * Calls `listener` once per decryption failure, in order, on a background thread (never on
-     * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-     * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+     * Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+     * a background thread (never on the decrypting thread, never under a lock). Payloads come
+     * from the analytics outbox: a payload counts as delivered, and is removed from the store,
+     * once a listener returned without throwing; one that threw goes out again with the next
+     * batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+     * or another process go out as soon as a listener is added. A listener that panics or throws
+     * is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+     * dropped.
      */
     func addDecryptionFailureListener(listener: DecryptionFailureListener)  -> ListenerHandle
     
@@ -1392,6 +1399,14 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
      * A pull-style subscription to every failure from now on.
      */
     func failureSubscription()  -> FailureSubscription
+    
+    /**
+     * Hands every undelivered analytics payload to the listeners now: those of this process
+     * that a listener threw on, and those another process or an earlier run left behind once
+     * their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+     * listener (the payloads then wait for a process that has one).
+     */
+    func flushPendingAnalytics() async throws  -> UInt32
     
     /**
      * Generates up to `count` one-time keys; returns how many were made.
@@ -1618,9 +1633,14 @@ open func acknowledge(ids: [String])async throws   {
 }
     
     /**
-     * Calls `listener` once per decryption failure, in order, on a background thread (never on
-     * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-     * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+     * Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+     * a background thread (never on the decrypting thread, never under a lock). Payloads come
+     * from the analytics outbox: a payload counts as delivered, and is removed from the store,
+     * once a listener returned without throwing; one that threw goes out again with the next
+     * batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+     * or another process go out as soon as a listener is added. A listener that panics or throws
+     * is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+     * dropped.
      */
 open func addDecryptionFailureListener(listener: DecryptionFailureListener) -> ListenerHandle  {
     return try!  FfiConverterTypeListenerHandle_lift(try! rustCall() {
@@ -1695,6 +1715,28 @@ open func failureSubscription() -> FailureSubscription  {
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
+}
+    
+    /**
+     * Hands every undelivered analytics payload to the listeners now: those of this process
+     * that a listener threw on, and those another process or an earlier run left behind once
+     * their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+     * listener (the payloads then wait for a process that has one).
+     */
+open func flushPendingAnalytics()async throws  -> UInt32  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics(
+                        self.uniffiCloneHandle()
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_u32,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_u32,
+            freeFunc: ffi_to_device_crypto_rust_future_free_u32,
+            liftFunc: FfiConverterUInt32.lift,
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
 }
     
     /**
@@ -3957,7 +3999,7 @@ private let initializationResult: InitializationResult = {
     if (uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() != 64413) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 19431) {
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 41666) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() != 14123) {
@@ -3970,6 +4012,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription() != 25053) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics() != 14347) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys() != 62339) {
@@ -4029,13 +4074,13 @@ private let initializationResult: InitializationResult = {
     if (uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 8969) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 49169) {
+    if (uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 48121) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_listenerhandle_flush() != 17991) {
+    if (uniffi_to_device_crypto_checksum_method_listenerhandle_flush() != 62493) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 54040) {
+    if (uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 15453) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_logsink_log() != 30402) {

@@ -752,6 +752,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_identity_keys(
@@ -855,6 +857,8 @@ internal object UniffiLib {
     external fun uniffi_to_device_crypto_fn_method_olmmachine_encrypt_for(`ptr`: Long,`recipientKeysUploadJson`: RustBuffer.ByValue,`eventType`: RustBuffer.ByValue,`contentJson`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_failure_subscription(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics(`ptr`: Long,
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_generate_one_time_keys(`ptr`: Long,`count`: Int,
     ): Long
@@ -1072,7 +1076,7 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() and 0xFFFF) != 64413) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() and 0xFFFF) != 19431) {
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() and 0xFFFF) != 41666) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() and 0xFFFF) != 14123) {
@@ -1085,6 +1089,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription() and 0xFFFF) != 25053) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics() and 0xFFFF) != 14347) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys() and 0xFFFF) != 62339) {
@@ -1144,13 +1151,13 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() and 0xFFFF) != 8969) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() and 0xFFFF) != 49169) {
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() and 0xFFFF) != 48121) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush() and 0xFFFF) != 17991) {
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush() and 0xFFFF) != 62493) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() and 0xFFFF) != 54040) {
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() and 0xFFFF) != 15453) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_logsink_log() and 0xFFFF) != 30402) {
@@ -2260,20 +2267,21 @@ public object FfiConverterTypeFailureSubscription: FfiConverter<FailureSubscript
 public interface ListenerHandleInterface {
     
     /**
-     * Stops delivery. A call already in progress finishes.
+     * Stops delivery. A call already in progress finishes; payloads this listener had not
+     * received stay in the store unless another listener delivered them.
      */
     fun `cancel`()
     
     /**
-     * Waits until every failure published before this call has been handed to the listener
-     * (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
-     * `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+     * Waits until every payload committed before this call that this process can deliver has
+     * been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+     * that happened in time; `false` as well when the handle was cancelled. Use it before
+     * exiting, or in tests.
      */
     suspend fun `flush`(`timeoutMs`: kotlin.UInt): kotlin.Boolean
     
     /**
-     * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-     * this may still be `false` for a moment.
+     * Whether delivery has stopped (cancelled, or the machine is gone).
      */
     fun `isCancelled`(): kotlin.Boolean
     
@@ -2386,7 +2394,8 @@ open class ListenerHandle: Disposable, AutoCloseable, ListenerHandleInterface
 
     
     /**
-     * Stops delivery. A call already in progress finishes.
+     * Stops delivery. A call already in progress finishes; payloads this listener had not
+     * received stay in the store unless another listener delivered them.
      */override fun `cancel`()
         = 
     callWithHandle {
@@ -2401,9 +2410,10 @@ open class ListenerHandle: Disposable, AutoCloseable, ListenerHandleInterface
 
     
     /**
-     * Waits until every failure published before this call has been handed to the listener
-     * (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
-     * `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+     * Waits until every payload committed before this call that this process can deliver has
+     * been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+     * that happened in time; `false` as well when the handle was cancelled. Use it before
+     * exiting, or in tests.
      */
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
     override suspend fun `flush`(`timeoutMs`: kotlin.UInt) : kotlin.Boolean {
@@ -2427,8 +2437,7 @@ open class ListenerHandle: Disposable, AutoCloseable, ListenerHandleInterface
 
     
     /**
-     * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-     * this may still be `false` for a moment.
+     * Whether delivery has stopped (cancelled, or the machine is gone).
      */override fun `isCancelled`(): kotlin.Boolean {
             return FfiConverterBoolean.lift(
     callWithHandle {
@@ -2918,9 +2927,14 @@ public interface OlmMachineInterface {
     suspend fun `acknowledge`(`ids`: List<kotlin.String>)
     
     /**
-     * Calls `listener` once per decryption failure, in order, on a background thread (never on
-     * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-     * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+     * Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+     * a background thread (never on the decrypting thread, never under a lock). Payloads come
+     * from the analytics outbox: a payload counts as delivered, and is removed from the store,
+     * once a listener returned without throwing; one that threw goes out again with the next
+     * batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+     * or another process go out as soon as a listener is added. A listener that panics or throws
+     * is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+     * dropped.
      */
     fun `addDecryptionFailureListener`(`listener`: DecryptionFailureListener): ListenerHandle
     
@@ -2946,6 +2960,14 @@ public interface OlmMachineInterface {
      * A pull-style subscription to every failure from now on.
      */
     fun `failureSubscription`(): FailureSubscription
+    
+    /**
+     * Hands every undelivered analytics payload to the listeners now: those of this process
+     * that a listener threw on, and those another process or an earlier run left behind once
+     * their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+     * listener (the payloads then wait for a process that has one).
+     */
+    suspend fun `flushPendingAnalytics`(): kotlin.UInt
     
     /**
      * Generates up to `count` one-time keys; returns how many were made.
@@ -3174,9 +3196,14 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
 
     
     /**
-     * Calls `listener` once per decryption failure, in order, on a background thread (never on
-     * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-     * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+     * Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+     * a background thread (never on the decrypting thread, never under a lock). Payloads come
+     * from the analytics outbox: a payload counts as delivered, and is removed from the store,
+     * once a listener returned without throwing; one that threw goes out again with the next
+     * batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+     * or another process go out as soon as a listener is added. A listener that panics or throws
+     * is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+     * dropped.
      */override fun `addDecryptionFailureListener`(`listener`: DecryptionFailureListener): ListenerHandle {
             return FfiConverterTypeListenerHandle.lift(
     callWithHandle {
@@ -3277,6 +3304,33 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
     )
     }
     
+
+    
+    /**
+     * Hands every undelivered analytics payload to the listeners now: those of this process
+     * that a listener threw on, and those another process or an earlier run left behind once
+     * their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+     * listener (the payloads then wait for a process that has one).
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `flushPendingAnalytics`() : kotlin.UInt {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics(
+                uniffiHandle,
+                
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_u32(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_u32(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_u32(future) },
+        // lift function
+        { FfiConverterUInt.lift(it) },
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
 
     
     /**
