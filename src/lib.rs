@@ -25,6 +25,7 @@ uniffi::setup_scaffolding!();
 pub mod analytics;
 pub mod encoding;
 pub mod error;
+#[cfg(feature = "testing")]
 pub mod fail_point;
 pub mod ffi;
 /// Size and nesting limits checked before untrusted JSON is parsed, and canonical JSON (from the

@@ -12,6 +12,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
+#[cfg(feature = "testing")]
+use to_device_crypto::fail_point::Phase;
 use to_device_crypto::olm::device_keys::parse_keys_upload_body;
 use to_device_crypto::sync_input::split_events;
 use to_device_crypto::{DecryptedToDeviceEvent, OlmMachine, ToDeviceOutcome};
@@ -219,6 +221,8 @@ async fn decrypt(
     };
     let input = split_events(&text).map_err(|e| e.to_string())?;
     let machine = store_dir::open_machine(&args).await?.machine;
+    #[cfg(feature = "testing")]
+    to_device_crypto::fail_point::reached(Phase::Opened);
     if let Some(path) = device_keys {
         let body = read_json_file(&path, "device keys")?;
         let outcome = machine
@@ -256,11 +260,14 @@ async fn decrypt(
     std::io::stdout()
         .flush()
         .map_err(|e| format!("cannot write to stdout: {e}"))?;
-    to_device_crypto::fail_point::hit("after_print");
+    #[cfg(feature = "testing")]
+    to_device_crypto::fail_point::reached(Phase::Printed);
     machine
         .acknowledge(&printed)
         .await
         .map_err(|e| e.to_string())?;
+    #[cfg(feature = "testing")]
+    to_device_crypto::fail_point::reached(Phase::Acknowledged);
     if let Some(path) = analytics_out {
         let mut file = OpenOptions::new()
             .create(true)
