@@ -3,6 +3,9 @@
 
 mod demo;
 mod store_dir;
+// Shared with the library's `testing` feature (the fuzz target and the limit tests reach it there).
+#[path = "../sync_input.rs"]
+mod sync_input;
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
@@ -12,10 +15,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
+use sync_input::split_events;
 #[cfg(feature = "testing")]
 use to_device_crypto::fail_point::Phase;
-use to_device_crypto::olm::device_keys::parse_keys_upload_body;
-use to_device_crypto::sync_input::split_events;
+use to_device_crypto::keys::parse_keys_upload_body;
 use to_device_crypto::{DecryptedToDeviceEvent, OlmMachine, ToDeviceOutcome};
 
 /// Decrypt Matrix Olm to-device events and report every failure as a PostHog `Error` event.

@@ -354,14 +354,4 @@ impl KnownDevices {
             .get(&(user_id.to_owned(), device_id.to_owned()))?;
         self.by_curve25519.get(key)
     }
-
-    /// How many devices are known.
-    pub fn len(&self) -> usize {
-        self.by_curve25519.len()
-    }
-
-    /// Whether no device is known.
-    pub fn is_empty(&self) -> bool {
-        self.by_curve25519.is_empty()
-    }
 }
