@@ -14,12 +14,16 @@ use super::cipher::StoreKey;
 use crate::error::StoreError;
 
 // One concern per file: `schema` (creation, migrations, meta values), `sealing` (encrypting values
-// bound to their rows), `queries` (the reads), `transaction` (a batch's writes).
+// bound to their rows), `queries` (the reads), `transaction` (a batch's writes), `options` (the
+// `testing` feature's fault settings).
+mod options;
 mod queries;
 mod schema;
 mod sealing;
 mod transaction;
 
+#[cfg(feature = "testing")]
+pub use options::SqliteTestOptions;
 pub use schema::SCHEMA_VERSION;
 use schema::{check_key, create_schema, migrate, KEY_CHECK_PLAINTEXT};
 use sealing::{result_batch_context, result_context, session_context};
@@ -55,9 +59,51 @@ impl SqliteStore {
         key: StoreKey,
         synchronous: Synchronous,
     ) -> Result<Self, StoreError> {
+        Self::open_configured(
+            path,
+            key,
+            synchronous,
+            &options::SqliteTestOptions::default(),
+        )
+    }
+
+    /// [`open`](Self::open) with settings that make the store fail as a real one does (read-only,
+    /// busy, full), for tests of the failure paths (the `testing` feature).
+    #[cfg(feature = "testing")]
+    pub fn open_with_options(
+        path: impl AsRef<Path>,
+        key: StoreKey,
+        synchronous: Synchronous,
+        options: &SqliteTestOptions,
+    ) -> Result<Self, StoreError> {
+        Self::open_configured(path, key, synchronous, options)
+    }
+
+    fn open_configured(
+        path: impl AsRef<Path>,
+        key: StoreKey,
+        synchronous: Synchronous,
+        options: &options::SqliteTestOptions,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let connection = Connection::open(&path).map_err(describe_open_error)?;
-        connection.busy_timeout(std::time::Duration::from_secs(10))?;
+        let connection = if options.read_only {
+            Connection::open_with_flags(
+                &path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+        } else {
+            Connection::open(&path)
+        }
+        .map_err(describe_open_error)?;
+        connection.busy_timeout(
+            options
+                .busy_timeout
+                .unwrap_or(options::DEFAULT_BUSY_TIMEOUT),
+        )?;
+        if let Some(pages) = options.max_page_count {
+            connection.pragma_update(None, "max_page_count", pages)?;
+        }
         let version: i64 = connection
             .query_row("PRAGMA user_version", [], |row| row.get(0))
             .map_err(describe_open_error)?;
