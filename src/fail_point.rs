@@ -88,7 +88,7 @@ impl Phase {
 
 impl std::fmt::Display for Phase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
+        f.pad(self.name())
     }
 }
 
@@ -124,11 +124,9 @@ impl Marker {
             return Some(Marker::LockWaiting);
         }
         let mut words = line.strip_prefix(PHASE_PREFIX)?.split(' ');
-        let phase = words.next().and_then(|name| {
-            Phase::ALL
-                .into_iter()
-                .find(|phase| phase.name() == name)
-        })?;
+        let phase = words
+            .next()
+            .and_then(|name| Phase::ALL.into_iter().find(|phase| phase.name() == name))?;
         let generation = match words.next() {
             None => None,
             Some(word) => Some(word.strip_prefix(GENERATION_PREFIX)?.parse().ok()?),
