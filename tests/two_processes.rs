@@ -111,17 +111,24 @@ const SENDERS: usize = 8;
 /// Two messages per sender per batch: a worker that runs ahead skips at most 2 message keys per
 /// batch of the other's, far from vodozemac's limit of 40 skipped keys per chain.
 const BATCH_SIZE: usize = 16;
-const BATCHES_PER_WORKER: usize = 12;
+/// Contended batches per worker before the extension replies to the senders (pre-key messages),
+/// and after (normal messages, on the ratchet the extension's reply started).
+const PRE_KEY_BATCHES_PER_WORKER: usize = 8;
+const NORMAL_BATCHES_PER_WORKER: usize = 6;
+const BATCHES_PER_WORKER: usize = PRE_KEY_BATCHES_PER_WORKER + NORMAL_BATCHES_PER_WORKER;
 /// The fewest hand-overs of the lock between the two workers the test accepts.
 const MIN_ALTERNATIONS: usize = 6;
 const TIMEOUT: Duration = Duration::from_secs(120);
 const SIGKILL: i32 = 9;
 const RESULT_PREFIX: &str = "worker-result ";
 const DONE_PREFIX: &str = "worker-done ";
+const REPLIED_PREFIX: &str = "worker-replied ";
 
-/// Worker mode: opens the store, then decrypts each batch file named on stdin, prints one
-/// `worker-result` line per outcome and `worker-done <file>` per batch, acknowledges, and waits
-/// [`WORKER_PAUSE`] before reading the next name. Ends at end of input.
+/// Worker mode: opens the store, then follows the commands on stdin until their end:
+/// - `decrypt FILE`: decrypts the batch in FILE, prints one `worker-result` line per outcome,
+///   acknowledges, prints `worker-done FILE` and waits [`WORKER_PAUSE`];
+/// - `reply KEYS OUT`: encrypts an `m.dummy` for the device whose `/keys/upload` body is in KEYS
+///   (on the session its messages created), writes the events to OUT, prints `worker-replied OUT`.
 fn run_worker(store_dir: &Path) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -135,8 +142,24 @@ fn run_worker(store_dir: &Path) {
         .block_on(OlmMachine::open(common::BOB, "BOBPHONE", Arc::new(store)))
         .expect("the worker opens the machine");
     let mut stdout = std::io::stdout().lock();
-    for path in std::io::stdin().lines() {
-        let path = path.unwrap();
+    for command in std::io::stdin().lines() {
+        let command = command.unwrap();
+        if let Some(files) = command.strip_prefix("reply ") {
+            let (keys, out) = files.split_once(' ').expect("reply KEYS OUT");
+            let keys: Value =
+                serde_json::from_str(&std::fs::read_to_string(keys).unwrap()).unwrap();
+            let keys = to_device_crypto::keys::parse_keys_upload_body(&keys).unwrap();
+            let reply = runtime
+                .block_on(machine.encrypt(&keys, "m.dummy", &[json!({})]))
+                .expect("the worker encrypts its reply");
+            std::fs::write(out, Value::Array(reply).to_string()).unwrap();
+            writeln!(stdout, "{REPLIED_PREFIX}{out}").unwrap();
+            stdout.flush().unwrap();
+            continue;
+        }
+        let path = command
+            .strip_prefix("decrypt ")
+            .expect("decrypt FILE or reply KEYS OUT");
         let events: Vec<Value> =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let raw: Vec<String> = events.iter().map(Value::to_string).collect();
@@ -171,6 +194,7 @@ fn run_worker(store_dir: &Path) {
 enum Line {
     Result(Value),
     Done(PathBuf),
+    Replied(PathBuf),
     Marker(Marker),
     /// Anything else on stderr, kept for failure messages.
     Other(String),
@@ -212,6 +236,8 @@ impl Worker {
                     Line::Result(serde_json::from_str(result).unwrap())
                 } else if let Some((_, path)) = line.split_once(DONE_PREFIX) {
                     Line::Done(PathBuf::from(path))
+                } else if let Some((_, path)) = line.split_once(REPLIED_PREFIX) {
+                    Line::Replied(PathBuf::from(path))
                 } else {
                     continue; // the test harness's own lines
                 };
@@ -237,10 +263,14 @@ impl Worker {
         Self { name, child, stdin }
     }
 
-    fn feed(&mut self, batch: &Path) {
+    fn command(&mut self, command: &str) {
         let stdin = self.stdin.as_mut().expect("the worker's input is open");
-        writeln!(stdin, "{}", batch.display()).unwrap();
+        writeln!(stdin, "{command}").unwrap();
         stdin.flush().unwrap();
+    }
+
+    fn feed(&mut self, batch: &Path) {
+        self.command(&format!("decrypt {}", batch.display()));
     }
 }
 
@@ -253,6 +283,7 @@ struct Observed {
     lock_waits: Vec<&'static str>,
     decrypted: Vec<&'static str>,
     done: Vec<(&'static str, PathBuf)>,
+    replies: Vec<PathBuf>,
     stderr: Vec<String>,
 }
 
@@ -272,6 +303,7 @@ impl Observed {
                 );
             }
             Line::Done(path) => self.done.push((worker, path)),
+            Line::Replied(path) => self.replies.push(path),
             Line::Marker(Marker::LockWaiting) => self.lock_waits.push(worker),
             Line::Marker(Marker::Phase {
                 phase: Phase::Committed,
@@ -362,16 +394,58 @@ fn two_worker_processes_contend_for_the_lock_and_survive_each_others_kill() {
     drop(lines_tx);
     let mut seen = Observed::default();
 
-    // 1. Contention: both workers get their batches at once and run side by side.
-    for _ in 0..BATCHES_PER_WORKER {
-        let path = next_batch(&mut senders);
-        app.feed(&path);
-        let path = next_batch(&mut senders);
-        extension.feed(&path);
+    // 1. Contention: both workers get their batches at once and run side by side. Half-way, the
+    // extension replies to every sender: their next (normal) messages need the ratchet it
+    // started, which the app's cached sessions lack until it reloads what the extension wrote.
+    let mut contend = |rounds: usize,
+                       senders: &mut [SimulatedDevice],
+                       app: &mut Worker,
+                       extension: &mut Worker,
+                       seen: &mut Observed| {
+        let (app_done, extension_done) = (seen.done_by("app"), seen.done_by("extension"));
+        for _ in 0..rounds {
+            let path = next_batch(senders);
+            app.feed(&path);
+            let path = next_batch(senders);
+            extension.feed(&path);
+        }
+        seen.wait(&lines, "both workers' batches", |seen| {
+            seen.done_by("app") == app_done + rounds
+                && seen.done_by("extension") == extension_done + rounds
+        });
+    };
+    contend(
+        PRE_KEY_BATCHES_PER_WORKER,
+        &mut senders,
+        &mut app,
+        &mut extension,
+        &mut seen,
+    );
+    for (i, sender) in senders.iter_mut().enumerate() {
+        let keys = dir.path().join(format!("sender-{i}-keys.json"));
+        let out = dir.path().join(format!("reply-{i}.json"));
+        std::fs::write(
+            &keys,
+            json!({"device_keys": sender.device_keys()}).to_string(),
+        )
+        .unwrap();
+        extension.command(&format!("reply {} {}", keys.display(), out.display()));
+        seen.wait(&lines, "the extension's reply", |seen| {
+            seen.replies.contains(&out)
+        });
+        let reply: Vec<Value> =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        sender
+            .decrypt(&reply[0])
+            .expect("the sender decrypts the extension's reply");
     }
-    seen.wait(&lines, "both workers' batches", |seen| {
-        seen.done_by("app") == BATCHES_PER_WORKER && seen.done_by("extension") == BATCHES_PER_WORKER
-    });
+    contend(
+        NORMAL_BATCHES_PER_WORKER,
+        &mut senders,
+        &mut app,
+        &mut extension,
+        &mut seen,
+    );
     let alternations = seen.alternations();
     let generations: BTreeSet<u64> = seen.commits.iter().map(|(g, _)| *g).collect();
     assert_eq!(
