@@ -276,7 +276,7 @@ impl Tally {
         }
     }
 
-    fn print(&self, valid: u64, delivered: usize, started: Instant) {
+    fn print(&self, valid: u64, delivered: usize, unmarked_repeats: usize, started: Instant) {
         println!(
             "crash test, per part and phase: SIGKILLs while paused at the phase / all SIGKILLs \
              after its marker (random ones included) / fail points (SIGABRT)"
@@ -306,7 +306,7 @@ impl Tally {
             );
         }
         println!(
-            "crash test: {} runs, {} SIGKILLs, delivered {delivered}/{valid}, re-emissions {} (all marked), {:.1} s",
+            "crash test: {} runs, {} SIGKILLs, delivered {delivered}/{valid}, re-emissions {} marked and {unmarked_repeats} unmarked, {:.1} s",
             self.runs,
             self.total_kills(),
             self.re_emissions,
@@ -423,7 +423,7 @@ fn killed_at_every_phase_and_at_random_points_no_message_is_lost_and_no_session_
         .filter(|s| tally.first_deliveries.contains_key(s))
         .count();
     let duplicated_unmarked = tally.first_deliveries.values().filter(|&&n| n > 1).count();
-    tally.print(valid, delivered, started);
+    tally.print(valid, delivered, duplicated_unmarked, started);
     for part in [Part::PreKey, Part::Normal] {
         for phase in Phase::ALL {
             assert!(
