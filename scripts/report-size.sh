@@ -49,6 +49,16 @@ cd "$ROOT"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
+# First the dependency graph: no build tool among the crates the library links (proc macros run on
+# the build host and link nothing into it: `toml` stays there, under uniffi_macros).
+crates_pattern=$(IFS='|'; echo "${BUILD_TOOL_CRATES[*]}")
+in_graph=$(cargo tree --locked -p to-device-crypto "${FEATURE_ARGS[@]}" -e normal,no-proc-macro --prefix none |
+	sed 's/ .*//' | sort -u | grep -xE "$crates_pattern" || true)
+if [[ -n $in_graph ]]; then
+	echo "report-size: the library's linked dependencies (features '${FEATURE_ARGS[*]}') include build tools:" $in_graph >&2
+	exit 1
+fi
+
 # Cargo puts the `dev` profile in debug/ and every other profile in a directory of its name.
 dir=$CARGO_TARGET_DIR/$([[ $PROFILE == dev ]] && echo debug || echo "$PROFILE")
 
@@ -71,7 +81,6 @@ secs=$(($(date +%s) - start))
 # The link check, on the unstripped libraries: the staticlib's members (`ar t`: one object per
 # crate without LTO, named after it) and both libraries' demangled symbols (`nm -C`: with LTO the
 # objects merge, but every function keeps its crate path, e.g. `clap_builder::builder::...`).
-crates_pattern=$(IFS='|'; echo "${BUILD_TOOL_CRATES[*]}")
 linked=()
 while read -r crate; do
 	[[ -n $crate ]] && linked+=("$crate (staticlib member)")
@@ -107,7 +116,7 @@ if ((${#linked[@]})); then
 	echo "  (a dependency or feature pulls the CLI's or the bindings generator's crates into the library)" >&2
 	exit 1
 fi
-echo "report-size: none of ${BUILD_TOOL_CRATES[*]} is linked in (ar t: $members members; nm -C: both libraries)"
+echo "report-size: none of ${BUILD_TOOL_CRATES[*]} is linked in (cargo tree; ar t: $members members; nm -C: both libraries)"
 
 over=()
 ((so_stripped <= CDYLIB_BUDGET)) || over+=("cdylib $so_stripped > $CDYLIB_BUDGET bytes")
