@@ -161,7 +161,7 @@ fn run_worker(store_dir: &Path) {
             .strip_prefix("decrypt ")
             .expect("decrypt FILE or reply KEYS OUT");
         let events: Vec<Value> =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         let raw: Vec<String> = events.iter().map(Value::to_string).collect();
         let outcomes = runtime
             .block_on(machine.receive_to_device_events(&raw))
