@@ -23,6 +23,8 @@ summary() {
     local status=$?
     if [[ -n $current ]]; then
         timings+=("$(printf '%-48s %6s s  FAILED' "$current" "$((SECONDS - step_started))")")
+        # A step that did not finish failed, whatever ended the run.
+        ((status != 0)) || status=1
     fi
     echo "==> step timings"
     if ((${#timings[@]})); then printf '    %s\n' "${timings[@]}"; fi
@@ -33,8 +35,13 @@ summary() {
     else
         echo "all checks passed in $((SECONDS - started)) s"
     fi
+    exit "$status"
 }
 trap summary EXIT
+# A signal ends the run as a failure (with the summary), never as a pass.
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 step() {
     local name=$1
