@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one test command (README, .ci/run): formatting, lints, every cargo test, fuzzing, interop,
-# the shipped CLI's and the mobile library's contents, the generated bindings' freshness and the
-# Swift, Kotlin and Python binding suites. Installs what is missing and caches it outside the
-# repo, in ~/.cache/to-device-crypto.
+# the shipped CLI's and the mobile library's contents, the generated bindings' freshness, the
+# Swift, Kotlin and Python binding suites, and the Python wheel (built, installed in a fresh venv,
+# running the README's example). Installs what is missing and caches it outside the repo, in
+# ~/.cache/to-device-crypto.
 #
 # Nothing is skipped silently: a script that is missing or not executable is an error, and an
 # opt-out (TDC_SKIP_FUZZ=1) prints SKIPPED and changes the last line, which then does not say
@@ -64,7 +65,8 @@ skip() {
 
 # Every script the command runs must be there and executable: a lost executable bit must fail the
 # run, not quietly drop a step.
-for script in fuzz.sh interop.sh check-shipped-cli.sh report-size.sh generate-bindings.sh test-bindings.sh; do
+for script in fuzz.sh interop.sh check-shipped-cli.sh report-size.sh generate-bindings.sh test-bindings.sh \
+    test-wheel.sh; do
     if [[ ! -e scripts/$script ]]; then
         echo "error: scripts/$script is missing" >&2
         exit 1
@@ -102,3 +104,4 @@ step "shipped CLI has no test seams" scripts/check-shipped-cli.sh
 step "mobile library: no build tools linked, size" scripts/report-size.sh
 step "generated bindings are up to date" scripts/generate-bindings.sh --check
 step "binding suites (Swift, Kotlin, Python)" scripts/test-bindings.sh
+step "Python wheel: fresh venv, README example" scripts/test-wheel.sh

@@ -63,7 +63,7 @@ pub use analytics::{AnalyticsEvent, FailureReason};
 pub use error::{DecryptionError, EncryptionError, KeysError, OpenError, StoreError};
 pub use machine::{
     DecryptedToDeviceEvent, FailedToDeviceEvent, KeysQueryOutcome, OlmMachine,
-    PendingDecryptedEvent, ToDeviceOutcome,
+    PendingDecryptedEvent, RefusedKeyChange, ToDeviceOutcome,
 };
 pub use olm::envelope::EnvelopeFacts;
 pub use reporting::{FailureStream, MissedFailures, ToDeviceDecryptionFailure};

@@ -39,7 +39,8 @@ enum Command {
     Keys {
         #[command(flatten)]
         store: StoreArgs,
-        /// How many new one-time keys to generate (default: 25 when the device is new, else 0).
+        /// How many one-time keys to generate besides those not yet published (default: 0; a new
+        /// device starts with 25 and a fallback key).
         #[arg(long)]
         one_time_keys: Option<usize>,
     },
@@ -184,9 +185,9 @@ fn print_line(value: &Value) -> CliResult {
 }
 
 async fn keys(args: StoreArgs, one_time_keys: Option<usize>) -> CliResult {
-    let opened = store_dir::open_machine(&args).await?;
-    let machine = opened.machine;
-    let count = one_time_keys.unwrap_or(if opened.created { 25 } else { 0 });
+    // A new device already holds its first 25 one-time keys (`new_account`), as everywhere else.
+    let machine = store_dir::open_machine(&args).await?.machine;
+    let count = one_time_keys.unwrap_or(0);
     machine
         .generate_one_time_keys(count)
         .await

@@ -16,8 +16,6 @@ pub const STORE_KEY_ENV: &str = "TO_DEVICE_CRYPTO_STORE_KEY";
 
 pub struct OpenedMachine {
     pub machine: OlmMachine,
-    /// Whether the device was created by this call.
-    pub created: bool,
 }
 
 fn read_key_file(path: &Path) -> Result<StoreKey, String> {
@@ -77,7 +75,6 @@ pub async fn open_machine(args: &StoreArgs) -> Result<OpenedMachine, String> {
     let store = SqliteStore::open(args.store.join("store.sqlite3"), key, Synchronous::Normal)
         .map_err(|e| format!("cannot open the store in {}: {e}", args.store.display()))?;
     let existing = store.load_account().await.map_err(|e| e.to_string())?;
-    let created = existing.is_none();
     let (user_id, device_id) = match existing {
         Some(account) => {
             for (given, stored, what) in [
@@ -107,5 +104,5 @@ pub async fn open_machine(args: &StoreArgs) -> Result<OpenedMachine, String> {
     let machine = OlmMachine::open(&user_id, &device_id, Arc::new(store))
         .await
         .map_err(|e| e.to_string())?;
-    Ok(OpenedMachine { machine, created })
+    Ok(OpenedMachine { machine })
 }

@@ -9,9 +9,11 @@
 //!   [`ListenerHandle`]) or pull-style ([`FailureSubscription::next`], which the hand-written Swift
 //!   `AsyncStream` and Kotlin `Flow` helpers wrap).
 
+mod callbacks;
 mod listener;
 mod logging;
 mod requests;
+mod taxonomy;
 mod types;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,17 +23,17 @@ use futures::StreamExt;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::runtime::Runtime;
-use tokio::task::AbortHandle;
 
 use crate::machine::{OlmMachine as CoreMachine, ToDeviceOutcome};
 use crate::olm::device_keys::parse_keys_upload_body;
 use crate::reporting::FailureStream;
 use crate::store::StoreKey;
 
-pub use listener::LISTENER_QUEUE_CAPACITY;
-use listener::{spawn_delivery_thread, DeliveryQueue};
+pub use callbacks::prepare_for_exit;
+pub use listener::{DecryptionFailureListener, ListenerHandle, LISTENER_QUEUE_CAPACITY};
 pub use logging::{redact, set_log_sink, LogLevel, LogSink, QUEUE_CAPACITY, REDACTED_KEY};
 pub use requests::OutgoingRequestFfi;
+pub use taxonomy::{all_failure_reasons, failure_reason_from_name, FailureReasonInfo};
 pub use types::{
     CryptoError, CryptoSdkFfi, DecryptedEvent, DecryptionFailure, ErrorDomainFfi, FailureReasonFfi,
     IdentityKeysFfi, PendingEvent, PosthogErrorEvent, ReportingPolicyFfi, ToDeviceResult,
@@ -287,36 +289,7 @@ impl OlmMachine {
         &self,
         listener: Arc<dyn DecryptionFailureListener>,
     ) -> Arc<ListenerHandle> {
-        let mut stream = self.inner.to_device_decryption_failure_stream();
-        let queue = Arc::new(DeliveryQueue::default());
-        if let Err(error) = spawn_delivery_thread(listener, Arc::clone(&queue)) {
-            tracing::warn!(%error, "cannot start a failure listener thread");
-            queue.close();
-        }
-        // Weak: a forgotten handle must not keep the machine alive.
-        let machine = Arc::downgrade(&self.inner);
-        let forward_queue = Arc::clone(&queue);
-        let task = listener_runtime().spawn(async move {
-            while let Some(item) = stream.next().await {
-                let dropped = match item {
-                    // Only payloads that pass the reporting policy reach listeners.
-                    Ok(failure) => match failure.payload() {
-                        Some(payload) => forward_queue.push(PosthogErrorEvent::from(*payload)),
-                        None => 0,
-                    },
-                    Err(lag) => lag.missed,
-                };
-                if dropped > 0 {
-                    if let Some(machine) = machine.upgrade() {
-                        machine.record_listener_drops(dropped);
-                    }
-                }
-            }
-        });
-        Arc::new(ListenerHandle {
-            task: task.abort_handle(),
-            queue,
-        })
+        Arc::new(listener::add_listener(&self.inner, listener))
     }
 
     /// A pull-style subscription to every failure from now on.
@@ -344,41 +317,6 @@ fn parse_json(json: &str) -> Result<Value, CryptoError> {
     serde_json::from_str(json).map_err(|e| CryptoError::InvalidJson {
         detail: e.to_string(),
     })
-}
-
-/// Receives the PostHog event of every to-device decryption failure.
-#[uniffi::export(foreign)]
-pub trait DecryptionFailureListener: Send + Sync {
-    /// Called once per failure, in order, on a background thread.
-    fn on_decryption_failure(&self, event: PosthogErrorEvent);
-}
-
-/// Keeps a listener registered; `cancel()` or dropping it stops delivery.
-#[derive(uniffi::Object)]
-pub struct ListenerHandle {
-    task: AbortHandle,
-    queue: Arc<DeliveryQueue>,
-}
-
-#[uniffi::export]
-impl ListenerHandle {
-    /// Stops delivery. A call already in progress finishes.
-    pub fn cancel(&self) {
-        self.task.abort();
-        self.queue.close();
-    }
-
-    /// Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-    /// this may still be `false` for a moment.
-    pub fn is_cancelled(&self) -> bool {
-        self.task.is_finished()
-    }
-}
-
-impl Drop for ListenerHandle {
-    fn drop(&mut self) {
-        self.cancel();
-    }
 }
 
 /// A pull-style subscription to the failure stream.
@@ -476,6 +414,7 @@ mod tests {
         for reason in FailureReason::ALL {
             let ffi = FailureReasonFfi::from(reason);
             assert_eq!(format!("{ffi:?}"), format!("{reason:?}"));
+            assert_eq!(FailureReason::from(ffi), reason);
         }
     }
 

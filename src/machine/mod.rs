@@ -19,7 +19,7 @@ use crate::olm::envelope::{EnvelopeFacts, MessageHash};
 use crate::olm::plaintext::VerifiedDeviceKeysCache;
 use crate::olm::sessions::SessionEntry;
 use crate::reporting::FailureReporter;
-use crate::store::{CryptoStore, StoredRequest, StoredResult};
+use crate::store::{CryptoStore, StoredDevice, StoredRequest, StoredResult};
 
 // One concern per file, in the order an event meets them: `state` (open, reload, commit under the
 // cross-process lock), `receive` (the receive path), `reporting` (the policy's decisions and the
@@ -98,11 +98,34 @@ pub enum ToDeviceOutcome {
 
 /// The outcome of [`OlmMachine::receive_keys_query_response`].
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct KeysQueryOutcome {
-    /// Devices whose keys were stored.
+    /// Devices whose keys were stored (new devices, and known devices whose keys are unchanged
+    /// or changed only in what the rules allow).
     pub stored: usize,
-    /// `user_id/device_id: error` of every device entry that was rejected.
+    /// `user_id/device_id: error` of every device entry that was rejected (invalid signature,
+    /// listed under another user or device id).
     pub rejected: Vec<String>,
+    /// Validly signed entries for devices we already know that tried to change the device's
+    /// Ed25519 key: refused, the known keys kept (see [`RefusedKeyChange`]).
+    pub refused_key_changes: Vec<RefusedKeyChange>,
+}
+
+/// A `/keys/query` entry refused because it changes the Ed25519 key of a device we already know.
+///
+/// A device's Ed25519 key is its identity: a device id that comes back with another one is
+/// another device (or a server lying about it), and matrix-sdk-crypto refuses the update too. The
+/// known keys stay in use; a device that really was replaced must log in with a new device id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedKeyChange {
+    /// The device's user id.
+    pub user_id: String,
+    /// The device id.
+    pub device_id: String,
+    /// The Ed25519 key we know and keep (unpadded base64).
+    pub known_ed25519: String,
+    /// The Ed25519 key the response claimed (unpadded base64).
+    pub received_ed25519: String,
 }
 
 /// One Matrix device's Olm machine.
@@ -148,7 +171,11 @@ struct MachineState {
     device_keys_published: bool,
     /// Sessions per sender key, loaded from the store on first use.
     sessions: HashMap<[u8; 32], Vec<SessionEntry>>,
+    /// Devices from `/keys/query`: what the plaintext checks trust.
     devices: KnownDevices,
+    /// Devices known only from a verified `sender_device_keys`: used to recover wedged sessions
+    /// with them, never by the plaintext checks (as in matrix-sdk-crypto).
+    recovery_devices: KnownDevices,
     verified_device_keys: VerifiedDeviceKeysCache,
     policy: ReportingPolicy,
     policy_state: PolicyState,
@@ -182,6 +209,8 @@ struct BatchChanges {
     batch_number: Option<u64>,
     sync_token: Option<String>,
     removed_sessions: Vec<(String, String)>,
+    /// Devices learned in this batch from a verified `sender_device_keys` (for recovery).
+    recovery_devices: Vec<StoredDevice>,
     pending_results: Vec<StoredResult>,
     /// Index into `pending_results` of each message decrypted in this batch.
     decrypted_in_batch: HashMap<MessageHash, usize>,

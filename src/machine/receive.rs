@@ -9,6 +9,7 @@ use vodozemac::olm::{Session, SessionPickle};
 use vodozemac::Curve25519PublicKey;
 
 use super::outbox::{pending_result_json, result_id};
+use super::recovery::{remember_recovery_device, SenderIdentity};
 use super::reporting::UNDECIDED;
 use super::state::stored_account;
 use super::{
@@ -296,6 +297,7 @@ impl OlmMachine {
             account,
             sessions,
             devices,
+            recovery_devices,
             verified_device_keys,
             ..
         } = state;
@@ -332,6 +334,18 @@ impl OlmMachine {
             known_devices: devices,
         };
         let accepted = check_plaintext(&plaintext, &context, verified_device_keys)?;
+        if let (Some(device_keys), Some(device_id)) = (
+            accepted.unknown_sender_device_keys,
+            accepted.sender_device_id.as_deref(),
+        ) {
+            let sender = SenderIdentity {
+                user_id: &envelope.sender,
+                device_id,
+                curve25519: &envelope.sender_key,
+                ed25519: &accepted.sender_ed25519,
+            };
+            remember_recovery_device(recovery_devices, batch, device_keys, &sender);
+        }
         let accepted_raw_content = accepted.raw_content;
         let event = DecryptedToDeviceEvent {
             id: result_id(&envelope.message_hash),
@@ -393,6 +407,7 @@ impl OlmMachine {
             recovery_attempts: batch.recovery_attempts,
             pending_results: batch.pending_results,
             removed_sessions: batch.removed_sessions,
+            recovery_devices: batch.recovery_devices,
             sync_token: batch.sync_token,
             batch_number: batch.batch_number,
             ..Changes::default()

@@ -1,6 +1,7 @@
 //! The machine's cached state and the store: opening a machine (creating its account on first
-//! use), keeping the cache in step with the store under the cross-process write lock (reload,
-//! begin a write, commit), re-encrypting and wiping the store.
+//! use, under the cross-process write lock so that concurrent first opens agree on one identity),
+//! keeping the cache in step with the store under that lock (reload, begin a write, commit),
+//! re-encrypting and wiping the store.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,7 +19,8 @@ use crate::olm::device_keys::{DeviceKeys, KnownDevices};
 use crate::olm::plaintext::VerifiedDeviceKeysCache;
 use crate::reporting::FailureReporter;
 use crate::store::{
-    Changes, CryptoStore, MemoryStore, SqliteStore, StoreKey, StoredAccount, Synchronous, WriteLock,
+    AccountCreation, Changes, CryptoStore, MemoryStore, SqliteStore, StoreKey, StoredAccount,
+    StoredDevice, Synchronous, WriteLock,
 };
 
 fn validate_ids(user_id: &str, device_id: &str) -> Result<(), OpenError> {
@@ -59,36 +61,28 @@ impl OlmMachine {
         policy: ReportingPolicy,
     ) -> Result<Self, OpenError> {
         validate_ids(user_id, device_id)?;
-        let (account, device_keys_published) = match store.load_account().await? {
-            Some(stored) => {
-                if stored.user_id != user_id || stored.device_id != device_id {
-                    return Err(StoreError::AccountMismatch {
-                        stored_user: stored.user_id,
-                        stored_device: stored.device_id,
-                        user: user_id.to_owned(),
-                        device: device_id.to_owned(),
-                    }
-                    .into());
-                }
-                (
-                    unpickle_account(&stored.pickle)?,
-                    stored.device_keys_published,
-                )
-            }
-            None => {
-                let account = Account::new();
-                store
-                    .save_changes(Changes {
-                        account: Some(stored_account(&account, user_id, device_id, false)?),
-                        ..Changes::default()
-                    })
-                    .await?;
-                (account, false)
-            }
-        };
-        let devices = load_devices(store.as_ref()).await?;
-        let policy_state = load_policy_state(store.as_ref()).await?;
+        // Read before the state it describes: if another process commits in between, the cache
+        // looks older than the store and the first write reloads it (the other order would let
+        // that write overwrite the other process's commit).
         let generation = store.generation().await?;
+        let stored = match store.load_account().await? {
+            Some(stored) => stored,
+            None => create_or_load_account(store.as_ref(), user_id, device_id).await?,
+        };
+        if stored.user_id != user_id || stored.device_id != device_id {
+            return Err(StoreError::AccountMismatch {
+                stored_user: stored.user_id.clone(),
+                stored_device: stored.device_id.clone(),
+                user: user_id.to_owned(),
+                device: device_id.to_owned(),
+            }
+            .into());
+        }
+        let account = unpickle_account(&stored.pickle)?;
+        let device_keys_published = stored.device_keys_published;
+        let devices = load_devices(store.load_devices().await?);
+        let recovery_devices = load_devices(store.load_recovery_devices().await?);
+        let policy_state = load_policy_state(store.as_ref()).await?;
         let identity_keys = account.identity_keys();
         Ok(Self {
             user_id: user_id.to_owned(),
@@ -102,6 +96,7 @@ impl OlmMachine {
                 device_keys_published,
                 sessions: HashMap::new(),
                 devices,
+                recovery_devices,
                 verified_device_keys: VerifiedDeviceKeysCache::default(),
                 policy,
                 policy_state,
@@ -152,20 +147,28 @@ impl OlmMachine {
         Ok(())
     }
 
-    /// Drops the cache after a failed commit: the store is the truth again.
+    /// Drops the cache after a failed commit, or after another process committed: the store is
+    /// the truth again. A store whose account is gone or is another identity was wiped (by
+    /// another process, possibly re-created since): this machine's identity no longer exists,
+    /// and it must not write anything again.
     pub(super) async fn reload(&self, state: &mut MachineState) -> Result<(), StoreError> {
-        let stored = self
-            .store
-            .load_account()
-            .await?
-            .ok_or_else(|| StoreError::Corrupted {
-                what: "account",
-                detail: "the account disappeared from the store".to_owned(),
-            })?;
-        state.account = unpickle_account(&stored.pickle)?;
+        let Some(stored) = self.store.load_account().await? else {
+            state.wiped = true;
+            return Err(StoreError::Wiped);
+        };
+        let account = unpickle_account(&stored.pickle)?;
+        if stored.user_id != self.user_id
+            || stored.device_id != self.device_id
+            || account.identity_keys() != self.identity_keys
+        {
+            state.wiped = true;
+            return Err(StoreError::Wiped);
+        }
+        state.account = account;
         state.device_keys_published = stored.device_keys_published;
         state.sessions.clear();
-        state.devices = load_devices(self.store.as_ref()).await?;
+        state.devices = load_devices(self.store.load_devices().await?);
+        state.recovery_devices = load_devices(self.store.load_recovery_devices().await?);
         state.policy_state = load_policy_state(self.store.as_ref()).await?;
         state.stale = false;
         Ok(())
@@ -250,17 +253,53 @@ pub(super) fn stored_account(
     })
 }
 
-async fn load_devices(store: &dyn CryptoStore) -> Result<KnownDevices, StoreError> {
+/// Creates the account on first use, under the cross-process write lock: a process that waited
+/// for the lock finds the account another one created, and the store's plain insert settles any
+/// remaining race (a store without a cross-process lock, e.g. threads on a `MemoryStore`).
+async fn create_or_load_account(
+    store: &dyn CryptoStore,
+    user_id: &str,
+    device_id: &str,
+) -> Result<StoredAccount, StoreError> {
+    let _lock = store.lock_for_writing().await?;
+    if let Some(stored) = store.load_account().await? {
+        return Ok(stored);
+    }
+    let account = stored_account(
+        &crate::olm::account::new_account(),
+        user_id,
+        device_id,
+        false,
+    )?;
+    match store.create_account(account.clone()).await? {
+        AccountCreation::Created => Ok(account),
+        AccountCreation::AlreadyExists(stored) => Ok(stored),
+    }
+}
+
+/// The devices of `stored`, each verified again: the store authenticates its rows, and a row
+/// that still does not verify is dropped with a warning rather than trusted.
+fn load_devices(stored: Vec<StoredDevice>) -> KnownDevices {
     let mut devices = KnownDevices::default();
-    for stored in store.load_devices().await? {
-        let value: Value = serde_json::from_str(&stored.json).map_err(corrupted("device keys"))?;
-        // Re-verified on load: a tampered row is dropped rather than trusted.
-        match DeviceKeys::from_signed_json(&value) {
-            Ok(device) => devices.insert(device),
+    for stored in stored {
+        let verified = serde_json::from_str::<Value>(&stored.json)
+            .map_err(|e| e.to_string())
+            .and_then(|value| DeviceKeys::from_signed_json(&value).map_err(|e| e.to_string()))
+            .and_then(|device| {
+                if device.user_id == stored.user_id && device.device_id == stored.device_id {
+                    Ok(device)
+                } else {
+                    Err("the keys are another device's".to_owned())
+                }
+            });
+        match verified {
+            Ok(device) => {
+                devices.insert(device);
+            }
             Err(error) => {
                 tracing::warn!(target: super::LOG_TARGET, %error, "dropping stored device keys that no longer verify")
             }
         }
     }
-    Ok(devices)
+    devices
 }

@@ -9,8 +9,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 
 use super::{
-    Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredResult, StoredSession,
-    WriteLock,
+    AccountCreation, Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest,
+    StoredResult, StoredSession, WriteLock,
 };
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
@@ -21,6 +21,7 @@ struct Contents {
     sessions: HashMap<String, HashMap<String, StoredSession>>,
     message_hashes: HashSet<MessageHash>,
     devices: HashMap<(String, String), StoredDevice>,
+    recovery_devices: HashMap<(String, String), StoredDevice>,
     claimed_one_time_keys: HashSet<String>,
     failure_marks: HashSet<MessageHash>,
     policy_state: Option<String>,
@@ -33,12 +34,31 @@ struct Contents {
     generation: u64,
 }
 
-/// A store that keeps everything in memory, for as long as the process lives.
-#[derive(Debug, Default)]
+/// A store that keeps everything in memory, for as long as the process lives. `Debug` prints
+/// counts.
+#[derive(Default)]
 pub struct MemoryStore {
     contents: Mutex<Contents>,
     #[cfg(feature = "testing")]
     fail_next_save: AtomicBool,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let contents = self.lock();
+        f.debug_struct("MemoryStore")
+            .field("account", &contents.account)
+            .field(
+                "sessions",
+                &contents.sessions.values().map(HashMap::len).sum::<usize>(),
+            )
+            .field("devices", &contents.devices.len())
+            .field("recovery_devices", &contents.recovery_devices.len())
+            .field("pending_results", &contents.pending_results.len())
+            .field("outgoing_requests", &contents.outgoing_requests.len())
+            .field("generation", &contents.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemoryStore {
@@ -87,6 +107,18 @@ impl CryptoStore for MemoryStore {
         Ok(self.lock().account.clone())
     }
 
+    async fn create_account(&self, account: StoredAccount) -> Result<AccountCreation, StoreError> {
+        let mut contents = self.lock();
+        // Checked and inserted under one lock: of several threads opening this store at once,
+        // exactly one creates the account (as SQLite's plain INSERT does across processes).
+        if let Some(existing) = &contents.account {
+            return Ok(AccountCreation::AlreadyExists(existing.clone()));
+        }
+        contents.account = Some(account);
+        contents.generation += 1;
+        Ok(AccountCreation::Created)
+    }
+
     async fn load_sessions(&self, sender_key: &str) -> Result<Vec<StoredSession>, StoreError> {
         Ok(self
             .lock()
@@ -98,6 +130,10 @@ impl CryptoStore for MemoryStore {
 
     async fn load_devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
         Ok(self.lock().devices.values().cloned().collect())
+    }
+
+    async fn load_recovery_devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
+        Ok(self.lock().recovery_devices.values().cloned().collect())
     }
 
     async fn known_message_hashes(
@@ -172,7 +208,14 @@ impl CryptoStore for MemoryStore {
     }
 
     async fn wipe(&self) -> Result<(), StoreError> {
-        *self.lock() = Contents::default();
+        let mut contents = self.lock();
+        // Like SQLite: the generation goes on counting, so that a machine opened before the wipe
+        // reloads (and finds the store wiped) instead of writing its old account back.
+        let generation = contents.generation + 1;
+        *contents = Contents {
+            generation,
+            ..Contents::default()
+        };
         Ok(())
     }
 
@@ -202,8 +245,13 @@ impl CryptoStore for MemoryStore {
         }
         contents.message_hashes.extend(changes.message_hashes);
         for device in changes.devices {
+            let id = (device.user_id.clone(), device.device_id.clone());
+            contents.recovery_devices.remove(&id);
+            contents.devices.insert(id, device);
+        }
+        for device in changes.recovery_devices {
             contents
-                .devices
+                .recovery_devices
                 .insert((device.user_id.clone(), device.device_id.clone()), device);
         }
         contents

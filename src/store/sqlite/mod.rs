@@ -6,18 +6,21 @@
 //! commit.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::cipher::StoreKey;
 use crate::error::StoreError;
 
-// One concern per file: `schema` (creation, migrations, meta values), `sealing` (encrypting values
-// bound to their rows), `queries` (the reads), `transaction` (a batch's writes), `options` (the
+// One concern per file: `schema` (creation, migrations, meta values), `migrate_v5` (the schema-5
+// step that seals every row), `sealing` (encrypting values bound to their rows), `queries` (the
+// reads), `transaction` (a batch's writes), `rekey` (re-encrypting everything), `options` (the
 // `testing` feature's fault settings).
+mod migrate_v5;
 mod options;
 mod queries;
+mod rekey;
 mod schema;
 mod sealing;
 mod transaction;
@@ -25,11 +28,13 @@ mod transaction;
 #[cfg(feature = "testing")]
 pub use options::SqliteTestOptions;
 pub use schema::SCHEMA_VERSION;
-use schema::{check_key, create_schema, migrate, KEY_CHECK_PLAINTEXT};
-use sealing::{result_batch_context, result_context, session_context};
+use schema::{check_version, immediate, prepare, user_version, NewStore};
 
 /// How long a batch waits for another process's batch before failing.
 const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long opening waits for another process that is creating or migrating the store.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// SQLite's `synchronous` setting for the store.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,11 +46,13 @@ pub enum Synchronous {
     Full,
 }
 
-/// A [`CryptoStore`] in one SQLite file.
+/// A [`CryptoStore`](crate::CryptoStore) in one SQLite file.
 #[derive(Debug)]
 pub struct SqliteStore {
     connection: Mutex<Connection>,
-    key: Mutex<StoreKey>,
+    /// The one copy of the store key (zeroized on drop), lent by reference to every seal and
+    /// open; replaced only by [`rekey`](Self::rekey).
+    key: RwLock<StoreKey>,
     path: PathBuf,
 }
 
@@ -53,7 +60,8 @@ impl SqliteStore {
     /// Opens (or creates) the store at `path`, encrypted with `key`.
     ///
     /// A wrong key fails with [`StoreError::WrongStoreKey`] before anything is written; a store
-    /// written by a newer version fails with [`StoreError::NewerSchema`].
+    /// written by a newer version fails with [`StoreError::NewerSchema`]. Several processes may
+    /// open a new store at once: one creates it, the others wait for it and open it.
     pub fn open(
         path: impl AsRef<Path>,
         key: StoreKey,
@@ -86,107 +94,68 @@ impl SqliteStore {
         options: &options::SqliteTestOptions,
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let connection = if options.read_only {
-            Connection::open_with_flags(
-                &path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
-                    | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-        } else {
-            Connection::open(&path)
-        }
-        .map_err(describe_open_error)?;
-        connection.busy_timeout(
-            options
-                .busy_timeout
-                .unwrap_or(options::DEFAULT_BUSY_TIMEOUT),
-        )?;
-        if let Some(pages) = options.max_page_count {
-            connection.pragma_update(None, "max_page_count", pages)?;
-        }
-        let version: i64 = connection
-            .query_row("PRAGMA user_version", [], |row| row.get(0))
-            .map_err(describe_open_error)?;
-        if version > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema {
-                found: version,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        if version > 0 {
-            check_key(&connection, &key)?;
-        }
-        connection.pragma_update(None, "journal_mode", "WAL")?;
-        connection.pragma_update(
-            None,
-            "synchronous",
-            match synchronous {
-                Synchronous::Normal => "NORMAL",
-                Synchronous::Full => "FULL",
-            },
-        )?;
-        if version == 0 {
-            create_schema(&connection, &key)?;
-        }
-        migrate(&connection)?;
-        Ok(Self {
-            connection: Mutex::new(connection),
-            key: Mutex::new(key),
-            path,
-        })
+        let connection = connect_with(&path, synchronous, options)?;
+        prepare(&connection, &key).map_err(describe_store_error)?;
+        Ok(Self::from_parts(connection, key, path))
     }
 
     /// Opens (or creates) the store at `path` with a key derived from `passphrase`
-    /// ([`StoreKey::from_passphrase`]); the random salt is kept in the store, unencrypted.
+    /// ([`StoreKey::from_passphrase`]); the random salt is kept in the store, unencrypted. A new
+    /// store gets its salt in the same transaction as its tables, so concurrent first opens agree
+    /// on one salt (and [`wipe`](Self::wipe) keeps it). A store made with a raw key, or one
+    /// whose salt was lost (a wipe by version 0.1), fails with [`StoreError::WrongStoreKey`].
     pub fn open_with_passphrase(
         path: impl AsRef<Path>,
         passphrase: &str,
         synchronous: Synchronous,
     ) -> Result<Self, StoreError> {
-        let path = path.as_ref();
-        let stored_salt = if path.exists() {
-            let connection = Connection::open(path).map_err(describe_open_error)?;
-            let has_meta: bool = connection
-                .query_row(
-                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
-                    [],
-                    |row| row.get::<_, i64>(0),
-                )
-                .map_err(describe_open_error)?
-                > 0;
-            if has_meta {
-                connection
-                    .query_row("SELECT value FROM meta WHERE key = 'kdf_salt'", [], |row| {
-                        row.get::<_, Vec<u8>>(0)
-                    })
-                    .optional()?
-            } else {
-                None
-            }
-        } else {
-            None
-        };
-        let salt = match &stored_salt {
-            Some(salt) => salt.clone(),
+        let path = path.as_ref().to_path_buf();
+        let connection = connect(&path, synchronous)?;
+        let key = match read_salt(&connection).map_err(describe_store_error)? {
+            Some(salt) => StoreKey::from_passphrase(passphrase, &salt),
             None => {
-                let mut salt = vec![0u8; 16];
-                getrandom::fill(&mut salt)
-                    .map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
-                salt
+                // No salt yet: decide under the write lock, so that of several first openers
+                // one makes the salt and the others use it.
+                let created = immediate(&connection, |connection| {
+                    let version = user_version(connection)?;
+                    check_version(version)?;
+                    if let Some(salt) = read_salt(connection)? {
+                        return Ok(FirstOpen::SaltMadeByAnother(salt));
+                    }
+                    if version != 0 {
+                        // A store without a salt was made with a raw key.
+                        return Err(StoreError::WrongStoreKey);
+                    }
+                    let salt = new_salt()?;
+                    let key = StoreKey::from_passphrase(passphrase, &salt);
+                    schema::create(
+                        connection,
+                        &NewStore {
+                            key: &key,
+                            kdf_salt: Some(&salt),
+                        },
+                    )?;
+                    Ok(FirstOpen::Created(key))
+                })
+                .map_err(describe_store_error)?;
+                match created {
+                    FirstOpen::Created(key) => return Ok(Self::from_parts(connection, key, path)),
+                    FirstOpen::SaltMadeByAnother(salt) => {
+                        StoreKey::from_passphrase(passphrase, &salt)
+                    }
+                }
             }
         };
-        let store = Self::open(
+        prepare(&connection, &key).map_err(describe_store_error)?;
+        Ok(Self::from_parts(connection, key, path))
+    }
+
+    fn from_parts(connection: Connection, key: StoreKey, path: PathBuf) -> Self {
+        Self {
+            connection: Mutex::new(connection),
+            key: RwLock::new(key),
             path,
-            StoreKey::from_passphrase(passphrase, &salt),
-            synchronous,
-        )?;
-        if stored_salt.is_none() {
-            store.lock().execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES ('kdf_salt', ?1)",
-                params![salt],
-            )?;
         }
-        Ok(store)
     }
 
     /// The database file.
@@ -194,100 +163,37 @@ impl SqliteStore {
         &self.path
     }
 
-    fn current_key(&self) -> StoreKey {
-        self.key.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Re-encrypts every secret with `new_key` in one transaction; afterwards only `new_key`
-    /// opens the store. On failure nothing changes.
-    pub fn rekey(&self, new_key: StoreKey) -> Result<(), StoreError> {
-        let old_key = self.current_key();
-        let mut connection = self.lock();
-        let transaction = connection.transaction()?;
-        let reseal = |data: &[u8], context: &str, what: &'static str| {
-            let plaintext =
-                old_key
-                    .decrypt(data, context.as_bytes())
-                    .ok_or(StoreError::Corrupted {
-                        what,
-                        detail: "the value does not decrypt with the current store key".to_owned(),
-                    })?;
-            new_key.encrypt(&plaintext, context.as_bytes())
-        };
-        let check = new_key.encrypt(KEY_CHECK_PLAINTEXT, b"key_check")?;
-        transaction.execute(
-            "UPDATE meta SET value = ?1 WHERE key = 'key_check'",
-            params![check],
-        )?;
-        let account: Option<Vec<u8>> = transaction
-            .query_row("SELECT pickle FROM account WHERE id = 0", [], |row| {
-                row.get(0)
-            })
-            .optional()?;
-        if let Some(pickle) = account {
-            let sealed = reseal(&pickle, "account", "account pickle")?;
-            transaction.execute(
-                "UPDATE account SET pickle = ?1 WHERE id = 0",
-                params![sealed],
-            )?;
-        }
-        let sessions: Vec<(String, String, Vec<u8>)> = transaction
-            .prepare("SELECT sender_key, session_id, pickle FROM sessions")?
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
-            .collect::<Result<_, _>>()?;
-        for (sender_key, session_id, pickle) in sessions {
-            let context = session_context(&sender_key, &session_id);
-            let sealed = reseal(&pickle, &context, "session pickle")?;
-            transaction.execute(
-                "UPDATE sessions SET pickle = ?1 WHERE sender_key = ?2 AND session_id = ?3",
-                params![sealed, sender_key, session_id],
-            )?;
-        }
-        let results: Vec<(String, Vec<u8>)> = transaction
-            .prepare("SELECT id, data FROM pending_results")?
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-            .collect::<Result<_, _>>()?;
-        for (id, data) in results {
-            if data.is_empty() {
-                continue; // sealed with its batch, in result_batches
-            }
-            let sealed = reseal(&data, &result_context(&id), "decrypted result")?;
-            transaction.execute(
-                "UPDATE pending_results SET data = ?1 WHERE id = ?2",
-                params![sealed, id],
-            )?;
-        }
-        let batches: Vec<(i64, i64, Vec<u8>)> = transaction
-            .prepare("SELECT id, batch, data FROM result_batches")?
-            .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
-            .collect::<Result<_, _>>()?;
-        for (batch_row, batch, data) in batches {
-            let sealed = reseal(&data, &result_batch_context(batch), "decrypted results")?;
-            transaction.execute(
-                "UPDATE result_batches SET data = ?1 WHERE id = ?2",
-                params![sealed, batch_row],
-            )?;
-        }
-        transaction.commit()?;
-        *self.key.lock().unwrap_or_else(|p| p.into_inner()) = new_key;
-        Ok(())
+    /// The store key, borrowed (no copy is made).
+    fn key(&self) -> RwLockReadGuard<'_, StoreKey> {
+        // Only `rekey` writes, by swapping in a whole key: a poisoned lock still holds a key.
+        self.key.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Deletes everything (logout): every row is removed with SQLite's secure delete, which
-    /// overwrites the freed content, and the file is compacted. The store is empty afterwards.
+    /// overwrites the freed content, and the file is compacted. The store is empty afterwards
+    /// but keeps its key check, a passphrase store's salt (so that the passphrase still opens
+    /// it) and its generation counter, incremented (so that a machine in another process notices
+    /// the wipe instead of writing its old account back).
     pub fn wipe(&self) -> Result<(), StoreError> {
         let connection = self.lock();
         connection.pragma_update(None, "secure_delete", "ON")?;
-        connection.execute_batch(
-            "BEGIN IMMEDIATE;
-             DELETE FROM account; DELETE FROM sessions; DELETE FROM devices;
-             DELETE FROM message_hashes; DELETE FROM claimed_one_time_keys;
-             DELETE FROM failure_marks; DELETE FROM outgoing_requests;
-             DELETE FROM recovery_attempts; DELETE FROM pending_results;
-             DELETE FROM result_batches;
-             DELETE FROM meta WHERE key != 'key_check';
-             COMMIT;",
-        )?;
+        immediate(&connection, |connection| {
+            let generation = schema::meta_number(connection, "generation")? + 1;
+            connection.execute_batch(
+                "DELETE FROM account; DELETE FROM sessions; DELETE FROM devices;
+                 DELETE FROM recovery_devices;
+                 DELETE FROM message_hashes; DELETE FROM claimed_one_time_keys;
+                 DELETE FROM failure_marks; DELETE FROM outgoing_requests;
+                 DELETE FROM recovery_attempts; DELETE FROM pending_results;
+                 DELETE FROM result_batches;
+                 DELETE FROM meta WHERE key NOT IN ('key_check', 'kdf_salt');",
+            )?;
+            connection.execute(
+                "INSERT INTO meta (key, value) VALUES ('generation', ?1)",
+                params![generation.to_string().as_bytes()],
+            )?;
+            Ok(())
+        })?;
         connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM;")?;
         Ok(())
     }
@@ -296,6 +202,87 @@ impl SqliteStore {
         // SQLite rolls back an unfinished transaction when its guard is dropped during a panic,
         // so a poisoned connection is still consistent.
         self.connection.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Opens the connection: busy timeout first (so that every later step waits for a process that
+/// is creating or migrating the store), then WAL and the durability setting. Switching to WAL
+/// writes nothing on a store that is already WAL (every store this crate made).
+fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
+    connect_with(path, synchronous, &options::SqliteTestOptions::default())
+}
+
+/// [`connect`] with the `testing` feature's fault settings (the defaults change nothing).
+fn connect_with(
+    path: &Path,
+    synchronous: Synchronous,
+    options: &options::SqliteTestOptions,
+) -> Result<Connection, StoreError> {
+    let connection = if options.read_only {
+        Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    } else {
+        Connection::open(path)
+    }
+    .map_err(describe_open_error)?;
+    connection.busy_timeout(options.busy_timeout.unwrap_or(BUSY_TIMEOUT))?;
+    if let Some(pages) = options.max_page_count {
+        connection.pragma_update(None, "max_page_count", pages)?;
+    }
+    connection
+        .pragma_update(None, "journal_mode", "WAL")
+        .map_err(describe_open_error)?;
+    connection.pragma_update(
+        None,
+        "synchronous",
+        match synchronous {
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        },
+    )?;
+    Ok(connection)
+}
+
+/// What the first open of a passphrase store found under the write lock.
+enum FirstOpen {
+    /// The store was new: it was created with this key (derived from a new salt).
+    Created(StoreKey),
+    /// Another opener created the salt while this one waited for the lock.
+    SaltMadeByAnother(Vec<u8>),
+}
+
+/// The PBKDF2 salt of a passphrase store, if the store has one.
+fn read_salt(connection: &Connection) -> Result<Option<Vec<u8>>, StoreError> {
+    let has_meta = connection
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .map_err(describe_open_error)?
+        > 0;
+    if !has_meta {
+        return Ok(None);
+    }
+    Ok(connection
+        .query_row("SELECT value FROM meta WHERE key = 'kdf_salt'", [], |row| {
+            row.get::<_, Vec<u8>>(0)
+        })
+        .optional()?)
+}
+
+fn new_salt() -> Result<Vec<u8>, StoreError> {
+    let mut salt = vec![0u8; 16];
+    getrandom::fill(&mut salt).map_err(|e| StoreError::Io(std::io::Error::other(e.to_string())))?;
+    Ok(salt)
+}
+
+fn describe_store_error(error: StoreError) -> StoreError {
+    match error {
+        StoreError::Sqlite(error) => describe_open_error(error),
+        other => other,
     }
 }
 

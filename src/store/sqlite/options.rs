@@ -5,9 +5,6 @@
 
 use std::time::Duration;
 
-/// How long a write waits for another connection's write lock before SQLite reports SQLITE_BUSY.
-pub(super) const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Test-only settings for [`SqliteStore::open_with_options`](super::SqliteStore::open_with_options).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SqliteTestOptions {

@@ -1,6 +1,14 @@
 //! The store's [`CryptoStore`] methods: the reads, one query per question the machine asks, and
 //! the cross-process write lock (a `.lock` file beside the database). A batch's writes are in
-//! `transaction.rs`; rekeying and wiping in `mod.rs`.
+//! `transaction.rs`, rekeying in `rekey.rs`, wiping in `mod.rs`.
+//!
+//! A sealed value that does not open (edited, moved to another row, damaged) is refused: the
+//! account and decrypted results with `StoreError::Corrupted`, since the machine cannot go on
+//! without its identity and must not deliver results in an order or place it cannot vouch for.
+//! A session, another device's keys or an outgoing request is dropped with a warning instead:
+//! the machine goes on as if the row had been deleted (which nobody can detect anyway) — a lost
+//! session is recovered like any wedged one, a lost device is learned again from `/keys/query`,
+//! a lost request is queued again by the next recovery — rather than failing every batch.
 
 use std::collections::{HashMap, HashSet};
 
@@ -8,15 +16,19 @@ use async_trait::async_trait;
 use rusqlite::{params, OptionalExtension};
 
 use super::schema::{meta_number, meta_text};
-use super::sealing::{session_context, PendingRow};
+use super::sealing::{
+    account_context, device_context, request_context, session_context, DeviceTable, PendingRow,
+};
 use super::{SqliteStore, LOCK_TIMEOUT};
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 use crate::store::cipher::StoreKey;
 use crate::store::{
-    Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredResult, StoredSession,
-    WriteLock,
+    AccountCreation, Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest,
+    StoredResult, StoredSession, WriteLock,
 };
+
+const LOG_TARGET: &str = "to_device_crypto::store";
 
 /// How many replay hashes one lookup query checks.
 const HASH_LOOKUP_CHUNK: usize = 64;
@@ -29,30 +41,11 @@ static HASH_LOOKUP_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
 #[async_trait]
 impl CryptoStore for SqliteStore {
     async fn load_account(&self) -> Result<Option<StoredAccount>, StoreError> {
-        let row = self
-            .lock()
-            .query_row(
-                "SELECT user_id, device_id, pickle, device_keys_published FROM account WHERE id = 0",
-                [],
-                |row| {
-                    Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, Vec<u8>>(2)?,
-                        row.get::<_, bool>(3)?,
-                    ))
-                },
-            )
-            .optional()?;
-        row.map(|(user_id, device_id, pickle, published)| {
-            Ok(StoredAccount {
-                pickle: self.open_sealed(&pickle, "account", "account pickle")?,
-                user_id,
-                device_id,
-                device_keys_published: published,
-            })
-        })
-        .transpose()
+        self.read_account()
+    }
+
+    async fn create_account(&self, account: StoredAccount) -> Result<AccountCreation, StoreError> {
+        self.insert_account(account)
     }
 
     async fn load_sessions(&self, sender_key: &str) -> Result<Vec<StoredSession>, StoreError> {
@@ -68,36 +61,30 @@ impl CryptoStore for SqliteStore {
                 .collect::<Result<_, _>>()?;
             rows
         };
-        rows.into_iter()
-            .map(|(session_id, pickle, last_used)| {
-                Ok(StoredSession {
-                    pickle: self.open_sealed(
-                        &pickle,
-                        &session_context(sender_key, &session_id),
-                        "session pickle",
-                    )?,
+        let mut sessions = Vec::with_capacity(rows.len());
+        for (session_id, pickle, last_used) in rows {
+            let context = session_context(sender_key, &session_id, last_used);
+            match self.open_sealed(&pickle, &context, "session pickle") {
+                Ok(pickle) => sessions.push(StoredSession {
+                    pickle,
                     sender_key: sender_key.to_owned(),
                     session_id,
                     last_used: u64::try_from(last_used).unwrap_or_default(),
-                })
-            })
-            .collect()
+                }),
+                Err(error) => {
+                    tracing::warn!(target: LOG_TARGET, %error, "dropping an Olm session whose stored row does not open; the sender's next message will start recovery");
+                }
+            }
+        }
+        Ok(sessions)
     }
 
     async fn load_devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
-        let connection = self.lock();
-        let mut statement =
-            connection.prepare_cached("SELECT user_id, device_id, json FROM devices")?;
-        let devices = statement
-            .query_map([], |row| {
-                Ok(StoredDevice {
-                    user_id: row.get(0)?,
-                    device_id: row.get(1)?,
-                    json: row.get(2)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(devices)
+        self.read_devices(DeviceTable::KeysQuery)
+    }
+
+    async fn load_recovery_devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
+        self.read_devices(DeviceTable::Recovery)
     }
 
     async fn known_message_hashes(
@@ -162,19 +149,30 @@ impl CryptoStore for SqliteStore {
     }
 
     async fn load_outgoing_requests(&self) -> Result<Vec<StoredRequest>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT request_id, json, created_at FROM outgoing_requests ORDER BY created_at, rowid",
-        )?;
-        let requests = statement
-            .query_map([], |row| {
-                Ok(StoredRequest {
-                    request_id: row.get(0)?,
-                    json: row.get(1)?,
-                    created_at: u64::try_from(row.get::<_, i64>(2)?).unwrap_or_default(),
-                })
-            })?
-            .collect::<Result<_, _>>()?;
+        let rows: Vec<(String, Vec<u8>, i64)> = {
+            let connection = self.lock();
+            let mut statement = connection.prepare_cached(
+                "SELECT request_id, data, created_at FROM outgoing_requests ORDER BY created_at, rowid",
+            )?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            rows
+        };
+        let mut requests = Vec::with_capacity(rows.len());
+        for (request_id, data, created_at) in rows {
+            let context = request_context(&request_id, created_at);
+            match self.open_sealed(&data, &context, "outgoing request") {
+                Ok(json) => requests.push(StoredRequest {
+                    request_id,
+                    json,
+                    created_at: u64::try_from(created_at).unwrap_or_default(),
+                }),
+                Err(error) => {
+                    tracing::warn!(target: LOG_TARGET, %error, "dropping an outgoing request whose stored row does not open");
+                }
+            }
+        }
         Ok(requests)
     }
 
@@ -192,7 +190,7 @@ impl CryptoStore for SqliteStore {
         let connection = self.lock();
         let rows = connection
             .prepare_cached(
-                "SELECT id, batch, idx, data, result_batch FROM pending_results ORDER BY batch, idx",
+                "SELECT id, batch, idx, result_batch FROM pending_results ORDER BY batch, idx",
             )?
             .query_map([], PendingRow::read)?
             .collect::<Result<Vec<_>, _>>()?;
@@ -206,7 +204,7 @@ impl CryptoStore for SqliteStore {
         let connection = self.lock();
         let mut rows = Vec::new();
         let mut statement = connection.prepare_cached(
-            "SELECT id, batch, idx, data, result_batch FROM pending_results WHERE id = ?1",
+            "SELECT id, batch, idx, result_batch FROM pending_results WHERE id = ?1",
         )?;
         for id in ids {
             if let Some(row) = statement
@@ -278,5 +276,66 @@ impl CryptoStore for SqliteStore {
 
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
         self.write_changes(changes)
+    }
+}
+
+impl SqliteStore {
+    pub(super) fn read_account(&self) -> Result<Option<StoredAccount>, StoreError> {
+        let row = self
+            .lock()
+            .query_row(
+                "SELECT user_id, device_id, pickle, device_keys_published FROM account WHERE id = 0",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Vec<u8>>(2)?,
+                        row.get::<_, bool>(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(|(user_id, device_id, pickle, published)| {
+            // Bound to the user and device: an account row edited to another device id (or
+            // copied into another store's row) does not open.
+            let context = account_context(&user_id, &device_id, published);
+            Ok(StoredAccount {
+                pickle: self.open_sealed(&pickle, &context, "account pickle")?,
+                user_id,
+                device_id,
+                device_keys_published: published,
+            })
+        })
+        .transpose()
+    }
+
+    fn read_devices(&self, table: DeviceTable) -> Result<Vec<StoredDevice>, StoreError> {
+        let rows: Vec<(String, String, Vec<u8>)> = {
+            let connection = self.lock();
+            let mut statement = connection.prepare_cached(&format!(
+                "SELECT user_id, device_id, data FROM {}",
+                table.name()
+            ))?;
+            let rows = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            rows
+        };
+        let mut devices = Vec::with_capacity(rows.len());
+        for (user_id, device_id, data) in rows {
+            let context = device_context(table, &user_id, &device_id);
+            match self.open_sealed(&data, &context, "device keys") {
+                Ok(json) => devices.push(StoredDevice {
+                    user_id,
+                    device_id,
+                    json,
+                }),
+                Err(error) => {
+                    tracing::warn!(target: LOG_TARGET, %error, "dropping another device's keys whose stored row does not open; /keys/query will teach them again");
+                }
+            }
+        }
+        Ok(devices)
     }
 }

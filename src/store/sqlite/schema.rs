@@ -1,17 +1,36 @@
-//! The schema: creating a new store (with its key check), the migration history from version 1,
-//! and the `meta` table's values.
+//! The schema: creating a new store (with its key check, and its salt for a passphrase store),
+//! the migration history from version 1, and the `meta` table's values.
+//!
+//! Creation and migrations run in one `BEGIN IMMEDIATE` transaction that reads `user_version`
+//! itself: of several processes opening a new or older store at once, one creates or migrates it
+//! and the others, waiting on the write lock, then find it done (reading the version before the
+//! transaction let two of them create the same tables: "table meta already exists").
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use super::migrate_v5;
 use crate::error::StoreError;
 use crate::store::cipher::StoreKey;
 
 /// The schema version this build writes. Version 1 had no outbox; version 2 kept session pickles
-/// in a `WITHOUT ROWID` table; version 3 sealed every pending result on its own row (such rows are
-/// still read); [`migrate`] upgrades them all.
-pub const SCHEMA_VERSION: i64 = 4;
+/// in a `WITHOUT ROWID` table; version 3 sealed every pending result on its own row; version 4
+/// sealed a batch's results together but bound them only to their batch number, and kept device
+/// keys and outgoing requests as plain JSON. [`migrate`] upgrades them all.
+pub const SCHEMA_VERSION: i64 = 5;
 
 pub(super) const KEY_CHECK_PLAINTEXT: &[u8] = b"to-device-crypto store key check";
+pub(super) const KEY_CHECK_CONTEXT: &[u8] = b"key_check";
+
+/// What a new store needs besides its tables.
+pub(super) struct NewStore<'a> {
+    pub key: &'a StoreKey,
+    /// The PBKDF2 salt of a passphrase store, written in the same transaction as the tables.
+    pub kdf_salt: Option<&'a [u8]>,
+}
+
+pub(super) fn user_version(connection: &Connection) -> Result<i64, StoreError> {
+    Ok(connection.query_row("PRAGMA user_version", [], |row| row.get(0))?)
+}
 
 pub(super) fn check_key(connection: &Connection, key: &StoreKey) -> Result<(), StoreError> {
     let check: Option<Vec<u8>> = connection
@@ -25,17 +44,78 @@ pub(super) fn check_key(connection: &Connection, key: &StoreKey) -> Result<(), S
         what: "key check",
         detail: "the store has no key check value".to_owned(),
     })?;
-    match key.decrypt(&check, b"key_check") {
-        Some(plaintext) if plaintext == KEY_CHECK_PLAINTEXT => Ok(()),
+    match key.decrypt(&check, KEY_CHECK_CONTEXT) {
+        Some(plaintext) if plaintext.as_slice() == KEY_CHECK_PLAINTEXT => Ok(()),
         _ => Err(StoreError::WrongStoreKey),
     }
 }
 
-pub(super) fn create_schema(connection: &Connection, key: &StoreKey) -> Result<(), StoreError> {
-    let check = key.encrypt(KEY_CHECK_PLAINTEXT, b"key_check")?;
+/// Runs `work` in a `BEGIN IMMEDIATE` transaction (waiting for another writer up to the busy
+/// timeout), committing on success and rolling back on any error.
+pub(super) fn immediate<T>(
+    connection: &Connection,
+    work: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    connection.execute_batch("BEGIN IMMEDIATE")?;
+    match work(connection) {
+        Ok(value) => match connection.execute_batch("COMMIT") {
+            Ok(()) => Ok(value),
+            Err(error) => {
+                let _ = connection.execute_batch("ROLLBACK");
+                Err(error.into())
+            }
+        },
+        Err(error) => {
+            let _ = connection.execute_batch("ROLLBACK");
+            Err(error)
+        }
+    }
+}
+
+/// Makes the store current for `key`: creates it when empty, checks the key, migrates an older
+/// schema. A current store with the right key is checked without taking the write lock; anything
+/// else is decided again inside one `BEGIN IMMEDIATE` transaction. A store from a newer version
+/// or a wrong key fails before anything is written.
+pub(super) fn prepare(connection: &Connection, key: &StoreKey) -> Result<(), StoreError> {
+    let version = user_version(connection)?;
+    check_version(version)?;
+    if version == SCHEMA_VERSION {
+        return check_key(connection, key);
+    }
+    immediate(connection, |connection| {
+        let version = user_version(connection)?;
+        check_version(version)?;
+        if version == 0 {
+            create(
+                connection,
+                &NewStore {
+                    key,
+                    kdf_salt: None,
+                },
+            )
+        } else {
+            check_key(connection, key)?;
+            migrate(connection, version, key)
+        }
+    })
+}
+
+pub(super) fn check_version(version: i64) -> Result<(), StoreError> {
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            found: version,
+            supported: SCHEMA_VERSION,
+        });
+    }
+    Ok(())
+}
+
+/// Creates a new store inside the caller's transaction: the version-1 tables and key check, then
+/// every migration, so that the migrations run on every new store too.
+pub(super) fn create(connection: &Connection, new: &NewStore<'_>) -> Result<(), StoreError> {
+    let check = new.key.encrypt(KEY_CHECK_PLAINTEXT, KEY_CHECK_CONTEXT)?;
     connection.execute_batch(
-        "BEGIN IMMEDIATE;
-         CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);
+        "CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);
          CREATE TABLE account (
              id INTEGER PRIMARY KEY CHECK (id = 0),
              user_id TEXT NOT NULL,
@@ -62,45 +142,41 @@ pub(super) fn create_schema(connection: &Connection, key: &StoreKey) -> Result<(
              created_at INTEGER NOT NULL);
          CREATE TABLE recovery_attempts (
              sender_key TEXT PRIMARY KEY NOT NULL,
-             attempted_at INTEGER NOT NULL) WITHOUT ROWID;",
+             attempted_at INTEGER NOT NULL) WITHOUT ROWID;
+         PRAGMA user_version = 1;",
     )?;
-    let result = connection
-        .execute(
-            "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
-            params![check],
-        )
-        .and_then(|_| connection.pragma_update(None, "user_version", 1))
-        .and_then(|_| connection.execute_batch("COMMIT"));
-    if let Err(error) = result {
-        let _ = connection.execute_batch("ROLLBACK");
-        return Err(error.into());
+    connection.execute(
+        "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
+        params![check],
+    )?;
+    if let Some(salt) = new.kdf_salt {
+        connection.execute(
+            "INSERT INTO meta (key, value) VALUES ('kdf_salt', ?1)",
+            params![salt],
+        )?;
     }
-    Ok(())
+    migrate(connection, 1, new.key)
 }
 
-/// Upgrades an older schema in place, one version per transaction; every new store goes through
-/// the same steps, so the migrations are exercised on every run.
-pub(super) fn migrate(connection: &Connection) -> Result<(), StoreError> {
-    let version: i64 = connection.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+/// Upgrades a schema of `version` in place, inside the caller's transaction (all steps commit
+/// together or not at all).
+fn migrate(connection: &Connection, version: i64, key: &StoreKey) -> Result<(), StoreError> {
     if version < 2 {
         connection.execute_batch(
-            "BEGIN IMMEDIATE;
-             CREATE TABLE pending_results (
+            "CREATE TABLE pending_results (
                  id TEXT PRIMARY KEY NOT NULL,
                  batch INTEGER NOT NULL,
                  idx INTEGER NOT NULL,
                  data BLOB NOT NULL);
              CREATE INDEX pending_results_order ON pending_results (batch, idx);
-             PRAGMA user_version = 2;
-             COMMIT;",
+             PRAGMA user_version = 2;",
         )?;
     }
     if version < 3 {
         // Pickles are ~3.5 KB: SQLite advises rowid tables for rows that large, since a
         // WITHOUT ROWID b-tree holds only a few of them per page and grows deep.
         connection.execute_batch(
-            "BEGIN IMMEDIATE;
-             CREATE TABLE sessions_v3 (
+            "CREATE TABLE sessions_v3 (
                  id INTEGER PRIMARY KEY,
                  sender_key TEXT NOT NULL,
                  session_id TEXT NOT NULL,
@@ -111,25 +187,31 @@ pub(super) fn migrate(connection: &Connection) -> Result<(), StoreError> {
                  SELECT sender_key, session_id, pickle, last_used FROM sessions;
              DROP TABLE sessions;
              ALTER TABLE sessions_v3 RENAME TO sessions;
-             PRAGMA user_version = 3;
-             COMMIT;",
+             PRAGMA user_version = 3;",
         )?;
     }
     if version < 4 {
         // A batch's results are sealed together in one `result_batches` row (see
         // store/result_batch.rs); `pending_results` keeps one small row per result for lookups by
-        // id and order, pointing at it. Rows written before keep their own sealed `data`.
+        // id and order, pointing at it. Rows written before keep their own sealed `data` (until
+        // version 5 moves them into batches too).
         connection.execute_batch(
-            "BEGIN IMMEDIATE;
-             CREATE TABLE result_batches (
+            "CREATE TABLE result_batches (
                  id INTEGER PRIMARY KEY,
                  batch INTEGER NOT NULL,
                  remaining INTEGER NOT NULL,
                  data BLOB NOT NULL);
              ALTER TABLE pending_results ADD COLUMN result_batch INTEGER;
-             PRAGMA user_version = 4;
-             COMMIT;",
+             PRAGMA user_version = 4;",
         )?;
+    }
+    if version < 5 {
+        // Issue 16, store integrity: every sealed value bound to its row, results' order sealed
+        // with them, device keys and outgoing requests sealed, the devices known only from
+        // `sender_device_keys` kept for recovery. (Other schema-5 changes go in this step too,
+        // as separate statements: users see one migration.)
+        migrate_v5::seal_every_row(connection, key)?;
+        connection.execute_batch("PRAGMA user_version = 5;")?;
     }
     Ok(())
 }

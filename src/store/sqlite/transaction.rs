@@ -1,16 +1,26 @@
-//! The writes: everything one batch (or key operation) changed, as one SQLite transaction.
-//! Values are sealed before the connection is taken, so it is held only for the SQL itself.
+//! The writes: everything one batch (or key operation) changed, as one SQLite transaction, and
+//! the creation of the account. Values are sealed before the connection is taken where their row
+//! is known in advance, so it is held mostly for the SQL itself; a batch of results is sealed
+//! once its row id exists, since the seal binds it to that row.
 
 use std::collections::BTreeMap;
 
 use rusqlite::{params, OptionalExtension};
+use zeroize::Zeroizing;
 
 use super::schema::meta_number;
-use super::sealing::{result_batch_context, session_context};
+use super::sealing::{
+    account_context, device_context, request_context, result_batch_context, session_context,
+    DeviceTable,
+};
 use super::SqliteStore;
 use crate::error::StoreError;
 use crate::store::result_batch::{self, FramedResult};
-use crate::store::{Changes, StoredResult};
+use crate::store::{AccountCreation, Changes, StoredAccount, StoredDevice, StoredResult};
+
+fn sql_int(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
 
 /// How many decrypted results one `result_batches` row holds at most.
 const RESULTS_PER_SEAL: usize = 256;
@@ -25,10 +35,7 @@ impl SqliteStore {
         let account = changes
             .account
             .as_ref()
-            .map(|account| {
-                self.seal(account.pickle.as_bytes(), "account")
-                    .map(|p| (account, p))
-            })
+            .map(|account| self.seal_account(account).map(|p| (account, p)))
             .transpose()?;
         let sessions = changes
             .sessions
@@ -36,9 +43,24 @@ impl SqliteStore {
             .map(|s| {
                 self.seal(
                     s.pickle.as_bytes(),
-                    &session_context(&s.sender_key, &s.session_id),
+                    &session_context(&s.sender_key, &s.session_id, sql_int(s.last_used)),
                 )
                 .map(|p| (s, p))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let devices = self.seal_devices(&changes.devices, DeviceTable::KeysQuery)?;
+        let recovery_devices =
+            self.seal_devices(&changes.recovery_devices, DeviceTable::Recovery)?;
+        let requests = changes
+            .outgoing_requests
+            .iter()
+            .map(|r| {
+                let created_at = sql_int(r.created_at);
+                self.seal(
+                    r.json.as_bytes(),
+                    &request_context(&r.request_id, created_at),
+                )
+                .map(|sealed| (r, created_at, sealed))
             })
             .collect::<Result<Vec<_>, _>>()?;
 
@@ -49,7 +71,7 @@ impl SqliteStore {
         for result in &changes.pending_results {
             by_batch.entry(result.batch).or_default().push(result);
         }
-        let result_batches = by_batch
+        let result_batches: Vec<_> = by_batch
             .iter()
             .flat_map(|(&batch, results)| {
                 results
@@ -57,20 +79,21 @@ impl SqliteStore {
                     .map(move |results| (batch, results))
             })
             .map(|(batch, results)| {
-                let batch = i64::try_from(batch).unwrap_or(i64::MAX);
-                let framed = result_batch::encode(results.iter().map(|r| FramedResult {
-                    id: &r.id,
-                    index: r.index,
-                    json: &r.json,
-                }));
-                let sealed = self.seal(&framed, &result_batch_context(batch))?;
-                Ok((batch, results, sealed))
+                let framed =
+                    Zeroizing::new(result_batch::encode(results.iter().map(|r| FramedResult {
+                        id: &r.id,
+                        batch,
+                        index: r.index,
+                        json: &r.json,
+                    })));
+                (sql_int(batch), results, framed)
             })
-            .collect::<Result<Vec<_>, StoreError>>()?;
+            .collect();
 
         let mut connection = self.lock();
         let transaction = connection.transaction()?;
         if let Some((account, pickle)) = account {
+            // An update of the account this machine opened (the creation is `create_account`).
             transaction.execute(
                 "INSERT OR REPLACE INTO account (id, user_id, device_id, pickle, device_keys_published)
                  VALUES (0, ?1, ?2, ?3, ?4)",
@@ -89,7 +112,7 @@ impl SqliteStore {
                     session.sender_key,
                     session.session_id,
                     pickle,
-                    i64::try_from(session.last_used).unwrap_or(i64::MAX)
+                    sql_int(session.last_used)
                 ])?;
             }
             let mut statement = transaction
@@ -103,10 +126,23 @@ impl SqliteStore {
                 statement.execute(params![&hash.0[..]])?;
             }
             let mut statement = transaction.prepare_cached(
-                "INSERT OR REPLACE INTO devices (user_id, device_id, json) VALUES (?1, ?2, ?3)",
+                "INSERT INTO devices (user_id, device_id, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_id, device_id) DO UPDATE SET data = excluded.data",
             )?;
-            for device in &changes.devices {
-                statement.execute(params![device.user_id, device.device_id, device.json])?;
+            // `/keys/query` is the authority: its answer replaces what sender_device_keys taught.
+            let mut forget = transaction.prepare_cached(
+                "DELETE FROM recovery_devices WHERE user_id = ?1 AND device_id = ?2",
+            )?;
+            for (device, sealed) in &devices {
+                statement.execute(params![device.user_id, device.device_id, sealed])?;
+                forget.execute(params![device.user_id, device.device_id])?;
+            }
+            let mut statement = transaction.prepare_cached(
+                "INSERT INTO recovery_devices (user_id, device_id, data) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (user_id, device_id) DO UPDATE SET data = excluded.data",
+            )?;
+            for (device, sealed) in &recovery_devices {
+                statement.execute(params![device.user_id, device.device_id, sealed])?;
             }
             let mut statement = transaction
                 .prepare_cached("INSERT OR IGNORE INTO claimed_one_time_keys (key) VALUES (?1)")?;
@@ -124,40 +160,40 @@ impl SqliteStore {
                 statement.execute(params![request_id])?;
             }
             let mut statement = transaction.prepare_cached(
-                "INSERT OR REPLACE INTO outgoing_requests (request_id, json, created_at) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO outgoing_requests (request_id, data, created_at) VALUES (?1, ?2, ?3)",
             )?;
-            for request in &changes.outgoing_requests {
-                statement.execute(params![
-                    request.request_id,
-                    request.json,
-                    i64::try_from(request.created_at).unwrap_or(i64::MAX)
-                ])?;
+            for (request, created_at, sealed) in &requests {
+                statement.execute(params![request.request_id, sealed, created_at])?;
             }
             let mut statement = transaction.prepare_cached(
                 "INSERT OR REPLACE INTO recovery_attempts (sender_key, attempted_at) VALUES (?1, ?2)",
             )?;
             for (sender_key, at) in &changes.recovery_attempts {
-                statement.execute(params![sender_key, i64::try_from(*at).unwrap_or(i64::MAX)])?;
+                statement.execute(params![sender_key, sql_int(*at)])?;
             }
-            for (batch, results, sealed) in &result_batches {
+            for (batch, results, framed) in &result_batches {
                 transaction
                     .prepare_cached(
-                        "INSERT INTO result_batches (batch, remaining, data) VALUES (?1, 0, ?2)",
+                        "INSERT INTO result_batches (batch, remaining, data) VALUES (?1, 0, x'')",
                     )?
-                    .execute(params![batch, sealed])?;
+                    .execute(params![batch])?;
                 let batch_row = transaction.last_insert_rowid();
+                let sealed = self.seal(framed, &result_batch_context(batch_row, *batch))?;
+                transaction
+                    .prepare_cached("UPDATE result_batches SET data = ?1 WHERE id = ?2")?
+                    .execute(params![sealed, batch_row])?;
                 // A result id already pending keeps its row (the same message gives the same
                 // result): `remaining` counts only the rows that point here.
                 let mut statement = transaction.prepare_cached(
-                    "INSERT OR IGNORE INTO pending_results (id, batch, idx, data, result_batch)
-                     VALUES (?1, ?2, ?3, x'', ?4)",
+                    "INSERT OR IGNORE INTO pending_results (id, batch, idx, result_batch)
+                     VALUES (?1, ?2, ?3, ?4)",
                 )?;
                 let mut remaining = 0;
                 for result in results.iter() {
                     remaining += statement.execute(params![
                         result.id,
                         batch,
-                        i64::try_from(result.index).unwrap_or(i64::MAX),
+                        sql_int(result.index),
                         batch_row
                     ])?;
                 }
@@ -212,5 +248,79 @@ impl SqliteStore {
         }
         transaction.commit()?;
         Ok(())
+    }
+
+    fn seal_devices<'a>(
+        &self,
+        devices: &'a [StoredDevice],
+        table: DeviceTable,
+    ) -> Result<Vec<(&'a StoredDevice, Vec<u8>)>, StoreError> {
+        devices
+            .iter()
+            .map(|d| {
+                self.seal(
+                    d.json.as_bytes(),
+                    &device_context(table, &d.user_id, &d.device_id),
+                )
+                .map(|sealed| (d, sealed))
+            })
+            .collect()
+    }
+
+    fn seal_account(&self, account: &StoredAccount) -> Result<Vec<u8>, StoreError> {
+        self.seal(
+            account.pickle.as_bytes(),
+            &account_context(
+                &account.user_id,
+                &account.device_id,
+                account.device_keys_published,
+            ),
+        )
+    }
+
+    /// A plain INSERT of the account: of several openers that found no account, the first to
+    /// commit wins and the others get its account back (they held the cross-process lock in
+    /// turn, but the constraint is what guarantees one identity).
+    pub(super) fn insert_account(
+        &self,
+        account: StoredAccount,
+    ) -> Result<AccountCreation, StoreError> {
+        let pickle = self.seal_account(&account)?;
+        let mut connection = self.lock();
+        let transaction =
+            connection.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let inserted = transaction.execute(
+            "INSERT INTO account (id, user_id, device_id, pickle, device_keys_published)
+             VALUES (0, ?1, ?2, ?3, ?4)",
+            params![
+                account.user_id,
+                account.device_id,
+                pickle,
+                account.device_keys_published
+            ],
+        );
+        match inserted {
+            Ok(_) => {
+                let generation = meta_number(&transaction, "generation")? + 1;
+                transaction.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('generation', ?1)",
+                    params![generation.to_string().as_bytes()],
+                )?;
+                transaction.commit()?;
+                Ok(AccountCreation::Created)
+            }
+            Err(error)
+                if error.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation) =>
+            {
+                drop(transaction);
+                drop(connection);
+                let existing = self.read_account()?.ok_or_else(|| StoreError::Corrupted {
+                    what: "account",
+                    detail: "inserting the account conflicted, yet no account is stored".to_owned(),
+                })?;
+                Ok(AccountCreation::AlreadyExists(existing))
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 }

@@ -728,17 +728,17 @@ internal object IntegrityCheckingUniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
+    external fun uniffi_to_device_crypto_checksum_func_prepare_for_exit(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_func_set_log_sink(
     ): Int
-    external fun uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure(
+    external fun uniffi_to_device_crypto_checksum_func_all_failure_reasons(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_func_failure_reason_from_name(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_failuresubscription_missed(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_failuresubscription_next(
-    ): Int
-    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_cancel(
-    ): Int
-    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge(
     ): Int
@@ -788,6 +788,14 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_cancel(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_flush(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_logsink_log(
     ): Int
     external fun uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memory(
@@ -818,14 +826,6 @@ internal object UniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
-    external fun uniffi_to_device_crypto_fn_clone_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Long
-    external fun uniffi_to_device_crypto_fn_free_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_init_callback_vtable_decryptionfailurelistener(`vtable`: UniffiVTableCallbackInterfaceDecryptionFailureListener,
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_method_decryptionfailurelistener_on_decryption_failure(`ptr`: Long,`event`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
     external fun uniffi_to_device_crypto_fn_clone_failuresubscription(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_to_device_crypto_fn_free_failuresubscription(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -834,14 +834,6 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_to_device_crypto_fn_method_failuresubscription_next(`ptr`: Long,
     ): Long
-    external fun uniffi_to_device_crypto_fn_clone_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Long
-    external fun uniffi_to_device_crypto_fn_free_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_method_listenerhandle_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_method_listenerhandle_is_cancelled(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Byte
     external fun uniffi_to_device_crypto_fn_clone_olmmachine(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_to_device_crypto_fn_free_olmmachine(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -900,6 +892,24 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests(`ptr`: Long,
     ): Long
+    external fun uniffi_to_device_crypto_fn_clone_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_to_device_crypto_fn_free_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_init_callback_vtable_decryptionfailurelistener(`vtable`: UniffiVTableCallbackInterfaceDecryptionFailureListener,
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_method_decryptionfailurelistener_on_decryption_failure(`ptr`: Long,`event`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_clone_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_to_device_crypto_fn_free_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_method_listenerhandle_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_method_listenerhandle_flush(`ptr`: Long,`timeoutMs`: Int,
+    ): Long
+    external fun uniffi_to_device_crypto_fn_method_listenerhandle_is_cancelled(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_to_device_crypto_fn_clone_logsink(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_to_device_crypto_fn_free_logsink(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -908,8 +918,20 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_to_device_crypto_fn_method_logsink_log(`ptr`: Long,`level`: RustBuffer.ByValue,`target`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_to_device_crypto_fn_method_failurereasonffi_analytics_name(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_method_failurereasonffi_info(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_method_failurereasonffi_posthog_event(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_func_prepare_for_exit(`timeoutMs`: Int,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_to_device_crypto_fn_func_set_log_sink(`sink`: RustBuffer.ByValue,`maxLevel`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_to_device_crypto_fn_func_all_failure_reasons(uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_func_failure_reason_from_name(`name`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun ffi_to_device_crypto_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun ffi_to_device_crypto_rustbuffer_from_bytes(`bytes`: ForeignBytes.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1029,10 +1051,16 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
+    if ((lib.uniffi_to_device_crypto_checksum_func_prepare_for_exit() and 0xFFFF) != 34140) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_to_device_crypto_checksum_func_set_log_sink() and 0xFFFF) != 23046) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() and 0xFFFF) != 42663) {
+    if ((lib.uniffi_to_device_crypto_checksum_func_all_failure_reasons() and 0xFFFF) != 5447) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_func_failure_reason_from_name() and 0xFFFF) != 51467) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_failuresubscription_missed() and 0xFFFF) != 48711) {
@@ -1041,16 +1069,10 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_to_device_crypto_checksum_method_failuresubscription_next() and 0xFFFF) != 1781) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() and 0xFFFF) != 30830) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
-    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() and 0xFFFF) != 58370) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() and 0xFFFF) != 64413) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() and 0xFFFF) != 1983) {
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() and 0xFFFF) != 19431) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() and 0xFFFF) != 14123) {
@@ -1117,6 +1139,18 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests() and 0xFFFF) != 1400) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() and 0xFFFF) != 8969) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() and 0xFFFF) != 49169) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush() and 0xFFFF) != 17991) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() and 0xFFFF) != 54040) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_logsink_log() and 0xFFFF) != 30402) {
@@ -2231,6 +2265,13 @@ public interface ListenerHandleInterface {
     fun `cancel`()
     
     /**
+     * Waits until every failure published before this call has been handed to the listener
+     * (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
+     * `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+     */
+    suspend fun `flush`(`timeoutMs`: kotlin.UInt): kotlin.Boolean
+    
+    /**
      * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
      * this may still be `false` for a moment.
      */
@@ -2357,6 +2398,32 @@ open class ListenerHandle: Disposable, AutoCloseable, ListenerHandleInterface
     }
     
     
+
+    
+    /**
+     * Waits until every failure published before this call has been handed to the listener
+     * (its call returned), for at most `timeout_ms`. Returns whether that happened in time;
+     * `false` as well when the handle was cancelled. Use it before exiting, or in tests.
+     */
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `flush`(`timeoutMs`: kotlin.UInt) : kotlin.Boolean {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_flush(
+                uniffiHandle,
+                
+        FfiConverterUInt.lower(`timeoutMs`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_i8(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_i8(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_i8(future) },
+        // lift function
+        { FfiConverterBoolean.lift(it) },
+        // Error FFI converter
+        UniffiNullRustCallStatusErrorHandler,
+    )
+    }
 
     
     /**
@@ -3854,6 +3921,94 @@ public object FfiConverterTypeDecryptedEvent: FfiConverterRustBuffer<DecryptedEv
 
 
 /**
+ * The documentation of one failure reason: the columns of the README's failure table.
+ */
+data class FailureReasonInfo (
+    /**
+     * The reason.
+     */
+    var `reason`: FailureReasonFfi
+    , 
+    /**
+     * The short name, e.g. `SessionWedged`.
+     */
+    var `name`: kotlin.String
+    , 
+    /**
+     * The PostHog `Error` event `name`, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+     */
+    var `analyticsName`: kotlin.String
+    , 
+    /**
+     * When this reason is reported (the check that failed).
+     */
+    var `description`: kotlin.String
+    , 
+    /**
+     * The most likely root cause in the field.
+     */
+    var `typicalRootCause`: kotlin.String
+    , 
+    /**
+     * What an app engineer should look at first.
+     */
+    var `whatToLookAt`: kotlin.String
+    , 
+    /**
+     * Whether a new Olm session with the sender fixes it (the machine then queues a
+     * `/keys/claim` for a known sender device).
+     */
+    var `needsNewSession`: kotlin.Boolean
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeFailureReasonInfo: FfiConverterRustBuffer<FailureReasonInfo> {
+    override fun read(buf: ByteBuffer): FailureReasonInfo {
+        return FailureReasonInfo(
+            FfiConverterTypeFailureReasonFfi.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: FailureReasonInfo) = (
+            FfiConverterTypeFailureReasonFfi.allocationSize(value.`reason`) +
+            FfiConverterString.allocationSize(value.`name`) +
+            FfiConverterString.allocationSize(value.`analyticsName`) +
+            FfiConverterString.allocationSize(value.`description`) +
+            FfiConverterString.allocationSize(value.`typicalRootCause`) +
+            FfiConverterString.allocationSize(value.`whatToLookAt`) +
+            FfiConverterBoolean.allocationSize(value.`needsNewSession`)
+    )
+
+    override fun write(value: FailureReasonInfo, buf: ByteBuffer) {
+            FfiConverterTypeFailureReasonFfi.write(value.`reason`, buf)
+            FfiConverterString.write(value.`name`, buf)
+            FfiConverterString.write(value.`analyticsName`, buf)
+            FfiConverterString.write(value.`description`, buf)
+            FfiConverterString.write(value.`typicalRootCause`, buf)
+            FfiConverterString.write(value.`whatToLookAt`, buf)
+            FfiConverterBoolean.write(value.`needsNewSession`, buf)
+    }
+}
+
+
+
+/**
  * Our identity keys, base64.
  */
 data class IdentityKeysFfi (
@@ -4436,6 +4591,45 @@ enum class FailureReasonFfi {
     STORE;
 
     
+    /**
+     * The PostHog `Error` event `name`, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+     */ fun `analyticsName`(): kotlin.String {
+            return FfiConverterString.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_analytics_name(FfiConverterTypeFailureReasonFfi.lower(this),
+        _status)
+}
+    )
+    }
+    
+
+    
+    /**
+     * When this reason is reported, its typical root cause and what to look at.
+     */ fun `info`(): FailureReasonInfo {
+            return FfiConverterTypeFailureReasonInfo.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_info(FfiConverterTypeFailureReasonFfi.lower(this),
+        _status)
+}
+    )
+    }
+    
+
+    
+    /**
+     * The PostHog event for this reason: exactly what a listener receives for such a failure.
+     */ fun `posthogEvent`(): PosthogErrorEvent {
+            return FfiConverterTypePosthogErrorEvent.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_posthog_event(FfiConverterTypeFailureReasonFfi.lower(this),
+        _status)
+}
+    )
+    }
+    
+
+    
 
 
     companion object
@@ -4884,6 +5078,38 @@ public object FfiConverterOptionalTypePosthogErrorEvent: FfiConverterRustBuffer<
 /**
  * @suppress
  */
+public object FfiConverterOptionalTypeFailureReasonFfi: FfiConverterRustBuffer<FailureReasonFfi?> {
+    override fun read(buf: ByteBuffer): FailureReasonFfi? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeFailureReasonFfi.read(buf)
+    }
+
+    override fun allocationSize(value: FailureReasonFfi?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeFailureReasonFfi.allocationSize(value)
+        }
+    }
+
+    override fun write(value: FailureReasonFfi?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeFailureReasonFfi.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterSequenceString: FfiConverterRustBuffer<List<kotlin.String>> {
     override fun read(buf: ByteBuffer): List<kotlin.String> {
         val len = buf.getInt()
@@ -4930,6 +5156,34 @@ public object FfiConverterSequenceTypePendingEvent: FfiConverterRustBuffer<List<
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypePendingEvent.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeFailureReasonFfi: FfiConverterRustBuffer<List<FailureReasonFfi>> {
+    override fun read(buf: ByteBuffer): List<FailureReasonFfi> {
+        val len = buf.getInt()
+        return List<FailureReasonFfi>(len) {
+            FfiConverterTypeFailureReasonFfi.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<FailureReasonFfi>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeFailureReasonFfi.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<FailureReasonFfi>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeFailureReasonFfi.write(it, buf)
         }
     }
 }
@@ -5037,6 +5291,29 @@ public object FfiConverterMapStringString: FfiConverterRustBuffer<Map<kotlin.Str
 
 
         /**
+         * Prepares for the process to exit: delivers what listeners and the log sink have queued (for at
+         * most `timeout_ms`), then stops every call from this library into foreign code for the rest of
+         * the process, waiting for the calls in progress. Returns whether everything queued was
+         * delivered.
+         *
+         * The Python package calls this from `atexit`: CPython aborts the process when one of our threads
+         * calls into Python while the interpreter finalizes. Swift and Kotlin apps do not need it; a
+         * command-line JVM program may call it from a shutdown hook. Irreversible: listeners and the log
+         * sink receive nothing afterwards. Do not call it from a listener or log sink (its own queue
+         * cannot drain while it waits).
+         */ fun `prepareForExit`(`timeoutMs`: kotlin.UInt): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_func_prepare_for_exit(
+    
+        
+        FfiConverterUInt.lower(`timeoutMs`),_status)
+}
+    )
+    }
+    
+
+        /**
          * Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and
          * `Error`) to `sink`. A second call replaces the sink and the level; `None` stops forwarding.
          *
@@ -5051,6 +5328,35 @@ public object FfiConverterMapStringString: FfiConverterRustBuffer<Map<kotlin.Str
         FfiConverterTypeLogLevel.lower(`maxLevel`),_status)
 }
     
+    
+
+        /**
+         * Every failure reason, in the order of the README's table.
+         */ fun `allFailureReasons`(): List<FailureReasonFfi> {
+            return FfiConverterSequenceTypeFailureReasonFfi.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_func_all_failure_reasons(
+    
+        _status)
+}
+    )
+    }
+    
+
+        /**
+         * The reason named `name`: a short name (`SessionWedged`) or an analytics name
+         * (`ToDeviceFailedToDecrypt_SessionWedged`); `None` for anything else (names are
+         * case-sensitive).
+         */ fun `failureReasonFromName`(`name`: kotlin.String): FailureReasonFfi? {
+            return FfiConverterOptionalTypeFailureReasonFfi.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_func_failure_reason_from_name(
+    
+        
+        FfiConverterString.lower(`name`),_status)
+}
+    )
+    }
     
 
 
