@@ -223,10 +223,12 @@ impl OlmMachine {
         batch: &mut BatchChanges,
         raw: &str,
         parsed: Result<ParsedEvent, DecryptionError>,
-        facts: EnvelopeFacts,
+        mut facts: EnvelopeFacts,
         position: EventPosition,
     ) -> Result<ToDeviceOutcome, StoreError> {
-        let result = self.decrypt_event(state, batch, parsed, position).await;
+        let result = self
+            .decrypt_event(state, batch, parsed, position, &mut facts)
+            .await;
         Ok(match result {
             Ok(Some(event)) => ToDeviceOutcome::Decrypted(event),
             Ok(None) => match serde_json::from_str(raw) {
@@ -252,6 +254,7 @@ impl OlmMachine {
         batch: &mut BatchChanges,
         parsed: Result<ParsedEvent, DecryptionError>,
         event: EventPosition,
+        facts: &mut EnvelopeFacts,
     ) -> Result<Option<DecryptedToDeviceEvent>, DecryptionError> {
         let EventPosition {
             index,
@@ -333,7 +336,13 @@ impl OlmMachine {
             sender_key: &envelope.sender_key,
             known_devices: devices,
         };
-        let accepted = check_plaintext(&plaintext, &context, verified_device_keys)?;
+        let accepted = match check_plaintext(&plaintext, &context, verified_device_keys) {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                facts.decrypted_type = plaintext_type(&plaintext);
+                return Err(error);
+            }
+        };
         if let (Some(device_keys), Some(device_id)) = (
             accepted.unknown_sender_device_keys,
             accepted.sender_device_id.as_deref(),
@@ -442,4 +451,17 @@ impl OlmMachine {
         }
         Ok(changes)
     }
+}
+
+/// The `type` of a decrypted plaintext that failed its checks, if it has a string one: only on the
+/// failure path, for the failure's diagnostics.
+fn plaintext_type(plaintext: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct TypeOnly {
+        #[serde(rename = "type")]
+        event_type: Option<String>,
+    }
+    serde_json::from_slice::<TypeOnly>(plaintext)
+        .ok()
+        .and_then(|plaintext| plaintext.event_type)
 }
