@@ -17,6 +17,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TDC_CACHE/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 started=$SECONDS
+# What git sees before the run: the run must leave it as it found it (a lock file or generated file
+# that a step rewrites would otherwise go unnoticed in a clean-clone CI run).
+tree_before=$(git status --porcelain=v1 --untracked-files=all 2>/dev/null || true)
 timings=()
 skipped=()
 current=""
@@ -105,3 +108,13 @@ step "mobile library: no build tools linked, size" scripts/report-size.sh
 step "generated bindings are up to date" scripts/generate-bindings.sh --check
 step "binding suites (Swift, Kotlin, Python)" scripts/test-bindings.sh
 step "Python wheel: fresh venv, README example" scripts/test-wheel.sh
+tree_unchanged() {
+    local after
+    after=$(git status --porcelain=v1 --untracked-files=all 2>/dev/null || true)
+    if [[ $after != "$tree_before" ]]; then
+        echo "error: the run changed the working tree:" >&2
+        diff <(echo "$tree_before") <(echo "$after") >&2 || true
+        return 1
+    fi
+}
+step "the run left the working tree as it found it" tree_unchanged
