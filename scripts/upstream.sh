@@ -28,6 +28,9 @@ PATCHED_CRATES=(matrix-sdk-common matrix-sdk-crypto matrix-sdk-base)
 export TDC_CACHE="${TDC_CACHE:-$HOME/.cache/to-device-crypto}"
 export CARGO_TARGET_DIR="${TDC_UPSTREAM_TARGET:-$TDC_CACHE/upstream-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# The patched crates are path dependencies, which cargo compiles incrementally by default: gigabytes of
+# caches for sources that change only with the series.
+export CARGO_INCREMENTAL=0
 # insta must not write snapshots for the tests whose snapshot files are not published.
 export INSTA_UPDATE=no
 cache="$TDC_CACHE/upstream"
@@ -99,12 +102,13 @@ for w in wanted:
 # test-harness patches (changes to the SDK's tests that only make them build and run from the
 # published crates; not part of the upstream change).
 prepare_tree() {
-    local main=("$series"/*.patch) test_only=("$harness"/*.patch) stamp sources patch
+    local main=("$series"/*.patch) test_only=("$harness"/*.patch) stamp sources patch name dir
     if [ ${#main[@]} -eq 0 ]; then
         echo "error: no patches in ${series#"$repo"/}" >&2
         exit 1
     fi
-    stamp=$(cat "$0" "${main[@]}" "${test_only[@]}" "$harness/Cargo.lock" | sha256sum | cut -c1-16)
+    stamp=$(cat "$0" "${main[@]}" "${test_only[@]}" "$harness/Cargo.lock" upstream/sdk-olm/Cargo.toml |
+        sha256sum | cut -c1-16)
     if [ -f "$tree/.prepared" ] && [ "$(cat "$tree/.prepared")" = "$stamp" ] &&
         [ -z "$(git -C "$tree" status --porcelain --untracked-files=no)" ]; then
         note "patched tree is up to date: $tree"
@@ -125,6 +129,9 @@ prepare_tree() {
         printf '"crates/%s", ' "${PATCHED_CRATES[@]}"
         printf ']\n\n[patch.crates-io]\n'
         for c in "${PATCHED_CRATES[@]}"; do printf '%s = { path = "crates/%s" }\n' "$c" "$c"; done
+        # The same profile as sdk-olm's (see its Cargo.toml), so that the two builds share the
+        # dependencies they have in common in one target dir.
+        sed -n '/^\[profile/,$p' "$repo/upstream/sdk-olm/Cargo.toml" | grep -v '^#'
     } >"$tree/Cargo.toml"
     cp "$harness/Cargo.lock" "$tree/Cargo.lock"
     # The SDK repository's rustfmt settings (nightly rustfmt), for whoever refreshes the series.
@@ -150,27 +157,31 @@ prepare_tree() {
 
 # 3. The SDK's own unit tests of the patched crates, leaving out (by exact name) the tests that need
 # files only the upstream repository has (test-harness/skipped-tests.txt says which and why).
-sdk_tests() {
-    local skips=()
+sdk_tests_build() {
+    # The SDK's own test code warns a lot on this toolchain (deprecated assert macros): the log is
+    # shown on failure only.
+    local log="$cache/sdk-tests-build.log"
+    if ! (cd "$tree" && nice -n 10 cargo test "${cargo_flags[@]}" "${patch_analytics[@]}" --no-run \
+        -p matrix-sdk-common -p matrix-sdk-crypto --lib) >"$log" 2>&1; then
+        cat "$log" >&2
+        return 1
+    fi
+}
+sdk_tests_run() {
+    local skips=() name
     while read -r name _; do
         skips+=(--skip "$name")
     done < <(grep -v '^\s*\(#\|$\)' "$harness/skipped-tests.txt")
-    (
-        cd "$tree"
-        # Build first, so that the timings separate building from running.
-        nice -n 10 cargo test "${cargo_flags[@]}" "${patch_analytics[@]}" --quiet --no-run \
-            -p matrix-sdk-common -p matrix-sdk-crypto --lib
-        cargo test "${cargo_flags[@]}" "${patch_analytics[@]}" \
-            -p matrix-sdk-common -p matrix-sdk-crypto --lib -- --exact "${skips[@]}"
-    )
+    (cd "$tree" && cargo test "${cargo_flags[@]}" "${patch_analytics[@]}" --quiet \
+        -p matrix-sdk-common -p matrix-sdk-crypto --lib -- --exact "${skips[@]}")
 }
 
-# matrix-sdk-base: the series only adds `failure_reason: None` to two struct literals, one of them
-# compiled only without the `e2e-encryption` feature and one only with it.
+# matrix-sdk-base: the series only adds `failure_reason: None` to two struct literals, one compiled
+# only without the `e2e-encryption` feature (sdk-olm's build compiles that: matrix-sdk-sqlite uses
+# matrix-sdk-base without it) and one only with it, checked here.
 sdk_base_check() {
     (
         cd "$tree"
-        nice -n 10 cargo check "${cargo_flags[@]}" "${patch_analytics[@]}" --quiet -p matrix-sdk-base
         nice -n 10 cargo check "${cargo_flags[@]}" "${patch_analytics[@]}" --quiet -p matrix-sdk-base \
             --features e2e-encryption
     )
@@ -182,9 +193,11 @@ for c in "${PATCHED_CRATES[@]}"; do
     sdk_olm_config+=(--config "patch.crates-io.$c.path=\"$tree/crates/$c\"")
 done
 sdk_olm_config+=("${patch_analytics[@]}")
+# Built with its tests, always: `cargo build` alone would resolve dependency features without the
+# dev-dependencies and compile part of the SDK a second time.
 build_sdk_olm() {
-    nice -n 10 cargo build "${cargo_flags[@]}" "${sdk_olm_config[@]}" --quiet \
-        --manifest-path upstream/sdk-olm/Cargo.toml --bin sdk-olm >&2
+    nice -n 10 cargo test "${cargo_flags[@]}" "${sdk_olm_config[@]}" --quiet --no-run \
+        --manifest-path upstream/sdk-olm/Cargo.toml >&2
 }
 sdk_olm_bin="$CARGO_TARGET_DIR/debug/sdk-olm"
 
@@ -202,8 +215,9 @@ if [ "$mode" = prepare ]; then
 fi
 
 tstate=$(state "$CARGO_TARGET_DIR/debug/deps")
-timed "SDK unit tests: matrix-sdk-common + matrix-sdk-crypto ($tstate build + run)" sdk_tests
-timed "matrix-sdk-base builds with and without e2e-encryption" sdk_base_check
+timed "SDK unit tests of matrix-sdk-common and -crypto: build ($tstate)" sdk_tests_build
+timed "SDK unit tests of matrix-sdk-common and -crypto: run" sdk_tests_run
+timed "matrix-sdk-base check with e2e-encryption" sdk_base_check
 
 # Our CLI, for the comparison: the same binary and target dir as scripts/interop.sh, which CI runs
 # first (the main package is also a cdylib, so it cannot share a target dir with other workspaces).
@@ -217,18 +231,13 @@ timed "our CLI ($cstate)" build_our_cli
 export TO_DEVICE_CRYPTO_BIN="$cli_target/debug/to-device-crypto"
 
 sstate=$(state "$CARGO_TARGET_DIR/debug/.fingerprint/sdk-olm-"*)
-timed "sdk-olm build ($sstate)" build_sdk_olm
-build_sdk_olm_tests() {
-    nice -n 10 cargo test "${cargo_flags[@]}" "${sdk_olm_config[@]}" --quiet --no-run \
-        --manifest-path upstream/sdk-olm/Cargo.toml
-}
-timed "sdk-olm tests and comparison build" build_sdk_olm_tests
+timed "sdk-olm, its tests and the comparison: build ($sstate)" build_sdk_olm
 if [ "$mode" = bless ]; then export TDC_BLESS=1; fi
 run_sdk_olm_tests() {
     cargo test "${cargo_flags[@]}" "${sdk_olm_config[@]}" --manifest-path upstream/sdk-olm/Cargo.toml \
         -- --show-output
 }
-timed "sdk-olm tests and comparison run" run_sdk_olm_tests
+timed "sdk-olm, its tests and the comparison: run" run_sdk_olm_tests
 
 echo "upstream timings (target dir $CARGO_TARGET_DIR):"
 printf '  %s\n' "${summary[@]}"
