@@ -168,13 +168,10 @@ pub async fn own_device_keys(machine: &OlmMachine) -> Result<Value, CliError> {
     serde_json::to_value(own.as_device_keys()).map_err(|e| CliError::Other(e.to_string()))
 }
 
-/// The custom-value key under which this CLI remembers the one-time keys it claimed, so that a
-/// recipient's keys file can be used for many sessions, one key each (as our CLI does).
-const CLAIMED_KEYS: &str = "sdk-olm-claimed-one-time-keys";
-
 /// When the machine needs an Olm session with `user_id`'s devices, answers its `/keys/claim` with
-/// the first one-time key of `one_time_keys` (a `/keys/upload` body's map) that this device has
-/// not claimed before.
+/// the first one-time key of `one_time_keys` (a `/keys/upload` body's map), as a server hands out
+/// one key per claim. Only a device without a session is claimed for, so a keys file with one key
+/// serves one session.
 pub async fn claim_one_time_key(
     machine: &OlmMachine,
     user_id: &UserId,
@@ -188,27 +185,11 @@ pub async fn claim_one_time_key(
     else {
         return Ok(());
     };
-    let store = machine.store();
-    let mut claimed: Vec<String> = match store
-        .get_custom_value(CLAIMED_KEYS)
-        .await
-        .map_err(CliError::store)?
-    {
-        Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
-        None => Vec::new(),
-    };
-    let (key_id, key) = one_time_keys
-        .iter()
-        .find(|(_, key)| {
-            !claimed
-                .iter()
-                .any(|c| Some(c.as_str()) == key["key"].as_str())
-        })
-        .ok_or_else(|| {
-            CliError::Other(format!(
-                "every one-time key of {user_id} {device_id} in the keys file was claimed already"
-            ))
-        })?;
+    let (key_id, key) = one_time_keys.iter().next().ok_or_else(|| {
+        CliError::Other(format!(
+            "no session with {user_id} {device_id} and no one-time key in the keys file"
+        ))
+    })?;
     let response = claim_keys::v3::Response::new(
         serde_json::from_value(json!({ user_id.as_str(): { device_id: { key_id: key } } }))
             .map_err(|e| {
@@ -218,14 +199,5 @@ pub async fn claim_one_time_key(
     machine
         .mark_request_as_sent(&request_id, &response)
         .await
-        .map_err(CliError::olm)?;
-    if let Some(key) = key["key"].as_str() {
-        claimed.push(key.to_owned());
-        let bytes = serde_json::to_vec(&claimed).map_err(|e| CliError::Other(e.to_string()))?;
-        store
-            .set_custom_value(CLAIMED_KEYS, bytes)
-            .await
-            .map_err(CliError::store)?;
-    }
-    Ok(())
+        .map_err(CliError::olm)
 }

@@ -228,7 +228,7 @@ fn bad_input_and_arguments_fail_with_a_message() {
 }
 
 #[test]
-fn encrypt_uses_each_one_time_key_once() {
+fn encrypt_claims_a_one_time_key_only_without_a_session() {
     let tmp = tempfile::tempdir().unwrap();
     let bob = tmp.path().join("bob");
     let bob_keys = keys(
@@ -237,7 +237,13 @@ fn encrypt_uses_each_one_time_key_once() {
     );
     let keys_file = tmp.path().join("bob.keys.json");
     std::fs::write(&keys_file, bob_keys.to_string()).unwrap();
-    let encrypt = |store: &str| {
+    let without_keys = tmp.path().join("bob.device-keys.json");
+    std::fs::write(
+        &without_keys,
+        json!({ "device_keys": bob_keys["device_keys"], "one_time_keys": {} }).to_string(),
+    )
+    .unwrap();
+    let encrypt = |store: &str, keys: &std::path::Path| {
         run_status(
             &sdk_olm(),
             &[
@@ -245,7 +251,7 @@ fn encrypt_uses_each_one_time_key_once() {
                 "--store",
                 tmp.path().join(store).to_str().unwrap(),
                 "--recipient-keys",
-                keys_file.to_str().unwrap(),
+                keys.to_str().unwrap(),
                 "--type",
                 TEST_TYPE,
                 "--content",
@@ -254,26 +260,30 @@ fn encrypt_uses_each_one_time_key_once() {
             "",
         )
     };
-    // The first sender claims Bob's only one-time key; its session lasts.
-    for _ in 0..2 {
-        let (ok, out, stderr) = encrypt("alice");
-        assert!(ok, "{stderr}");
-        let events: Vec<Value> = serde_json::from_str(out.trim()).unwrap();
-        assert_eq!(message_type(&events[0]), 0);
-    }
-    // Another store cannot know that the key is used: it claims it as well, as a server handing
-    // out a key twice would make it do; Bob then fails the second session.
-    let (ok, out, _) = encrypt("carol");
+    // Without a session and without a one-time key there is nothing to encrypt with.
+    let (ok, _, stderr) = encrypt("alice", &without_keys);
+    assert!(!ok);
+    assert!(
+        stderr.contains("no one-time key in the keys file"),
+        "{stderr}"
+    );
+    // The first run claims Bob's only one-time key; later runs reuse the session.
+    let (ok, out, stderr) = encrypt("alice", &keys_file);
+    assert!(ok, "{stderr}");
+    let first: Vec<Value> = serde_json::from_str(out.trim()).unwrap();
+    let (ok, out, stderr) = encrypt("alice", &without_keys);
+    assert!(ok, "{stderr}");
+    let second: Vec<Value> = serde_json::from_str(out.trim()).unwrap();
+    // Another device given the same key, as a server handing it out twice: Bob fails it.
+    let (ok, out, _) = encrypt("carol", &keys_file);
     assert!(ok);
     let carol: Vec<Value> = serde_json::from_str(out.trim()).unwrap();
-    let (ok, out, _) = encrypt("alice");
-    assert!(ok);
-    let alice: Vec<Value> = serde_json::from_str(out.trim()).unwrap();
     let out = lines(&run(
         &sdk_olm(),
         &["decrypt", "--store", bob.to_str().unwrap()],
-        &json!([alice[0], carol[0]]).to_string(),
+        &json!([first[0], second[0], carol[0]]).to_string(),
     ));
-    assert_eq!(out[0]["result"], "decrypted");
-    assert_eq!(out[1]["name"], "ToDeviceFailedToDecrypt_UnknownOneTimeKey");
+    assert_eq!(out[0]["result"], "decrypted", "{}", out[0]);
+    assert_eq!(out[1]["result"], "decrypted", "{}", out[1]);
+    assert_eq!(out[2]["name"], "ToDeviceFailedToDecrypt_UnknownOneTimeKey");
 }
