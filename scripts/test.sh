@@ -35,6 +35,7 @@ if [[ ${TDC_SKIP_FUZZ:-0} != 1 ]]; then
     step "fuzz (30 s per target)" scripts/fuzz.sh 30
 fi
 step "interop with matrix-sdk-crypto 0.18" scripts/interop.sh
+step "upstream: patched matrix-sdk-crypto 0.19.1, sdk-olm and the side-by-side comparison" scripts/upstream.sh
 if [[ -x scripts/generate-bindings.sh ]]; then
     step "generated bindings are up to date" scripts/generate-bindings.sh --check
 fi

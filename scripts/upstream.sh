@@ -238,6 +238,12 @@ run_sdk_olm_tests() {
         -- --show-output
 }
 timed "sdk-olm, its tests and the comparison: run" run_sdk_olm_tests
+lint_sdk_olm() {
+    cargo fmt --manifest-path upstream/sdk-olm/Cargo.toml --check
+    nice -n 10 cargo clippy "${cargo_flags[@]}" "${sdk_olm_config[@]}" --quiet --all-targets \
+        --manifest-path upstream/sdk-olm/Cargo.toml -- -D warnings
+}
+timed "sdk-olm: fmt --check, clippy -D warnings" lint_sdk_olm
 
 echo "upstream timings (target dir $CARGO_TARGET_DIR):"
 printf '  %s\n' "${summary[@]}"
