@@ -117,7 +117,7 @@ step_cli() {
     "$bin" keys --store "$work/bob" --user-id @bob:example.org --device-id BOBPHONE >"$work/bob.json" 2>/dev/null
     local content
     content='{"algorithm":"m.megolm.v1.aes-sha2","room_id":"!r:example.org","session_key":"'$(printf 'A%.0s' $(seq 1 360))'"}'
-    "$bin" encrypt --store "$work/alice" --user-id @alice:example.org --device-id ALICE \
+    "$bin" encrypt --create --store "$work/alice" --user-id @alice:example.org --device-id ALICE \
         --recipient-keys "$work/bob.json" --type m.room_key --content "$content" --count 10000 \
         >"$work/events.json" 2>/dev/null
     python3 - "$bin" "$work" <<'PY'

@@ -31,7 +31,8 @@ BINDGEN=$CARGO_TARGET_DIR/debug/uniffi-bindgen
 SWIFT_SRC=swift/Sources/ToDeviceCrypto
 SWIFT_FFI=swift/Sources/ToDeviceCryptoFFI
 KOTLIN_SRC=kotlin/src/main/kotlin
-PYTHON_SRC=python
+# The Python package: a hand-written __init__.py (atexit hook, re-exports) over the generated _ffi.py.
+PYTHON_SRC=python/to_device_crypto
 
 generate() { # OUT_ROOT
 	local out=$1 tmp
@@ -39,8 +40,9 @@ generate() { # OUT_ROOT
 	mkdir -p "$out/$SWIFT_SRC" "$out/$SWIFT_FFI" "$out/$KOTLIN_SRC" "$out/$PYTHON_SRC"
 	"$BINDGEN" generate "$LIB" --language swift --out-dir "$tmp/swift" --no-format >/dev/null
 	"$BINDGEN" generate "$LIB" --language kotlin --out-dir "$out/$KOTLIN_SRC" --no-format >/dev/null
-	"$BINDGEN" generate "$LIB" --language python --out-dir "$out/$PYTHON_SRC" --no-format >/dev/null
+	"$BINDGEN" generate "$LIB" --language python --out-dir "$tmp/python" --no-format >/dev/null
 	mv "$tmp/swift/ToDeviceCrypto.swift" "$out/$SWIFT_SRC/"
+	mv "$tmp/python/to_device_crypto.py" "$out/$PYTHON_SRC/_ffi.py"
 	mv "$tmp/swift/ToDeviceCryptoFFI.h" "$tmp/swift/ToDeviceCryptoFFI.modulemap" "$out/$SWIFT_FFI/"
 	# SwiftPM's system-library target (Linux) needs `module.modulemap` and the link directive; the
 	# XCFramework build uses the generated ToDeviceCryptoFFI.modulemap as it is.
@@ -60,7 +62,7 @@ GENERATED=(
 	"$SWIFT_FFI/ToDeviceCryptoFFI.modulemap"
 	"$SWIFT_FFI/module.modulemap"
 	"$KOTLIN_SRC/org/matrix/todevicecrypto/to_device_crypto.kt"
-	"$PYTHON_SRC/to_device_crypto.py"
+	"$PYTHON_SRC/_ffi.py"
 )
 
 if $check; then

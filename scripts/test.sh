@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one test command (README, .ci/run): formatting, lints, every cargo test, the generated
-# bindings' freshness and the Swift, Kotlin and Python binding suites. Installs what is missing
+# bindings' freshness, the Swift, Kotlin and Python binding suites, and the Python wheel (built,
+# installed in a fresh venv, running the README's example). Installs what is missing
 # and caches it outside the repo, in ~/.cache/to-device-crypto.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,4 +43,5 @@ fi
 if [[ -x scripts/test-bindings.sh ]]; then
     step "binding suites (Swift, Kotlin, Python)" scripts/test-bindings.sh
 fi
+step "Python wheel: fresh venv, README example" scripts/test-wheel.sh
 echo "all checks passed in $((SECONDS - started)) s"

@@ -9,7 +9,7 @@ pub use to_device_analytics::event::{
     AnalyticsEvent, CryptoSdk, ErrorDomain, ErrorEventProperties, ERROR_EVENT_NAME,
 };
 pub use to_device_analytics::policy::{
-    AnalyticsDecision, ReportingPolicy, ReportingStats, SuppressionRule,
+    AnalyticsDecision, AnalyticsOutboxStats, ReportingPolicy, ReportingStats, SuppressionRule,
 };
 pub use to_device_analytics::taxonomy::{FailureReason, ReasonInfo, ANALYTICS_NAME_PREFIX};
 pub use to_device_analytics::{envelope, event, policy, schema, taxonomy};

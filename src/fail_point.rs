@@ -1,8 +1,9 @@
 //! Deterministic crash points for the crash test: with `TDC_FAIL_POINT=<name>` in the
 //! environment, the process aborts at that point, exactly as a kill there would.
 //!
-//! Points: `before_commit` and `after_commit` (in every batch), and the CLI's `after_print`
-//! (output written, results not yet acknowledged). Unset, each check is one cached comparison.
+//! Points: `before_commit` and `after_commit` (in every batch), and the CLI's `analytics_written`
+//! (`--analytics-out` flushed, its payloads not yet acknowledged) and `after_print` (output
+//! written, results not yet acknowledged). Unset, each check is one cached comparison.
 
 use std::sync::OnceLock;
 

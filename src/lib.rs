@@ -44,8 +44,11 @@ pub use analytics::{AnalyticsEvent, FailureReason};
 pub use error::{DecryptionError, EncryptionError, KeysError, OpenError, StoreError};
 pub use machine::{
     DecryptedToDeviceEvent, FailedToDeviceEvent, KeysQueryOutcome, OlmMachine,
-    PendingDecryptedEvent, ToDeviceOutcome,
+    PendingDecryptedEvent, RefusedKeyChange, ToDeviceOutcome,
 };
-pub use reporting::{FailureStream, MissedFailures, ToDeviceDecryptionFailure};
+pub use reporting::{
+    AnalyticsPayloadId, FailureStream, MissedFailures, PendingAnalyticsEvent,
+    ToDeviceDecryptionFailure,
+};
 pub use requests::{OutgoingRequest, OutgoingRequestKind, RequestError};
 pub use store::{CryptoStore, MemoryStore, SqliteStore, StoreKey};

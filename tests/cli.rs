@@ -112,6 +112,7 @@ fn keys_encrypt_decrypt_across_processes() {
 
     let alice_args = [
         "encrypt",
+        "--create",
         "--store",
         path(&alice_store),
         "--user-id",

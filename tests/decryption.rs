@@ -10,7 +10,7 @@ use futures::StreamExt;
 use serde_json::json;
 use to_device_crypto::simulator::SimulatedDevice;
 use to_device_crypto::store::{SqliteStore, Synchronous};
-use to_device_crypto::{FailureReason, OlmMachine, StoreKey, ToDeviceOutcome};
+use to_device_crypto::{FailureReason, MemoryStore, OlmMachine, StoreKey, ToDeviceOutcome};
 
 #[tokio::test]
 async fn pre_key_messages_then_normal_messages_decrypt() {
@@ -371,17 +371,32 @@ async fn keys_query_devices_with_bad_signatures_are_rejected() {
 }
 
 #[tokio::test]
-async fn one_time_keys_are_topped_up_from_the_server_count() {
+async fn a_new_device_starts_with_25_one_time_keys_and_tops_them_up_from_the_server_count() {
     let bob = OlmMachine::in_memory(BOB, "BOBPHONE").await.unwrap();
-    assert_eq!(bob.receive_one_time_key_count(0, false).await.unwrap(), 25);
+    // No call needed before the first upload (the same over FFI and from the CLI).
     let body = bob.keys_for_upload().await.unwrap();
     assert_eq!(body["one_time_keys"].as_object().unwrap().len(), 25);
     assert_eq!(body["fallback_keys"].as_object().unwrap().len(), 1);
     assert!(body["device_keys"].is_object());
+    // The server has none yet, but 25 wait to be uploaded: nothing to generate.
+    assert_eq!(bob.receive_one_time_key_count(0, false).await.unwrap(), 0);
     bob.mark_keys_as_published().await.unwrap();
     assert!(
         bob.keys_for_upload().await.is_none(),
         "nothing left to upload"
+    );
+    // An existing device is not topped up on open, only from the server's count.
+    let store = Arc::new(MemoryStore::new());
+    let first = OlmMachine::open(BOB, "BOBPHONE", store.clone())
+        .await
+        .unwrap();
+    first.mark_keys_as_published().await.unwrap();
+    drop(first);
+    let reopened = OlmMachine::open(BOB, "BOBPHONE", store).await.unwrap();
+    assert!(reopened.keys_for_upload().await.is_none());
+    assert_eq!(
+        reopened.receive_one_time_key_count(0, false).await.unwrap(),
+        25
     );
     assert_eq!(bob.receive_one_time_key_count(20, true).await.unwrap(), 5);
     let body = bob.keys_for_upload().await.unwrap();

@@ -55,7 +55,9 @@ fn reason(outcome: &ToDeviceOutcome) -> Option<FailureReason> {
     }
 }
 
-async fn wedge_and_recover(restart_before_claim_response: bool) {
+/// `b_queries_a`: whether B learns A's keys from /keys/query; if not, B knows A only from the
+/// verified `sender_device_keys` of A's messages (remembered for recovery, across a restart).
+async fn wedge_and_recover(restart_before_claim_response: bool, b_queries_a: bool) {
     let dir = tempfile::tempdir().unwrap();
     let b_key = StoreKey::generate().unwrap();
     let mut b = sqlite_b(dir.path(), &b_key).await;
@@ -66,9 +68,11 @@ async fn wedge_and_recover(restart_before_claim_response: bool) {
     a.receive_keys_query_response(&keys_query_response(&b).await)
         .await
         .unwrap();
-    b.receive_keys_query_response(&keys_query_response(&a).await)
-        .await
-        .unwrap();
+    if b_queries_a {
+        b.receive_keys_query_response(&keys_query_response(&a).await)
+            .await
+            .unwrap();
+    }
     let b_keys = publish(&b, 2).await;
     publish(&a, 2).await;
 
@@ -97,6 +101,12 @@ async fn wedge_and_recover(restart_before_claim_response: bool) {
             decrypt_one(&b, &event[0]).await,
             ToDeviceOutcome::Decrypted(_)
         ));
+    }
+
+    if !b_queries_a {
+        // What B learned from A's sender_device_keys survives a restart.
+        drop(b);
+        b = sqlite_b(dir.path(), &b_key).await;
     }
 
     // A restores an old backup: its ratchet re-uses message keys B already consumed.
@@ -190,12 +200,19 @@ async fn wedge_and_recover(restart_before_claim_response: bool) {
 
 #[tokio::test]
 async fn a_wedged_session_recovers_between_two_machines() {
-    wedge_and_recover(false).await;
+    wedge_and_recover(false, true).await;
 }
 
 #[tokio::test]
 async fn recovery_survives_a_restart_between_the_failure_and_the_claim_response() {
-    wedge_and_recover(true).await;
+    wedge_and_recover(true, true).await;
+}
+
+/// The recovery issue asked for devices known from /keys/query *or from a verified
+/// sender_device_keys*; only the former got a /keys/claim, so the latter stayed wedged.
+#[tokio::test]
+async fn a_device_known_only_from_sender_device_keys_recovers_across_restarts() {
+    wedge_and_recover(true, false).await;
 }
 
 #[tokio::test]

@@ -19,6 +19,73 @@ async fn open(path: &Path, key: &StoreKey) -> OlmMachine {
         .unwrap()
 }
 
+/// The tables version 1 wrote, and version 2's and 3's steps (copied from the migration history:
+/// these are the formats older stores are in).
+const VERSION_1_TABLES: &str = "
+    CREATE TABLE meta (key TEXT PRIMARY KEY NOT NULL, value BLOB NOT NULL);
+    CREATE TABLE account (id INTEGER PRIMARY KEY CHECK (id = 0), user_id TEXT NOT NULL,
+        device_id TEXT NOT NULL, pickle BLOB NOT NULL, device_keys_published INTEGER NOT NULL);
+    CREATE TABLE sessions (sender_key TEXT NOT NULL, session_id TEXT NOT NULL,
+        pickle BLOB NOT NULL, last_used INTEGER NOT NULL,
+        PRIMARY KEY (sender_key, session_id)) WITHOUT ROWID;
+    CREATE TABLE devices (user_id TEXT NOT NULL, device_id TEXT NOT NULL, json TEXT NOT NULL,
+        PRIMARY KEY (user_id, device_id)) WITHOUT ROWID;
+    CREATE TABLE message_hashes (hash BLOB PRIMARY KEY NOT NULL) WITHOUT ROWID;
+    CREATE TABLE claimed_one_time_keys (key TEXT PRIMARY KEY NOT NULL) WITHOUT ROWID;
+    CREATE TABLE failure_marks (mark BLOB PRIMARY KEY NOT NULL) WITHOUT ROWID;
+    CREATE TABLE outgoing_requests (request_id TEXT PRIMARY KEY NOT NULL, json TEXT NOT NULL,
+        created_at INTEGER NOT NULL);
+    CREATE TABLE recovery_attempts (sender_key TEXT PRIMARY KEY NOT NULL,
+        attempted_at INTEGER NOT NULL) WITHOUT ROWID;
+    PRAGMA user_version = 1;";
+const VERSION_3_STEPS: &str = "
+    CREATE TABLE pending_results (id TEXT PRIMARY KEY NOT NULL, batch INTEGER NOT NULL,
+        idx INTEGER NOT NULL, data BLOB NOT NULL);
+    CREATE INDEX pending_results_order ON pending_results (batch, idx);
+    CREATE TABLE sessions_v3 (id INTEGER PRIMARY KEY, sender_key TEXT NOT NULL,
+        session_id TEXT NOT NULL, pickle BLOB NOT NULL, last_used INTEGER NOT NULL,
+        UNIQUE (sender_key, session_id));
+    DROP TABLE sessions;
+    ALTER TABLE sessions_v3 RENAME TO sessions;
+    PRAGMA user_version = 3;";
+
+/// A store as version 1 (or, with `version_3`, version 3) wrote it: its tables, its key check
+/// and Bob's account sealed the way those versions sealed it. Returns Bob's identity.
+async fn old_store(path: &Path, key: &StoreKey, version_3: bool) -> String {
+    use to_device_crypto::store::CryptoStore;
+    let memory = Arc::new(to_device_crypto::MemoryStore::new());
+    let bob = OlmMachine::open(BOB, "BOBPHONE", memory.clone())
+        .await
+        .unwrap();
+    let pickle = memory.load_account().await.unwrap().unwrap().pickle;
+    let connection = rusqlite::Connection::open(path).unwrap();
+    connection
+        .execute_batch("PRAGMA journal_mode = WAL;")
+        .unwrap();
+    connection.execute_batch(VERSION_1_TABLES).unwrap();
+    if version_3 {
+        connection.execute_batch(VERSION_3_STEPS).unwrap();
+    }
+    let check = key
+        .encrypt(b"to-device-crypto store key check", b"key_check")
+        .unwrap();
+    connection
+        .execute(
+            "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
+            [check],
+        )
+        .unwrap();
+    let sealed = key.encrypt(pickle.as_bytes(), b"account").unwrap();
+    connection
+        .execute(
+            "INSERT INTO account (id, user_id, device_id, pickle, device_keys_published)
+             VALUES (0, ?1, 'BOBPHONE', ?2, 0)",
+            rusqlite::params![BOB, sealed],
+        )
+        .unwrap();
+    bob.identity_keys().curve25519.to_base64()
+}
+
 fn user_version(path: &Path) -> i64 {
     let connection = rusqlite::Connection::open(path).unwrap();
     connection
@@ -31,21 +98,12 @@ async fn a_version_1_store_is_migrated_in_place_to_the_current_version() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.sqlite3");
     let key = StoreKey::generate().unwrap();
-    let identity = open(&path, &key).await.identity_keys();
-    // Turn it into what version 1 wrote: no outbox table.
-    {
-        let connection = rusqlite::Connection::open(&path).unwrap();
-        connection
-            .execute_batch(
-                "DROP TABLE pending_results; DROP TABLE result_batches; PRAGMA user_version = 1;",
-            )
-            .unwrap();
-    }
+    let identity = old_store(&path, &key, false).await;
     assert_eq!(user_version(&path), 1);
     let bob = open(&path, &key).await;
-    assert_eq!(user_version(&path), 4);
+    assert_eq!(user_version(&path), 5);
     assert_eq!(
-        bob.identity_keys(),
+        bob.identity_keys().curve25519.to_base64(),
         identity,
         "the account survived the migration"
     );
@@ -63,14 +121,14 @@ async fn a_version_1_store_is_migrated_in_place_to_the_current_version() {
     );
 }
 
-/// Version 3 sealed each pending result on its own row; version 4 seals a batch's results
+/// Version 3 sealed each pending result on its own row; later versions seal a batch's results
 /// together. Rows a version-3 store holds are still delivered, rekeyed and acknowledged.
 #[tokio::test]
 async fn results_pending_in_a_version_3_store_survive_the_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.sqlite3");
     let key = StoreKey::generate().unwrap();
-    drop(open(&path, &key).await);
+    old_store(&path, &key, true).await;
     let legacy = json!({
         "id": "legacy-result", "re_emitted": false, "event_type": "m.room_key",
         "content": {"session_key": "secret"}, "sender": ALICE,
@@ -78,15 +136,8 @@ async fn results_pending_in_a_version_3_store_survive_the_upgrade() {
         "sender_device_id": "ALICEPHONE", "sender_device_verified": true,
     });
     {
-        // What version 3 wrote: no result_batches table, the result sealed on its row.
+        // The result sealed on its own row, bound only to its id.
         let connection = rusqlite::Connection::open(&path).unwrap();
-        connection
-            .execute_batch(
-                "DROP TABLE result_batches;
-                 ALTER TABLE pending_results DROP COLUMN result_batch;
-                 PRAGMA user_version = 3;",
-            )
-            .unwrap();
         let sealed = key
             .encrypt(legacy.to_string().as_bytes(), b"result:legacy-result")
             .unwrap();
@@ -98,8 +149,8 @@ async fn results_pending_in_a_version_3_store_survive_the_upgrade() {
             .unwrap();
     }
     let bob = open(&path, &key).await;
-    assert_eq!(user_version(&path), 4);
-    // A new result next to the old one, sealed the version-4 way.
+    assert_eq!(user_version(&path), 5);
+    // A new result next to the old one, sealed the current way.
     let keys = publish(&bob, 1).await;
     let mut alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
     let to_bob = alice.create_session(&keys, None);
@@ -147,7 +198,7 @@ async fn newer_and_corrupted_files_are_refused_clearly_and_left_untouched() {
             error,
             StoreError::NewerSchema {
                 found: 99,
-                supported: 4
+                supported: 5
             }
         ),
         "{error}"
@@ -400,4 +451,358 @@ async fn the_outbox_lists_in_order_finds_by_id_and_forgets_acknowledged_results(
         .query_row("SELECT count(*) FROM result_batches", [], |row| row.get(0))
         .unwrap();
     assert_eq!(sealed, 0);
+}
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/v4")
+        .join(name)
+}
+
+/// A real version-4 store (`tests/fixtures/v4`, written by the version-4 CLI: see its make.sh)
+/// migrates to version 5 with everything in it: the account, the session with Alice (her later
+/// messages decrypt), the devices from /keys/query (now sealed), the pending results in their
+/// order (their position now sealed with them) and the queued /keys/claim (now sealed).
+#[tokio::test]
+async fn a_real_version_4_store_migrates_with_its_results_devices_and_requests() {
+    use to_device_crypto::store::CryptoStore;
+    use to_device_crypto::OutgoingRequestKind;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    std::fs::copy(fixture("store.sqlite3"), &path).unwrap();
+    let key = StoreKey::from_hex(&std::fs::read_to_string(fixture("store.key")).unwrap()).unwrap();
+    assert_eq!(user_version(&path), 4);
+    let (request_id, account_pickle_v4): (String, Vec<u8>) = {
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        (
+            connection
+                .query_row("SELECT request_id FROM outgoing_requests", [], |r| r.get(0))
+                .unwrap(),
+            connection
+                .query_row("SELECT pickle FROM account", [], |r| r.get(0))
+                .unwrap(),
+        )
+    };
+
+    let store = Arc::new(SqliteStore::open(&path, key.clone(), Synchronous::Normal).unwrap());
+    assert_eq!(user_version(&path), 5);
+    let bob = OlmMachine::open(BOB, "BOBPHONE", store.clone())
+        .await
+        .unwrap();
+
+    // The results, in their batch and index order, with their content.
+    let pending = bob.pending_decrypted_events().await.unwrap();
+    let positions: Vec<(u64, u64, u64)> = pending
+        .iter()
+        .map(|p| (p.batch, p.index, p.event.content["seq"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(positions, [(1, 0, 0), (1, 1, 1), (1, 2, 2)]);
+    assert!(pending.iter().all(|p| p.event.sender == ALICE
+        && p.event.sender_device_verified
+        && p.event.content["session_key"] == "fixture"));
+
+    // The devices and the request, sealed now.
+    let mut devices: Vec<String> = store
+        .load_devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| format!("{}/{}", d.user_id, d.device_id))
+        .collect();
+    devices.sort();
+    assert_eq!(
+        devices,
+        [
+            "@alice:example.org/ALICEPHONE",
+            "@carol:example.net/CAROLPHONE"
+        ]
+    );
+    let requests = bob.outgoing_requests().await.unwrap();
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].request_id, request_id, "a request keeps its id");
+    let OutgoingRequestKind::KeysClaim { body } = &requests[0].request else {
+        panic!("expected the claim for Carol, got {:?}", requests[0]);
+    };
+    assert_eq!(
+        body["one_time_keys"]["@carol:example.net"]["CAROLPHONE"],
+        "signed_curve25519"
+    );
+    {
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        for (table, text) in [
+            ("devices", "curve25519:"),
+            ("outgoing_requests", "one_time_keys"),
+        ] {
+            let plain: i64 = connection
+                .query_row(
+                    &format!(
+                        "SELECT count(*) FROM {table} WHERE instr(data, CAST(?1 AS BLOB)) > 0"
+                    ),
+                    [text],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(plain, 0, "{table} still holds plain JSON");
+        }
+        let account_pickle: Vec<u8> = connection
+            .query_row("SELECT pickle FROM account", [], |r| r.get(0))
+            .unwrap();
+        assert_ne!(
+            account_pickle, account_pickle_v4,
+            "the account is sealed again"
+        );
+        assert!(
+            key.decrypt(&account_pickle, b"account").is_none(),
+            "the version-4 context no longer opens the account"
+        );
+    }
+
+    // The migrated session decrypts Alice's next messages, from a device known from /keys/query.
+    let later: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(fixture("later.json")).unwrap()).unwrap();
+    let later: Vec<String> = later.iter().map(|e| e.to_string()).collect();
+    for (seq, outcome) in (3..).zip(bob.receive_to_device_events(&later).await.unwrap()) {
+        let to_device_crypto::ToDeviceOutcome::Decrypted(event) = outcome else {
+            panic!("message {seq} did not decrypt: {outcome:?}");
+        };
+        assert_eq!(event.content["seq"], seq);
+        assert!(event.sender_device_verified);
+    }
+
+    // And everything survives a key rotation and a restart.
+    let new_key = StoreKey::generate().unwrap();
+    bob.rekey_store(new_key.clone()).await.unwrap();
+    drop(bob);
+    drop(store);
+    let bob = open(&path, &new_key).await;
+    assert_eq!(bob.pending_decrypted_events().await.unwrap().len(), 6);
+    assert_eq!(bob.outgoing_requests().await.unwrap().len(), 1);
+}
+
+/// A wipe (logout) keeps a passphrase store's salt: the passphrase opens the wiped store, a new
+/// account is made and used, and it opens again (a wipe that deleted the salt made the store
+/// fail with WrongStoreKey for ever).
+#[tokio::test]
+async fn a_wiped_passphrase_store_opens_again_with_its_passphrase() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let open = |passphrase: &'static str| {
+        let path = path.clone();
+        async move {
+            let store = SqliteStore::open_with_passphrase(&path, passphrase, Synchronous::Normal)?;
+            Ok::<_, StoreError>(
+                OlmMachine::open(BOB, "BOBPHONE", Arc::new(store))
+                    .await
+                    .unwrap(),
+            )
+        }
+    };
+    let first = open("correct horse battery staple").await.unwrap();
+    let first_identity = first.identity_keys();
+    publish(&first, 2).await;
+    first.wipe().await.unwrap();
+    drop(first);
+
+    let bob = open("correct horse battery staple").await.unwrap();
+    assert_ne!(
+        bob.identity_keys(),
+        first_identity,
+        "a new account after the wipe"
+    );
+    let keys = publish(&bob, 1).await;
+    let mut alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
+    let to_bob = alice.create_session(&keys, None);
+    let event = alice.encrypt(&to_bob, "m.room_key", json!({"after": "wipe"}));
+    let decrypted = bob
+        .decrypt_to_device_event(&event.to_string())
+        .await
+        .unwrap();
+    assert_eq!(decrypted.content["after"], "wipe");
+    let identity = bob.identity_keys();
+    drop(bob);
+
+    let again = open("correct horse battery staple").await.unwrap();
+    assert_eq!(again.identity_keys(), identity);
+    assert_eq!(again.pending_decrypted_events().await.unwrap().len(), 1);
+    drop(again);
+    assert!(matches!(
+        open("Tr0ub4dor&3").await,
+        Err(StoreError::WrongStoreKey)
+    ));
+}
+
+/// A store made with a raw key has no salt: a passphrase does not open it, and the attempt
+/// writes nothing (no salt is added to it).
+#[tokio::test]
+async fn a_passphrase_does_not_open_a_raw_key_store_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let key = StoreKey::generate().unwrap();
+    drop(open(&path, &key).await);
+    let before = std::fs::read(&path).unwrap();
+    assert!(matches!(
+        SqliteStore::open_with_passphrase(&path, "a passphrase", Synchronous::Normal),
+        Err(StoreError::WrongStoreKey)
+    ));
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+    open(&path, &key).await;
+}
+
+/// Pickles and decrypted results are secrets: the types that carry them print redacted `Debug`
+/// output (a log line or a panic message must not leak them), and so does a memory store that
+/// holds them.
+#[tokio::test]
+async fn debug_output_never_shows_pickles_or_decrypted_results() {
+    use to_device_crypto::store::{
+        Changes, CryptoStore, StoredAccount, StoredResult, StoredSession,
+    };
+    const SECRET: &str = "SECRET-PICKLE-OR-PLAINTEXT";
+    let account = StoredAccount {
+        user_id: BOB.to_owned(),
+        device_id: "BOBPHONE".to_owned(),
+        pickle: SECRET.to_owned(),
+        device_keys_published: true,
+    };
+    let session = StoredSession {
+        sender_key: "SENDERKEY".to_owned(),
+        session_id: "SESSIONID".to_owned(),
+        pickle: SECRET.to_owned(),
+        last_used: 7,
+    };
+    let result = StoredResult {
+        id: "RESULTID".to_owned(),
+        batch: 1,
+        index: 2,
+        json: SECRET.to_owned(),
+    };
+    let changes = Changes {
+        account: Some(account.clone()),
+        sessions: vec![session.clone()],
+        pending_results: vec![result.clone()],
+        ..Changes::default()
+    };
+    let memory = to_device_crypto::MemoryStore::new();
+    memory.save_changes(changes.clone()).await.unwrap();
+    for (printed, shown) in [
+        (format!("{account:?}"), "BOBPHONE"),
+        (format!("{session:?}"), "SESSIONID"),
+        (format!("{result:?}"), "RESULTID"),
+        (format!("{changes:?}"), "SESSIONID"),
+        (format!("{changes:#?}"), "RESULTID"),
+        (format!("{memory:?}"), "BOBPHONE"),
+        (format!("{memory:#?}"), "pending_results"),
+    ] {
+        assert!(!printed.contains(SECRET), "{printed}");
+        assert!(
+            printed.contains(shown),
+            "{printed} should still say {shown}"
+        );
+    }
+}
+
+/// Two machines on one store (the app and the notification extension): one logs out (wipe) and
+/// a new account is created; the other, opened before, must not adopt that identity nor write
+/// its old account back — it fails with `Wiped` and the new identity stays.
+#[tokio::test]
+async fn a_machine_opened_before_another_wiped_the_store_stops_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    let key = StoreKey::generate().unwrap();
+    let app = open(&path, &key).await;
+    let extension = open(&path, &key).await;
+    let old_identity = extension.identity_keys();
+    app.wipe().await.unwrap();
+    drop(app);
+    let new_app = open(&path, &key).await;
+    let new_identity = new_app.identity_keys();
+    assert_ne!(new_identity, old_identity);
+
+    for attempt in 0..2 {
+        let error = extension.generate_one_time_keys(1).await.unwrap_err();
+        assert!(
+            matches!(error, StoreError::Wiped),
+            "attempt {attempt}: {error}"
+        );
+    }
+    assert!(matches!(
+        extension.receive_to_device_events(&["{}"]).await,
+        Err(StoreError::Wiped)
+    ));
+    drop(extension);
+    assert_eq!(open(&path, &key).await.identity_keys(), new_identity);
+    assert_eq!(new_app.identity_keys(), new_identity);
+    new_app.generate_one_time_keys(1).await.unwrap();
+}
+
+/// The store half of "one identity": `create_account` is a plain insert in both stores — the
+/// second of two creations gets the first account back and writes nothing, however close
+/// together they come (the machine relies on it where no cross-process lock exists).
+#[tokio::test]
+async fn create_account_never_replaces_an_account() {
+    use to_device_crypto::store::{AccountCreation, CryptoStore, StoredAccount};
+    use to_device_crypto::MemoryStore;
+
+    let dir = tempfile::tempdir().unwrap();
+    let stores: [Arc<dyn CryptoStore>; 2] = [
+        Arc::new(new_sqlite_store(dir.path().join("account.sqlite3"))),
+        Arc::new(MemoryStore::new()),
+    ];
+    let account = |pickle: &str| StoredAccount {
+        user_id: BOB.to_owned(),
+        device_id: "BOBPHONE".to_owned(),
+        pickle: pickle.to_owned(),
+        device_keys_published: false,
+    };
+    for store in stores {
+        let generation = store.generation().await.unwrap();
+        assert!(matches!(
+            store.create_account(account("first")).await.unwrap(),
+            AccountCreation::Created
+        ));
+        assert!(
+            store.generation().await.unwrap() > generation,
+            "a commit others notice"
+        );
+        match store.create_account(account("second")).await.unwrap() {
+            AccountCreation::AlreadyExists(existing) => assert_eq!(existing.pickle, "first"),
+            AccountCreation::Created => panic!("{store:?} replaced the account"),
+        }
+        assert_eq!(store.load_account().await.unwrap().unwrap().pickle, "first");
+    }
+}
+
+/// Version 4 had no analytics outbox: a real version-4 store (`tests/fixtures/v4`, results
+/// pending) is upgraded in place, keeps its results, and its new table holds payloads — failure
+/// names and nothing else.
+#[tokio::test]
+async fn a_version_4_store_gains_the_analytics_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.sqlite3");
+    std::fs::copy(fixture("store.sqlite3"), &path).unwrap();
+    let key = StoreKey::from_hex(&std::fs::read_to_string(fixture("store.key")).unwrap()).unwrap();
+    assert_eq!(user_version(&path), 4);
+    let store = Arc::new(SqliteStore::open(&path, key, Synchronous::Normal).unwrap());
+    assert_eq!(user_version(&path), 5);
+    let bob = OlmMachine::open(BOB, "BOBPHONE", store).await.unwrap();
+    assert_eq!(bob.pending_decrypted_events().await.unwrap().len(), 3);
+    let megolm = json!({"type": "m.room.encrypted", "sender": "@mallory:evil.example", "content": {"algorithm": "m.megolm.v1.aes-sha2", "sender_key": "KEYKEYKEY"}});
+    bob.decrypt_to_device_event(&megolm.to_string())
+        .await
+        .unwrap_err();
+    let payloads = bob.flush_pending_analytics().await.unwrap();
+    assert_eq!(payloads.len(), 1);
+    let rows: Vec<(i64, String, i64)> = rusqlite::Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT id, name, created_at FROM analytics_outbox")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, "ToDeviceFailedToDecrypt_UnsupportedAlgorithm");
+    assert_eq!(rows[0].0 as u64, payloads[0].id.0);
+    bob.acknowledge_analytics(&[payloads[0].id]).await.unwrap();
+    assert!(bob.flush_pending_analytics().await.unwrap().is_empty());
 }

@@ -78,10 +78,11 @@ pub mod taxonomy;
 
 pub use event::{AnalyticsEvent, CryptoSdk, ErrorDomain, ErrorEventProperties, ERROR_EVENT_NAME};
 pub use policy::{
-    AnalyticsDecision, FailureKey, PolicyState, ReportingPolicy, ReportingStats, SuppressionRule,
+    AnalyticsDecision, AnalyticsOutboxStats, FailureKey, PolicyState, ReportingPolicy,
+    ReportingStats, SuppressionRule,
 };
 pub use reporter::{
-    FailureDiagnostics, FailureReporter, FailureStream, MissedFailures, ToDeviceDecryptionFailure,
-    FAILURE_BUFFER_CAPACITY,
+    AnalyticsPayloadId, FailureDiagnostics, FailureReporter, FailureStream, MissedFailures,
+    PendingAnalyticsEvent, ToDeviceDecryptionFailure, FAILURE_BUFFER_CAPACITY,
 };
 pub use taxonomy::{FailureReason, ReasonInfo, ANALYTICS_NAME_PREFIX};

@@ -167,6 +167,21 @@ pub struct ReportingStats {
     pub hours: Vec<PeriodStats>,
     /// Payloads a listener never received because its queue was full (not persisted).
     pub listener_drops: u64,
+    /// The analytics outbox, when the caller keeps one (filled in by the caller, not by
+    /// [`PolicyState`]).
+    #[serde(default)]
+    pub outbox: AnalyticsOutboxStats,
+}
+
+/// The state of an analytics outbox: payloads waiting for acknowledgement and payloads given up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AnalyticsOutboxStats {
+    /// Payloads committed and not yet acknowledged.
+    pub pending: u64,
+    /// Payloads dropped, oldest first, because the outbox was full.
+    pub dropped_full: u64,
+    /// Payloads dropped because every delivery attempt failed (a listener kept throwing).
+    pub dropped_undeliverable: u64,
 }
 
 /// The policy's persisted state: windows, the cap's minute, and the counts.

@@ -4,6 +4,13 @@
 //! committed. Publishing never waits for subscribers: each subscriber reads from a bounded ring
 //! buffer, and one that falls behind by more than [`FAILURE_BUFFER_CAPACITY`] items loses the oldest
 //! ones and is told how many it missed. This module does not depend on the Olm machine.
+//!
+//! The stream is for observing failures; it is not what makes analytics durable. A caller that
+//! persists the payloads the policy lets through (an *analytics outbox*, as the `to-device-crypto`
+//! store does) gives each one an [`AnalyticsPayloadId`], puts it on the item
+//! ([`ToDeviceDecryptionFailure::analytics_id`]) and removes the payload once the app
+//! acknowledges it; payloads the app never acknowledged come back as [`PendingAnalyticsEvent`]s.
+//! Both types are plain data: where they are kept is the caller's business.
 
 use futures::stream::{self, BoxStream, StreamExt};
 use serde::Serialize;
@@ -33,6 +40,41 @@ pub struct FailureDiagnostics {
     pub error: String,
 }
 
+/// Identifies one payload in an analytics outbox: acknowledge it by this id once it was sent.
+///
+/// Ids grow with the order in which payloads were decided (the `to-device-crypto` machine uses
+/// the batch number in the high 32 bits and the event's index in its batch in the low 32), so
+/// sorting by id gives the oldest payload first.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
+pub struct AnalyticsPayloadId(pub u64);
+
+impl AnalyticsPayloadId {
+    /// The id of the payload decided for event `index` of batch `batch` (an index beyond
+    /// `u32::MAX` saturates; no batch is that large).
+    pub fn from_batch_and_index(batch: u64, index: u64) -> Self {
+        let index = index.min(u64::from(u32::MAX));
+        Self((batch << 32) | index)
+    }
+}
+
+impl std::fmt::Display for AnalyticsPayloadId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.0 >> 32, self.0 & u64::from(u32::MAX))
+    }
+}
+
+/// A payload still waiting in an analytics outbox for its acknowledgement: one that was never
+/// delivered (the process was killed, a listener threw, a subscriber never acknowledged it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PendingAnalyticsEvent {
+    /// The id to acknowledge once the payload was sent.
+    pub id: AnalyticsPayloadId,
+    /// The PostHog payload.
+    pub event: AnalyticsEvent,
+}
+
 /// One to-device event that failed to decrypt, as published on the failure stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ToDeviceDecryptionFailure {
@@ -42,6 +84,9 @@ pub struct ToDeviceDecryptionFailure {
     pub diagnostics: FailureDiagnostics,
     /// The PostHog payload for this failure, or the policy rule that suppressed it.
     pub analytics: AnalyticsDecision,
+    /// Where the payload is kept until acknowledged, when the publisher keeps it (an analytics
+    /// outbox); `None` for a suppressed failure or a payload that exists only in memory.
+    pub analytics_id: Option<AnalyticsPayloadId>,
 }
 
 impl ToDeviceDecryptionFailure {
@@ -55,7 +100,14 @@ impl ToDeviceDecryptionFailure {
             reason,
             diagnostics,
             analytics,
+            analytics_id: None,
         }
+    }
+
+    /// The same item, its payload kept under `id` until acknowledged.
+    pub fn with_analytics_id(mut self, id: Option<AnalyticsPayloadId>) -> Self {
+        self.analytics_id = id;
+        self
     }
 
     /// The payload to send, when the policy let this failure through.
@@ -161,6 +213,18 @@ mod tests {
         );
         let next = slow.next().await.unwrap().unwrap();
         assert_eq!(next.diagnostics.index, 6);
+    }
+
+    #[test]
+    fn payload_ids_sort_by_batch_then_index() {
+        let first = AnalyticsPayloadId::from_batch_and_index(7, 4_000_000);
+        let second = AnalyticsPayloadId::from_batch_and_index(8, 0);
+        assert!(first < second);
+        assert_eq!(first.to_string(), "7.4000000");
+        assert_eq!(
+            AnalyticsPayloadId::from_batch_and_index(1, u64::MAX),
+            AnalyticsPayloadId::from_batch_and_index(1, u64::from(u32::MAX))
+        );
     }
 
     #[tokio::test]

@@ -1,20 +1,28 @@
-//! Command-line interface: argument parsing and the `keys`, `decrypt`, `encrypt` and `schema`
-//! commands. The `demo` scenario lives in [`demo`].
+//! Command-line interface: the arguments and the small commands (`keys`, `encrypt`, `requests`,
+//! `schema`). `decrypt` lives in [`decrypt`], `info` in [`info`], `explain` in [`explain`], the
+//! `demo` scenario in [`demo`]; the store directory's rules in [`store_dir`].
 
+mod analytics_out;
+mod decrypt;
 mod demo;
+mod explain;
+mod info;
+mod input;
 mod store_dir;
+mod store_errors;
 
-use std::fs::OpenOptions;
-use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use futures::{FutureExt, StreamExt};
 use serde_json::{json, Value};
 use to_device_crypto::olm::device_keys::parse_keys_upload_body;
-use to_device_crypto::sync_input::split_events;
-use to_device_crypto::{DecryptedToDeviceEvent, OlmMachine, ToDeviceOutcome};
+use to_device_crypto::{FailureReason, OlmMachine};
+
+use input::ByteLimit;
+use store_dir::{open_machine, Creation};
+use store_errors::describe;
 
 /// Decrypt Matrix Olm to-device events and report every failure as a PostHog `Error` event.
 #[derive(Parser)]
@@ -29,43 +37,39 @@ enum Command {
     /// Run a realistic in-process scenario and print the PostHog events it produces (stdout),
     /// with a summary table on stderr.
     Demo,
-    /// Create the device on first use, print the /keys/upload body with all unpublished keys,
-    /// and mark them published.
+    /// Print the /keys/upload body with all unpublished keys (always with the device keys) and
+    /// mark them published; creates the store and the device when --store holds none.
     Keys {
         #[command(flatten)]
         store: StoreArgs,
-        /// How many new one-time keys to generate (default: 25 when the device is new, else 0).
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Start a new device even though <store>/store.key exists beside a missing or empty
+        /// database (a deleted or moved database would otherwise be replaced silently).
+        #[arg(long)]
+        new_identity: bool,
+        /// How many one-time keys to generate besides those not yet published (default: 0; a new
+        /// device starts with 25 and a fallback key).
         #[arg(long)]
         one_time_keys: Option<usize>,
     },
     /// Decrypt to-device events: a JSON array, a /sync response or JSON lines (file or `-`).
-    Decrypt {
-        #[command(flatten)]
-        store: StoreArgs,
-        /// A /keys/query response body with the senders' device keys.
-        #[arg(long)]
-        device_keys: Option<PathBuf>,
-        /// Append the PostHog events of failures (those that pass the reporting policy) to this
-        /// file, one JSON object per line.
-        #[arg(long)]
-        analytics_out: Option<PathBuf>,
-        /// Write every still-unsent outgoing request (e.g. session recovery) to this file, one
-        /// JSON object per line.
-        #[arg(long)]
-        requests_out: Option<PathBuf>,
-        /// The input file; `-` or nothing reads stdin.
-        input: Option<PathBuf>,
-    },
+    /// Prints one JSON line per event (see the README for the format).
+    Decrypt(decrypt::DecryptArgs),
     /// List the unsent outgoing requests (JSON lines), or mark one as sent, feeding the server's
     /// response back.
     Requests {
         #[command(flatten)]
         store: StoreArgs,
-        /// The request to mark as sent.
-        #[arg(long)]
+        #[command(flatten)]
+        device: DeviceArgs,
+        /// Mark the request with this id as sent. A keys_claim request also needs
+        /// --response FILE, the server's /keys/claim response body.
+        #[arg(long, value_name = "REQUEST_ID")]
         mark_sent: Option<String>,
-        /// The server's response body (required for keys_claim requests).
-        #[arg(long, requires = "mark_sent")]
+        /// The server's response body to the request given with --mark-sent (needed for
+        /// keys_claim requests, ignored for to_device ones).
+        #[arg(long, value_name = "FILE", requires = "mark_sent")]
         response: Option<PathBuf>,
     },
     /// Encrypt events for the device whose /keys/upload body is in KEYS.json; prints a JSON array
@@ -73,8 +77,12 @@ enum Command {
     Encrypt {
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        device: DeviceArgs,
+        #[command(flatten)]
+        create: CreateArgs,
         /// The recipient's /keys/upload body (device keys and one-time keys).
-        #[arg(long)]
+        #[arg(long, value_name = "KEYS.json")]
         recipient_keys: PathBuf,
         /// The event type, e.g. m.room_key.
         #[arg(long = "type")]
@@ -86,31 +94,85 @@ enum Command {
         #[arg(long)]
         count: Option<usize>,
     },
+    /// Show what a store holds: identity keys, known devices, sessions per sender, reporting
+    /// counts, pending results and unsent requests. Creates and changes nothing.
+    Info {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain a failure name: when it is reported, its typical root cause and what to look at.
+    /// Without NAME, list every name.
+    Explain {
+        /// A failure name: ToDeviceFailedToDecrypt_SessionWedged or SessionWedged.
+        #[arg(value_parser = explain::parse_failure_name)]
+        name: Option<FailureReason>,
+    },
     /// Print the JSON Schema of the PostHog payload.
     Schema,
 }
 
-/// Where the device lives.
+/// Where the device lives and how its store is unlocked.
 #[derive(clap::Args)]
 struct StoreArgs {
-    /// The store directory (created if missing).
-    #[arg(long)]
+    /// The store directory (store.sqlite3, store.key). Only `keys` and --create make a new one.
+    #[arg(long, value_name = "DIR")]
     store: PathBuf,
-    /// The user id, required only when the store is new (default @cli-user:localhost).
+    /// A file holding the 32-byte store key as 64 hex digits (else $TO_DEVICE_CRYPTO_STORE_KEY,
+    /// else <store>/store.key, which a new store gets with random bytes).
+    #[arg(long, value_name = "FILE")]
+    store_key_file: Option<PathBuf>,
+}
+
+/// The device's ids: given to a new device, checked against an existing one.
+#[derive(clap::Args, Default)]
+struct DeviceArgs {
+    /// The device's user id: given to a new device (default: @cli-user:localhost), checked
+    /// against an existing store's.
     #[arg(long)]
     user_id: Option<String>,
-    /// The device id, required only when the store is new (default: random).
+    /// The device id: given to a new device (default: random), checked against an existing
+    /// store's.
     #[arg(long)]
     device_id: Option<String>,
-    /// A file holding the 32-byte store key as 64 hex digits (else $TO_DEVICE_CRYPTO_STORE_KEY,
-    /// else `<store>/store.key`, created on first use).
+}
+
+impl DeviceArgs {
+    /// The user id of a new device made without --user-id.
+    const DEFAULT_USER_ID: &'static str = "@cli-user:localhost";
+}
+
+/// Whether a command other than `keys` may create the store.
+#[derive(clap::Args)]
+struct CreateArgs {
+    /// Create the store and a new device when --store holds none (without it, a missing store is
+    /// an error, so that a mistyped path never becomes a new device).
     #[arg(long)]
-    store_key_file: Option<PathBuf>,
+    create: bool,
+    /// With --create: start a new device even though <store>/store.key exists beside a missing
+    /// or empty database.
+    #[arg(long, requires = "create")]
+    new_identity: bool,
+}
+
+impl CreateArgs {
+    fn creation(&self) -> Creation {
+        if self.create {
+            Creation::Allowed {
+                new_identity: self.new_identity,
+            }
+        } else {
+            Creation::Refused
+        }
+    }
 }
 
 type CliResult = Result<(), String>;
 
-/// Parses the arguments and runs the command; errors go to stderr with exit code 1.
+/// Parses the arguments and runs the command; errors go to stderr with exit code 1 (usage errors:
+/// exit code 2, from clap).
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -128,27 +190,31 @@ pub fn run() -> ExitCode {
             Command::Demo => demo::run().await,
             Command::Keys {
                 store,
+                device,
+                new_identity,
                 one_time_keys,
-            } => keys(store, one_time_keys).await,
-            Command::Decrypt {
-                store,
-                device_keys,
-                analytics_out,
-                requests_out,
-                input,
-            } => decrypt(store, device_keys, analytics_out, requests_out, input).await,
+            } => keys(store, device, new_identity, one_time_keys).await,
+            Command::Decrypt(args) => decrypt::run(args).await,
             Command::Requests {
                 store,
+                device,
                 mark_sent,
                 response,
-            } => requests(store, mark_sent, response).await,
+            } => requests(store, device, mark_sent, response).await,
             Command::Encrypt {
                 store,
+                device,
+                create,
                 recipient_keys,
                 event_type,
                 content,
                 count,
-            } => encrypt(store, recipient_keys, event_type, content, count).await,
+            } => {
+                let contents = encrypt_contents(&content, count)?;
+                encrypt(store, device, create, recipient_keys, event_type, contents).await
+            }
+            Command::Info { store, json } => info::run(store, json).await,
+            Command::Explain { name } => explain::run(name),
             Command::Schema => {
                 print!(
                     "{}",
@@ -167,9 +233,10 @@ pub fn run() -> ExitCode {
     }
 }
 
-fn read_json_file(path: &PathBuf, what: &str) -> Result<Value, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
+/// Reads a JSON file of at most the default input limit.
+fn read_json_file(path: &Path, what: &str) -> Result<Value, String> {
+    let text = input::read_text(Some(path), ByteLimit::DEFAULT_INPUT)
+        .map_err(|e| format!("cannot use {what}: {}", e.message(None)))?;
     serde_json::from_str(&text).map_err(|e| format!("{what} {} is not JSON: {e}", path.display()))
 }
 
@@ -178,14 +245,21 @@ fn print_line(value: &Value) -> CliResult {
     writeln!(stdout, "{value}").map_err(|e| format!("cannot write to stdout: {e}"))
 }
 
-async fn keys(args: StoreArgs, one_time_keys: Option<usize>) -> CliResult {
-    let opened = store_dir::open_machine(&args).await?;
+async fn keys(
+    store: StoreArgs,
+    device: DeviceArgs,
+    new_identity: bool,
+    one_time_keys: Option<usize>,
+) -> CliResult {
+    let opened = open_machine(&store, &device, Creation::Allowed { new_identity }).await?;
     let machine = opened.machine;
-    let count = one_time_keys.unwrap_or(if opened.created { 25 } else { 0 });
+    let failed = |e: to_device_crypto::StoreError| describe(&store.store, &e);
+    // A new device already holds its first 25 one-time keys (`new_account`), as everywhere else.
+    let count = one_time_keys.unwrap_or(0);
     machine
         .generate_one_time_keys(count)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(failed)?;
     let mut body = machine.keys_for_upload().await.unwrap_or_else(|| json!({}));
     // The CLI's keys file is what another device's `encrypt` reads: always include the device
     // keys, even once they are published.
@@ -193,181 +267,63 @@ async fn keys(args: StoreArgs, one_time_keys: Option<usize>) -> CliResult {
         body["device_keys"] = machine.device_keys().await;
     }
     print_line(&body)?;
-    machine
-        .mark_keys_as_published()
-        .await
-        .map_err(|e| e.to_string())
+    machine.mark_keys_as_published().await.map_err(failed)
 }
 
-async fn decrypt(
-    args: StoreArgs,
-    device_keys: Option<PathBuf>,
-    analytics_out: Option<PathBuf>,
-    requests_out: Option<PathBuf>,
-    input: Option<PathBuf>,
-) -> CliResult {
-    let text = match input.as_ref().filter(|p| p.as_os_str() != "-") {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read input {}: {e}", path.display()))?,
-        None => {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .map_err(|e| format!("cannot read stdin: {e}"))?;
-            text
-        }
-    };
-    let input = split_events(&text).map_err(|e| e.to_string())?;
-    let machine = store_dir::open_machine(&args).await?.machine;
-    if let Some(path) = device_keys {
-        let body = read_json_file(&path, "device keys")?;
-        let outcome = machine
-            .receive_keys_query_response(&body)
-            .await
-            .map_err(|e| e.to_string())?;
-        for rejected in outcome.rejected {
-            eprintln!("warning: ignoring device keys {rejected}");
-        }
-    }
-    // Results of earlier batches that were never acknowledged (the previous run was killed after
-    // committing): print them first, marked as pending, with their original batch and index.
-    let earlier = machine
-        .pending_decrypted_events()
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut printed: Vec<String> = Vec::new();
-    for pending in &earlier {
-        let mut line = decrypted_line(pending.index, &pending.event);
-        line["batch"] = json!(pending.batch);
-        print_line(&line)?;
-        printed.push(pending.event.id.clone());
-    }
-    let mut failures = machine.to_device_decryption_failure_stream();
-    let outcomes = machine
-        .receive_sync(&input.events, input.next_batch.as_deref())
-        .await
-        .map_err(|e| e.to_string())?;
-    for (index, outcome) in outcomes.iter().enumerate() {
-        print_line(&outcome_line(index as u64, outcome))?;
-        if let ToDeviceOutcome::Decrypted(event) = outcome {
-            printed.push(event.id.clone());
-        }
-    }
-    std::io::stdout()
-        .flush()
-        .map_err(|e| format!("cannot write to stdout: {e}"))?;
-    to_device_crypto::fail_point::hit("after_print");
-    machine
-        .acknowledge(&printed)
-        .await
-        .map_err(|e| e.to_string())?;
-    if let Some(path) = analytics_out {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-        while let Some(Some(item)) = failures.next().now_or_never() {
-            let item = item.map_err(|e| e.to_string())?;
-            // Only what passes the reporting policy is an analytics event.
-            if let Some(payload) = item.payload() {
-                writeln!(file, "{}", payload.to_json())
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            }
-        }
-    }
-    if let Some(path) = requests_out {
-        write_requests(
-            &machine,
-            &mut std::fs::File::create(&path)
-                .map_err(|e| format!("cannot create {}: {e}", path.display()))?,
-        )
-        .await?;
-    }
-    Ok(())
-}
-
-async fn write_requests(machine: &OlmMachine, out: &mut impl Write) -> CliResult {
-    for request in machine
+async fn write_requests(
+    machine: &OlmMachine,
+    store_dir: &Path,
+    out: &mut impl Write,
+) -> Result<usize, String> {
+    let requests = machine
         .outgoing_requests()
         .await
-        .map_err(|e| e.to_string())?
-    {
-        let line = serde_json::to_string(&request).map_err(|e| e.to_string())?;
+        .map_err(|e| describe(store_dir, &e))?;
+    for request in &requests {
+        let line = serde_json::to_string(request).map_err(|e| e.to_string())?;
         writeln!(out, "{line}").map_err(|e| format!("cannot write the requests: {e}"))?;
     }
-    Ok(())
+    Ok(requests.len())
 }
 
 async fn requests(
-    args: StoreArgs,
+    store: StoreArgs,
+    device: DeviceArgs,
     mark_sent: Option<String>,
     response: Option<PathBuf>,
 ) -> CliResult {
-    let machine = store_dir::open_machine(&args).await?.machine;
+    let machine = open_machine(&store, &device, Creation::Refused)
+        .await?
+        .machine;
     match mark_sent {
         Some(request_id) => {
             let response = response
-                .map(|path| read_json_file(&path, "response"))
+                .map(|path| read_json_file(&path, "the response"))
                 .transpose()?;
             machine
                 .mark_request_as_sent(&request_id, response.as_ref())
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| describe(&store.store, &e))
         }
-        None => write_requests(&machine, &mut std::io::stdout().lock()).await,
+        None => {
+            let listed =
+                write_requests(&machine, &store.store, &mut std::io::stdout().lock()).await?;
+            if listed == 0 {
+                // On stderr: stdout stays JSON lines only.
+                eprintln!(
+                    "no unsent requests (a failure that needs a new session queues one only when \
+                     the sending device is known: see the hints of `decrypt`)"
+                );
+            }
+            Ok(())
+        }
     }
 }
 
-fn decrypted_line(index: u64, event: &DecryptedToDeviceEvent) -> Value {
-    let mut line = json!({
-        "index": index,
-        "result": "decrypted",
-        "type": event.event_type,
-        "sender": event.sender,
-        "content": event.content,
-        "sender_key": event.sender_curve25519_key,
-        "sender_device_id": event.sender_device_id,
-        "sender_device_verified": event.sender_device_verified,
-    });
-    if event.re_emitted {
-        line["pending"] = json!(true);
-    }
-    line
-}
-
-fn outcome_line(index: u64, outcome: &ToDeviceOutcome) -> Value {
-    match outcome {
-        ToDeviceOutcome::Decrypted(event) => decrypted_line(index, event),
-        ToDeviceOutcome::Plaintext(event) => json!({
-            "index": index,
-            "result": "plaintext",
-            "type": event.get("type"),
-            "sender": event.get("sender"),
-            "content": event.get("content"),
-        }),
-        ToDeviceOutcome::Failed(failed) => json!({
-            "index": index,
-            "result": "failed",
-            "name": failed.error.reason().analytics_name(),
-            "error": failed.error.to_string(),
-        }),
-    }
-}
-
-async fn encrypt(
-    args: StoreArgs,
-    recipient_keys: PathBuf,
-    event_type: String,
-    content: String,
-    count: Option<usize>,
-) -> CliResult {
-    let keys = read_json_file(&recipient_keys, "recipient keys")?;
-    let recipient = parse_keys_upload_body(&keys)
-        .map_err(|e| format!("invalid recipient keys {}: {e}", recipient_keys.display()))?;
+fn encrypt_contents(content: &str, count: Option<usize>) -> Result<Vec<Value>, String> {
     let content: Value =
-        serde_json::from_str(&content).map_err(|e| format!("--content is not JSON: {e}"))?;
-    let contents: Vec<Value> = match count {
+        serde_json::from_str(content).map_err(|e| format!("--content is not JSON: {e}"))?;
+    Ok(match count {
         None => vec![content],
         Some(n) => (0..n)
             .map(|seq| {
@@ -378,11 +334,26 @@ async fn encrypt(
                 content
             })
             .collect(),
-    };
-    let machine: OlmMachine = store_dir::open_machine(&args).await?.machine;
+    })
+}
+
+async fn encrypt(
+    store: StoreArgs,
+    device: DeviceArgs,
+    create: CreateArgs,
+    recipient_keys: PathBuf,
+    event_type: String,
+    contents: Vec<Value>,
+) -> CliResult {
+    let keys = read_json_file(&recipient_keys, "the recipient keys")?;
+    let recipient = parse_keys_upload_body(&keys)
+        .map_err(|e| format!("invalid recipient keys {}: {e}", recipient_keys.display()))?;
+    let machine = open_machine(&store, &device, create.creation())
+        .await?
+        .machine;
     let events = machine
         .encrypt(&recipient, &event_type, &contents)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| describe(&store.store, &e))?;
     print_line(&Value::Array(events))
 }

@@ -9,9 +9,11 @@
 //!   [`ListenerHandle`]) or pull-style ([`FailureSubscription::next`], which the hand-written Swift
 //!   `AsyncStream` and Kotlin `Flow` helpers wrap).
 
+mod callbacks;
 mod listener;
 mod logging;
 mod requests;
+mod taxonomy;
 mod types;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,17 +23,18 @@ use futures::StreamExt;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use tokio::runtime::Runtime;
-use tokio::task::AbortHandle;
 
 use crate::machine::{OlmMachine as CoreMachine, ToDeviceOutcome};
 use crate::olm::device_keys::parse_keys_upload_body;
 use crate::reporting::FailureStream;
 use crate::store::StoreKey;
 
-pub use listener::LISTENER_QUEUE_CAPACITY;
-use listener::{spawn_delivery_thread, DeliveryQueue};
+pub use callbacks::prepare_for_exit;
+use listener::AnalyticsDelivery;
+pub use listener::{DecryptionFailureListener, ListenerHandle, LISTENER_QUEUE_CAPACITY};
 pub use logging::{redact, set_log_sink, LogLevel, LogSink, QUEUE_CAPACITY, REDACTED_KEY};
 pub use requests::OutgoingRequestFfi;
+pub use taxonomy::{all_failure_reasons, failure_reason_from_name, FailureReasonInfo};
 pub use types::{
     CryptoError, CryptoSdkFfi, DecryptedEvent, DecryptionFailure, ErrorDomainFfi, FailureReasonFfi,
     IdentityKeysFfi, PendingEvent, PosthogErrorEvent, ReportingPolicyFfi, ToDeviceResult,
@@ -55,6 +58,18 @@ fn listener_runtime() -> &'static Runtime {
 #[derive(uniffi::Object)]
 pub struct OlmMachine {
     inner: Arc<CoreMachine>,
+    /// The listeners and the analytics outbox payloads handed to them.
+    delivery: Arc<AnalyticsDelivery>,
+}
+
+impl OlmMachine {
+    fn wrap(inner: CoreMachine) -> Arc<Self> {
+        let inner = Arc::new(inner);
+        Arc::new(Self {
+            delivery: AnalyticsDelivery::new(&inner),
+            inner,
+        })
+    }
 }
 
 #[uniffi::export(async_runtime = "tokio")]
@@ -71,9 +86,7 @@ impl OlmMachine {
         let inner =
             CoreMachine::with_sqlite(&user_id, &device_id, path, store_key_from(&store_key)?)
                 .await?;
-        Ok(Arc::new(Self {
-            inner: Arc::new(inner),
-        }))
+        Ok(Self::wrap(inner))
     }
 
     /// Opens (or creates) the machine in the SQLite store at `path`, encrypted with a key derived
@@ -91,9 +104,7 @@ impl OlmMachine {
             crate::store::Synchronous::Normal,
         )?;
         let inner = CoreMachine::open(&user_id, &device_id, Arc::new(store)).await?;
-        Ok(Arc::new(Self {
-            inner: Arc::new(inner),
-        }))
+        Ok(Self::wrap(inner))
     }
 
     /// Opens a machine on a new in-memory store (tests, or apps that keep no state).
@@ -103,9 +114,7 @@ impl OlmMachine {
         device_id: String,
     ) -> Result<Arc<Self>, CryptoError> {
         let inner = CoreMachine::in_memory(&user_id, &device_id).await?;
-        Ok(Arc::new(Self {
-            inner: Arc::new(inner),
-        }))
+        Ok(Self::wrap(inner))
     }
 
     /// Replaces the reporting policy (which failures become PostHog events).
@@ -187,9 +196,9 @@ impl OlmMachine {
         &self,
         json: String,
     ) -> Result<DecryptedEvent, DecryptionFailure> {
-        self.inner
-            .decrypt_to_device_event(&json)
-            .await
+        let result = self.inner.decrypt_to_device_event(&json).await;
+        self.delivery.claim_after_batch().await;
+        result
             .map(DecryptedEvent::from)
             .map_err(DecryptionFailure::from)
     }
@@ -204,8 +213,10 @@ impl OlmMachine {
                 detail: e.to_string(),
             })?;
         let raw: Vec<&str> = events.iter().map(|e| e.get()).collect();
-        let outcomes = self.inner.receive_to_device_events(&raw).await?;
-        Ok(outcomes.into_iter().map(ToDeviceResult::from).collect())
+        let outcomes = self.inner.receive_to_device_events(&raw).await;
+        // Payloads left undelivered go out with the next batch, whatever it produced.
+        self.delivery.claim_after_batch().await;
+        Ok(outcomes?.into_iter().map(ToDeviceResult::from).collect())
     }
 
     /// Like `receive_to_device_events`, committing the `/sync` `next_batch` token with the batch.
@@ -219,8 +230,9 @@ impl OlmMachine {
                 detail: e.to_string(),
             })?;
         let raw: Vec<&str> = events.iter().map(|e| e.get()).collect();
-        let outcomes = self.inner.receive_sync(&raw, next_batch.as_deref()).await?;
-        Ok(outcomes.into_iter().map(ToDeviceResult::from).collect())
+        let outcomes = self.inner.receive_sync(&raw, next_batch.as_deref()).await;
+        self.delivery.claim_after_batch().await;
+        Ok(outcomes?.into_iter().map(ToDeviceResult::from).collect())
     }
 
     /// The `next_batch` token committed with the last `receive_sync`: resume `/sync` from it.
@@ -280,43 +292,27 @@ impl OlmMachine {
         Ok(Value::Array(events).to_string())
     }
 
-    /// Calls `listener` once per decryption failure, in order, on a background thread (never on
-    /// the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-    /// Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+    /// Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+    /// a background thread (never on the decrypting thread, never under a lock). Payloads come
+    /// from the analytics outbox: a payload counts as delivered, and is removed from the store,
+    /// once a listener returned without throwing; one that threw goes out again with the next
+    /// batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+    /// or another process go out as soon as a listener is added. A listener that panics or throws
+    /// is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+    /// dropped.
     pub fn add_decryption_failure_listener(
         &self,
         listener: Arc<dyn DecryptionFailureListener>,
     ) -> Arc<ListenerHandle> {
-        let mut stream = self.inner.to_device_decryption_failure_stream();
-        let queue = Arc::new(DeliveryQueue::default());
-        if let Err(error) = spawn_delivery_thread(listener, Arc::clone(&queue)) {
-            tracing::warn!(%error, "cannot start a failure listener thread");
-            queue.close();
-        }
-        // Weak: a forgotten handle must not keep the machine alive.
-        let machine = Arc::downgrade(&self.inner);
-        let forward_queue = Arc::clone(&queue);
-        let task = listener_runtime().spawn(async move {
-            while let Some(item) = stream.next().await {
-                let dropped = match item {
-                    // Only payloads that pass the reporting policy reach listeners.
-                    Ok(failure) => match failure.payload() {
-                        Some(payload) => forward_queue.push(PosthogErrorEvent::from(*payload)),
-                        None => 0,
-                    },
-                    Err(lag) => lag.missed,
-                };
-                if dropped > 0 {
-                    if let Some(machine) = machine.upgrade() {
-                        machine.record_listener_drops(dropped);
-                    }
-                }
-            }
-        });
-        Arc::new(ListenerHandle {
-            task: task.abort_handle(),
-            queue,
-        })
+        Arc::new(self.delivery.add_listener(listener))
+    }
+
+    /// Hands every undelivered analytics payload to the listeners now: those of this process
+    /// that a listener threw on, and those another process or an earlier run left behind once
+    /// their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+    /// listener (the payloads then wait for a process that has one).
+    pub async fn flush_pending_analytics(&self) -> Result<u32, CryptoError> {
+        Ok(self.delivery.claim_and_queue().await?)
     }
 
     /// A pull-style subscription to every failure from now on.
@@ -344,41 +340,6 @@ fn parse_json(json: &str) -> Result<Value, CryptoError> {
     serde_json::from_str(json).map_err(|e| CryptoError::InvalidJson {
         detail: e.to_string(),
     })
-}
-
-/// Receives the PostHog event of every to-device decryption failure.
-#[uniffi::export(foreign)]
-pub trait DecryptionFailureListener: Send + Sync {
-    /// Called once per failure, in order, on a background thread.
-    fn on_decryption_failure(&self, event: PosthogErrorEvent);
-}
-
-/// Keeps a listener registered; `cancel()` or dropping it stops delivery.
-#[derive(uniffi::Object)]
-pub struct ListenerHandle {
-    task: AbortHandle,
-    queue: Arc<DeliveryQueue>,
-}
-
-#[uniffi::export]
-impl ListenerHandle {
-    /// Stops delivery. A call already in progress finishes.
-    pub fn cancel(&self) {
-        self.task.abort();
-        self.queue.close();
-    }
-
-    /// Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-    /// this may still be `false` for a moment.
-    pub fn is_cancelled(&self) -> bool {
-        self.task.is_finished()
-    }
-}
-
-impl Drop for ListenerHandle {
-    fn drop(&mut self) {
-        self.cancel();
-    }
 }
 
 /// A pull-style subscription to the failure stream.
@@ -476,6 +437,7 @@ mod tests {
         for reason in FailureReason::ALL {
             let ffi = FailureReasonFfi::from(reason);
             assert_eq!(format!("{ffi:?}"), format!("{reason:?}"));
+            assert_eq!(FailureReason::from(ffi), reason);
         }
     }
 

@@ -62,6 +62,31 @@ impl From<FailureReason> for FailureReasonFfi {
     }
 }
 
+impl From<FailureReasonFfi> for FailureReason {
+    // Exhaustive, like the other direction: both must change together.
+    fn from(reason: FailureReasonFfi) -> Self {
+        match reason {
+            FailureReasonFfi::MalformedEvent => Self::MalformedEvent,
+            FailureReasonFfi::UnsupportedAlgorithm => Self::UnsupportedAlgorithm,
+            FailureReasonFfi::MissingSenderKey => Self::MissingSenderKey,
+            FailureReasonFfi::MissingCiphertext => Self::MissingCiphertext,
+            FailureReasonFfi::MalformedCiphertext => Self::MalformedCiphertext,
+            FailureReasonFfi::MissingSession => Self::MissingSession,
+            FailureReasonFfi::SessionWedged => Self::SessionWedged,
+            FailureReasonFfi::UnknownOneTimeKey => Self::UnknownOneTimeKey,
+            FailureReasonFfi::SessionCreation => Self::SessionCreation,
+            FailureReasonFfi::ReplayedMessage => Self::ReplayedMessage,
+            FailureReasonFfi::JsonError => Self::JsonError,
+            FailureReasonFfi::MismatchedSender => Self::MismatchedSender,
+            FailureReasonFfi::MismatchedRecipient => Self::MismatchedRecipient,
+            FailureReasonFfi::MismatchedKeys => Self::MismatchedKeys,
+            FailureReasonFfi::MissingSigningKey => Self::MissingSigningKey,
+            FailureReasonFfi::InvalidSenderDeviceKeys => Self::InvalidSenderDeviceKeys,
+            FailureReasonFfi::Store => Self::Store,
+        }
+    }
+}
+
 /// The PostHog `Error` event `domain`: mirrors [`ErrorDomain`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, uniffi::Enum)]
 pub enum ErrorDomainFfi {

@@ -1,9 +1,60 @@
-//! The outbox's stored form of a decrypted result: the JSON of [`DecryptedToDeviceEvent`], written
+//! The outbox: decrypted results kept in the store until the app acknowledges them (at-least-once
+//! delivery), their ids, and their stored form — the JSON of [`DecryptedToDeviceEvent`], written
 //! directly from the plaintext's own `content` text instead of serializing the parsed content again.
 
 use serde_json::value::RawValue;
 
-use super::DecryptedToDeviceEvent;
+use super::{corrupted, DecryptedToDeviceEvent, OlmMachine, PendingDecryptedEvent};
+use crate::error::StoreError;
+use crate::olm::envelope::MessageHash;
+use crate::store::Changes;
+
+impl OlmMachine {
+    /// The `next_batch` token committed with the last [`receive_sync`](Self::receive_sync).
+    pub async fn sync_token(&self) -> Result<Option<String>, StoreError> {
+        self.store.sync_token().await
+    }
+
+    /// Every decrypted result not yet acknowledged, oldest first: after a crash, hand these to the
+    /// app again (delivery is at least once).
+    pub async fn pending_decrypted_events(&self) -> Result<Vec<PendingDecryptedEvent>, StoreError> {
+        self.store
+            .load_pending_results()
+            .await?
+            .into_iter()
+            .map(|stored| {
+                let mut event: DecryptedToDeviceEvent =
+                    serde_json::from_str(&stored.json).map_err(corrupted("decrypted result"))?;
+                event.re_emitted = true;
+                Ok(PendingDecryptedEvent {
+                    batch: stored.batch,
+                    index: stored.index,
+                    event,
+                })
+            })
+            .collect()
+    }
+
+    /// Removes handled results from the outbox; a later re-delivery of their messages is then a
+    /// `ReplayedMessage`.
+    pub async fn acknowledge(&self, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut state = self.state.lock().await;
+        let _lock = self.begin_write(&mut state).await?;
+        let changes = Changes {
+            acknowledged: ids.to_vec(),
+            ..Changes::default()
+        };
+        self.commit(&mut state, changes).await
+    }
+}
+
+/// The outbox id of a decrypted message.
+pub(super) fn result_id(hash: &MessageHash) -> String {
+    crate::encoding::to_hex(&hash.0[..16])
+}
 
 /// The JSON that `serde_json::to_string(event)` produces, with `content` copied from
 /// `raw_content` (the text `event.content` was parsed from).

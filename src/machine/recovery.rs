@@ -1,21 +1,25 @@
 //! Recovering from undecryptable messages (spec: "Recovering from undecryptable messages").
 //!
 //! When a message fails with `SessionWedged`, `MissingSession` or `UnknownOneTimeKey` and the
-//! sending device is known from `/keys/query`, the machine queues a `/keys/claim` for one of that
-//! device's one-time keys — at most once per device per hour, persisted. When the app feeds the
+//! sending device is known — from `/keys/query`, or from a verified `sender_device_keys` in an
+//! earlier message (remembered for this purpose only, persisted apart from `/keys/query` devices)
+//! — the machine queues a `/keys/claim` for one of that device's one-time keys — at most once per
+//! device per hour, persisted. When the app feeds the
 //! claim response back, the machine creates a new Olm session and queues a `/sendToDevice` with an
 //! Olm-encrypted `m.dummy`; the other device then has a fresh session with us, and its next
 //! messages decrypt. Everything is committed atomically and survives restarts.
 
 use serde_json::{json, Value};
 
+use serde_json::value::RawValue;
+
 use super::{now_millis, BatchChanges, MachineState, OlmMachine, ToDeviceOutcome};
 use crate::error::StoreError;
-use crate::olm::device_keys::{verify_signed_one_time_key, DeviceKeys};
+use crate::olm::device_keys::{verify_signed_one_time_key, DeviceKeys, KnownDevices};
 use crate::olm::envelope::ENCRYPTED_EVENT_TYPE;
 use crate::olm::sessions::SessionEntry;
 use crate::requests::{new_id, OutgoingRequest, OutgoingRequestKind, RequestError};
-use crate::store::StoredRequest;
+use crate::store::{StoredDevice, StoredRequest};
 use vodozemac::olm::SessionConfig;
 use vodozemac::Curve25519PublicKey;
 
@@ -24,6 +28,47 @@ pub const RECOVERY_INTERVAL_MS: u64 = 3_600_000;
 
 /// The one-time key algorithm claimed for new sessions.
 const SIGNED_CURVE25519: &str = "signed_curve25519";
+
+/// Remembers the device that verified `sender_device_keys` identified (the message passed every
+/// check), so that a later wedged session with it can be recovered — also after a restart. Only
+/// a device that is new, or whose keys changed, is parsed and stored.
+pub(super) fn remember_recovery_device(
+    known: &mut KnownDevices,
+    batch: &mut BatchChanges,
+    sender_device_keys: &RawValue,
+    sender: &SenderIdentity<'_>,
+) {
+    let unchanged = known
+        .by_curve25519(sender.user_id, sender.curve25519)
+        .is_some_and(|old| {
+            old.device_id == sender.device_id && old.ed25519.to_base64() == sender.ed25519
+        });
+    if unchanged {
+        return;
+    }
+    let Ok(value) = serde_json::from_str(sender_device_keys.get()) else {
+        return;
+    };
+    // Verified by the plaintext checks (now, or this exact text earlier).
+    let Ok(device) = DeviceKeys::from_json_unverified(&value) else {
+        return;
+    };
+    batch.recovery_devices.push(StoredDevice {
+        user_id: device.user_id.clone(),
+        device_id: device.device_id.clone(),
+        json: sender_device_keys.get().to_owned(),
+    });
+    known.insert(device);
+}
+
+/// Who sent a message that passed the plaintext checks, as they identified it.
+pub(super) struct SenderIdentity<'a> {
+    pub user_id: &'a str,
+    pub device_id: &'a str,
+    pub curve25519: &'a Curve25519PublicKey,
+    /// Unpadded base64, as the plaintext carried it.
+    pub ed25519: &'a str,
+}
 
 fn stored_request(request: &OutgoingRequest, now: u64) -> Result<StoredRequest, StoreError> {
     Ok(StoredRequest {
@@ -59,7 +104,11 @@ impl OlmMachine {
             let Ok(curve25519) = Curve25519PublicKey::from_base64(sender_key) else {
                 continue;
             };
-            let Some(device) = state.devices.by_curve25519(sender, &curve25519) else {
+            let known = state
+                .devices
+                .by_curve25519(sender, &curve25519)
+                .or_else(|| state.recovery_devices.by_curve25519(sender, &curve25519));
+            let Some(device) = known else {
                 tracing::debug!("cannot recover a session with an unknown device");
                 continue;
             };
@@ -158,7 +207,11 @@ impl OlmMachine {
         let mut messages = serde_json::Map::new();
         for (user_id, devices) in users {
             for (device_id, keys) in devices.as_object().into_iter().flatten() {
-                let Some(device) = state.devices.by_id(user_id, device_id).cloned() else {
+                let known = state
+                    .devices
+                    .by_id(user_id, device_id)
+                    .or_else(|| state.recovery_devices.by_id(user_id, device_id));
+                let Some(device) = known.cloned() else {
                     tracing::warn!("ignoring a claimed key of an unknown device");
                     continue;
                 };

@@ -11,6 +11,17 @@ pub fn one_time_key_target(account: &Account) -> usize {
     account.max_number_of_one_time_keys() / 2
 }
 
+/// A new device's account: identity keys, [`one_time_key_target`] one-time keys (25) and a
+/// fallback key. Created this way by every entry point (Rust, FFI, CLI), so a new device's first
+/// `/keys/upload` body is complete without a separate `generate_one_time_keys` call — as
+/// matrix-sdk-crypto's first upload is.
+pub fn new_account() -> Account {
+    let mut account = Account::new();
+    account.generate_one_time_keys(one_time_key_target(&account));
+    account.generate_fallback_key();
+    account
+}
+
 /// Adds `signatures[user_id]["ed25519:device_id"]` to `value`, signed by `account`.
 pub fn sign_json(account: &Account, user_id: &str, device_id: &str, value: &mut Value) {
     let signature = account.sign(signable_json(value).as_bytes()).to_base64();

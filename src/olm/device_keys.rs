@@ -318,22 +318,60 @@ pub fn parse_keys_query_response(body: &Value) -> Option<KeysQueryDevices> {
     Some(devices)
 }
 
-/// The other devices we know from `/keys/query`, indexed for the lookups decryption needs.
+/// Other devices we know (from `/keys/query`, or — kept apart — from a verified
+/// `sender_device_keys`), indexed for the lookups decryption and recovery need.
+///
+/// A device is found by id, or by its Curve25519 key within its user; a lookup by key checks the
+/// device it finds, so that two entries claiming one key can never make a lookup by id return
+/// the other device.
 #[derive(Debug, Default)]
 pub struct KnownDevices {
-    by_curve25519: std::collections::HashMap<[u8; 32], DeviceKeys>,
-    by_id: std::collections::HashMap<(String, String), [u8; 32]>,
+    by_id: std::collections::HashMap<(String, String), DeviceKeys>,
+    by_curve25519: std::collections::HashMap<[u8; 32], (String, String)>,
 }
 
 impl KnownDevices {
-    /// Adds or replaces a device (a newer `/keys/query` result wins).
-    pub fn insert(&mut self, device: DeviceKeys) {
+    /// Adds or replaces a device; returns the keys it replaced.
+    pub fn insert(&mut self, device: DeviceKeys) -> Option<DeviceKeys> {
         let id = (device.user_id.clone(), device.device_id.clone());
-        if let Some(old_key) = self.by_id.insert(id, device.curve25519.to_bytes()) {
-            self.by_curve25519.remove(&old_key);
+        let key = device.curve25519.to_bytes();
+        let replaced = self.by_id.insert(id.clone(), device);
+        self.by_curve25519.insert(key, id);
+        if let Some(old) = &replaced {
+            self.reindex(old.curve25519.to_bytes());
         }
-        self.by_curve25519
-            .insert(device.curve25519.to_bytes(), device);
+        replaced
+    }
+
+    /// Removes the device `user_id`/`device_id`; returns its keys.
+    pub fn remove(&mut self, user_id: &str, device_id: &str) -> Option<DeviceKeys> {
+        let removed = self
+            .by_id
+            .remove(&(user_id.to_owned(), device_id.to_owned()))?;
+        self.reindex(removed.curve25519.to_bytes());
+        Some(removed)
+    }
+
+    /// After a device lost `key`: points `key` at a device that still has it, if any (a scan,
+    /// only when the indexed device is the one that lost it: two devices sharing a Curve25519
+    /// key is an anomaly, not a case to optimise).
+    fn reindex(&mut self, key: [u8; 32]) {
+        let holds_key = |device: &DeviceKeys| device.curve25519.as_bytes() == &key;
+        let indexed = self.by_curve25519.get(&key);
+        if indexed
+            .and_then(|id| self.by_id.get(id))
+            .is_some_and(holds_key)
+        {
+            return;
+        }
+        match self.by_id.iter().find(|(_, device)| holds_key(device)) {
+            Some((id, _)) => {
+                self.by_curve25519.insert(key, id.clone());
+            }
+            None => {
+                self.by_curve25519.remove(&key);
+            }
+        }
     }
 
     /// The device of `user_id` whose identity key is `curve25519`.
@@ -342,26 +380,85 @@ impl KnownDevices {
         user_id: &str,
         curve25519: &Curve25519PublicKey,
     ) -> Option<&DeviceKeys> {
-        self.by_curve25519
-            .get(curve25519.as_bytes())
-            .filter(|device| device.user_id == user_id)
+        let id = self.by_curve25519.get(curve25519.as_bytes())?;
+        self.by_id
+            .get(id)
+            .filter(|device| device.user_id == user_id && device.curve25519 == *curve25519)
     }
 
     /// The device `user_id`/`device_id`.
     pub fn by_id(&self, user_id: &str, device_id: &str) -> Option<&DeviceKeys> {
-        let key = self
-            .by_id
-            .get(&(user_id.to_owned(), device_id.to_owned()))?;
-        self.by_curve25519.get(key)
+        self.by_id.get(&(user_id.to_owned(), device_id.to_owned()))
     }
 
     /// How many devices are known.
     pub fn len(&self) -> usize {
-        self.by_curve25519.len()
+        self.by_id.len()
     }
 
     /// Whether no device is known.
     pub fn is_empty(&self) -> bool {
-        self.by_curve25519.is_empty()
+        self.by_id.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulator::SimulatedDevice;
+
+    fn device(user: &str, id: &str) -> DeviceKeys {
+        SimulatedDevice::new(user, id).published_keys().device
+    }
+
+    /// A device whose keys change is found by its new key only, and a second device claiming a
+    /// known key never makes a lookup by id return the wrong device.
+    #[test]
+    fn lookups_by_id_and_key_stay_consistent() {
+        let mut devices = KnownDevices::default();
+        let first = device("@alice:example.org", "PHONE");
+        assert!(devices.insert(first.clone()).is_none());
+        let renewed = device("@alice:example.org", "PHONE");
+        assert_eq!(devices.insert(renewed.clone()), Some(first.clone()));
+        assert!(devices
+            .by_curve25519("@alice:example.org", &first.curve25519)
+            .is_none());
+        assert_eq!(
+            devices.by_curve25519("@alice:example.org", &renewed.curve25519),
+            Some(&renewed)
+        );
+        assert!(devices
+            .by_curve25519("@bob:example.org", &renewed.curve25519)
+            .is_none());
+
+        // Another device listing the same Curve25519 key.
+        let mut impostor = device("@alice:example.org", "LAPTOP");
+        impostor.curve25519 = renewed.curve25519;
+        devices.insert(impostor.clone());
+        assert_eq!(devices.by_id("@alice:example.org", "PHONE"), Some(&renewed));
+        assert_eq!(
+            devices.by_id("@alice:example.org", "LAPTOP"),
+            Some(&impostor)
+        );
+        assert_eq!(devices.len(), 2);
+
+        // Removing one of them leaves the other findable by the key they shared.
+        assert_eq!(
+            devices.remove("@alice:example.org", "LAPTOP"),
+            Some(impostor)
+        );
+        assert_eq!(
+            devices.by_curve25519("@alice:example.org", &renewed.curve25519),
+            Some(&renewed)
+        );
+        assert!(devices.remove("@alice:example.org", "LAPTOP").is_none());
+        assert_eq!(
+            devices.remove("@alice:example.org", "PHONE"),
+            Some(renewed.clone())
+        );
+        assert!(devices
+            .by_curve25519("@alice:example.org", &renewed.curve25519)
+            .is_none());
+        assert!(devices.is_empty());
     }
 }

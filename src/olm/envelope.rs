@@ -22,6 +22,9 @@ pub struct EnvelopeFacts {
     pub message_type: Option<u8>,
     /// The hash of the Olm message, once it decoded.
     pub message_hash: Option<MessageHash>,
+    /// The decrypted event's `type`, when the message decrypted but its plaintext failed a check
+    /// (local diagnostics: "who sent what"; never part of an analytics payload).
+    pub decrypted_type: Option<String>,
 }
 
 /// A to-device event after envelope parsing.

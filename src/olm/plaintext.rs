@@ -66,6 +66,9 @@ pub struct AcceptedPlaintext<'a> {
     pub sender_device_id: Option<String>,
     /// Whether the Ed25519 key was confirmed by a signed device-keys object.
     pub sender_device_verified: bool,
+    /// The verified `sender_device_keys`, when they (not `/keys/query`) identified the sending
+    /// device: the machine remembers such devices for session recovery only.
+    pub unknown_sender_device_keys: Option<&'a RawValue>,
 }
 
 /// Remembers `sender_device_keys` objects whose signature already verified, by their exact text,
@@ -225,6 +228,13 @@ pub fn check_plaintext<'a>(
             device_id: device.device_id.clone(),
             ed25519: device.ed25519.to_base64(),
         });
+    // Devices known only from sender_device_keys are remembered for recovery (by the machine),
+    // never as known devices here: without sender_device_keys, a later message from such a
+    // device is MissingSigningKey again, as in matrix-sdk-crypto.
+    let unknown_sender_device_keys = match (&known_device, &sender_device) {
+        (None, Some(_)) => plaintext.sender_device_keys,
+        _ => None,
+    };
     let (sender_device_id, verified) = match known_device.or(sender_device) {
         Some(device) => {
             let known = device.ed25519;
@@ -252,6 +262,7 @@ pub fn check_plaintext<'a>(
         sender_ed25519: claimed_ed25519,
         sender_device_id,
         sender_device_verified: verified,
+        unknown_sender_device_keys,
     })
 }
 

@@ -1,15 +1,17 @@
 //! An in-memory [`CryptoStore`] for tests, benchmarks and the demo.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
 
 use super::{
-    Changes, CryptoStore, StoredAccount, StoredDevice, StoredRequest, StoredResult, StoredSession,
-    WriteLock,
+    AccountCreation, AnalyticsClaim, Changes, CryptoStore, StoredAccount, StoredAnalytics,
+    StoredDevice, StoredRequest, StoredResult, StoredSession, WriteLock,
+    MAX_ANALYTICS_DELIVERY_ATTEMPTS, MAX_PENDING_ANALYTICS,
 };
+use crate::analytics::policy::AnalyticsOutboxStats;
 use crate::error::StoreError;
 use crate::olm::envelope::MessageHash;
 
@@ -19,6 +21,7 @@ struct Contents {
     sessions: HashMap<String, HashMap<String, StoredSession>>,
     message_hashes: HashSet<MessageHash>,
     devices: HashMap<(String, String), StoredDevice>,
+    recovery_devices: HashMap<(String, String), StoredDevice>,
     claimed_one_time_keys: HashSet<String>,
     failure_marks: HashSet<MessageHash>,
     policy_state: Option<String>,
@@ -29,14 +32,42 @@ struct Contents {
     sync_token: Option<String>,
     batch_number: u64,
     generation: u64,
+    /// The analytics outbox by payload id (so in id order).
+    analytics: BTreeMap<u64, PendingAnalytics>,
+    analytics_dropped: AnalyticsOutboxStats,
+}
+
+#[derive(Clone, Debug)]
+struct PendingAnalytics {
+    stored: StoredAnalytics,
+    claim: Option<AnalyticsClaim>,
+    attempts: u32,
 }
 
 /// A store that keeps everything in memory. Cloning a snapshot of it (see
-/// [`MemoryStore::snapshot`]) simulates restoring an old backup.
-#[derive(Debug, Default)]
+/// [`MemoryStore::snapshot`]) simulates restoring an old backup. `Debug` prints counts.
+#[derive(Default)]
 pub struct MemoryStore {
     contents: Mutex<Contents>,
     fail_next_save: AtomicBool,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let contents = self.lock();
+        f.debug_struct("MemoryStore")
+            .field("account", &contents.account)
+            .field(
+                "sessions",
+                &contents.sessions.values().map(HashMap::len).sum::<usize>(),
+            )
+            .field("devices", &contents.devices.len())
+            .field("recovery_devices", &contents.recovery_devices.len())
+            .field("pending_results", &contents.pending_results.len())
+            .field("outgoing_requests", &contents.outgoing_requests.len())
+            .field("generation", &contents.generation)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MemoryStore {
@@ -82,6 +113,18 @@ impl CryptoStore for MemoryStore {
         Ok(self.lock().account.clone())
     }
 
+    async fn create_account(&self, account: StoredAccount) -> Result<AccountCreation, StoreError> {
+        let mut contents = self.lock();
+        // Checked and inserted under one lock: of several threads opening this store at once,
+        // exactly one creates the account (as SQLite's plain INSERT does across processes).
+        if let Some(existing) = &contents.account {
+            return Ok(AccountCreation::AlreadyExists(existing.clone()));
+        }
+        contents.account = Some(account);
+        contents.generation += 1;
+        Ok(AccountCreation::Created)
+    }
+
     async fn load_sessions(&self, sender_key: &str) -> Result<Vec<StoredSession>, StoreError> {
         Ok(self
             .lock()
@@ -93,6 +136,10 @@ impl CryptoStore for MemoryStore {
 
     async fn load_devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
         Ok(self.lock().devices.values().cloned().collect())
+    }
+
+    async fn load_recovery_devices(&self) -> Result<Vec<StoredDevice>, StoreError> {
+        Ok(self.lock().recovery_devices.values().cloned().collect())
     }
 
     async fn known_message_hashes(
@@ -167,7 +214,14 @@ impl CryptoStore for MemoryStore {
     }
 
     async fn wipe(&self) -> Result<(), StoreError> {
-        *self.lock() = Contents::default();
+        let mut contents = self.lock();
+        // Like SQLite: the generation goes on counting, so that a machine opened before the wipe
+        // reloads (and finds the store wiped) instead of writing its old account back.
+        let generation = contents.generation + 1;
+        *contents = Contents {
+            generation,
+            ..Contents::default()
+        };
         Ok(())
     }
 
@@ -196,8 +250,13 @@ impl CryptoStore for MemoryStore {
         }
         contents.message_hashes.extend(changes.message_hashes);
         for device in changes.devices {
+            let id = (device.user_id.clone(), device.device_id.clone());
+            contents.recovery_devices.remove(&id);
+            contents.devices.insert(id, device);
+        }
+        for device in changes.recovery_devices {
             contents
-                .devices
+                .recovery_devices
                 .insert((device.user_id.clone(), device.device_id.clone()), device);
         }
         contents
@@ -228,7 +287,83 @@ impl CryptoStore for MemoryStore {
         if let Some(batch_number) = changes.batch_number {
             contents.batch_number = batch_number;
         }
+        for stored in changes.analytics {
+            contents.analytics.insert(
+                stored.id,
+                PendingAnalytics {
+                    stored,
+                    claim: changes.analytics_claim,
+                    attempts: 0,
+                },
+            );
+        }
+        // Like SQLite: beyond the bound the oldest payloads go, counted.
+        while contents.analytics.len() as u64 > MAX_PENDING_ANALYTICS {
+            contents.analytics.pop_first();
+            contents.analytics_dropped.dropped_full += 1;
+        }
         contents.generation += 1;
         Ok(())
+    }
+
+    async fn claim_analytics(
+        &self,
+        claim: AnalyticsClaim,
+        now: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredAnalytics>, StoreError> {
+        let mut contents = self.lock();
+        let mut claimed = Vec::new();
+        for pending in contents.analytics.values_mut() {
+            if claimed.len() >= limit {
+                break;
+            }
+            let free = match pending.claim {
+                None => true,
+                Some(held) => held.owner == claim.owner || held.lease_until <= now,
+            };
+            if free {
+                pending.claim = Some(claim);
+                claimed.push(pending.stored.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn remove_analytics(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let mut contents = self.lock();
+        for id in ids {
+            contents.analytics.remove(id);
+        }
+        Ok(())
+    }
+
+    async fn release_analytics(&self, owner: [u8; 16], ids: &[u64]) -> Result<u64, StoreError> {
+        let mut contents = self.lock();
+        let mut dropped = 0;
+        for id in ids {
+            let Some(pending) = contents.analytics.get_mut(id) else {
+                continue;
+            };
+            if pending.claim.map(|claim| claim.owner) != Some(owner) {
+                continue; // another owner's now: not ours to release
+            }
+            pending.attempts += 1;
+            pending.claim = None;
+            if pending.attempts >= MAX_ANALYTICS_DELIVERY_ATTEMPTS {
+                contents.analytics.remove(id);
+                dropped += 1;
+            }
+        }
+        contents.analytics_dropped.dropped_undeliverable += dropped;
+        Ok(dropped)
+    }
+
+    async fn analytics_outbox_stats(&self) -> Result<AnalyticsOutboxStats, StoreError> {
+        let contents = self.lock();
+        Ok(AnalyticsOutboxStats {
+            pending: contents.analytics.len() as u64,
+            ..contents.analytics_dropped
+        })
     }
 }

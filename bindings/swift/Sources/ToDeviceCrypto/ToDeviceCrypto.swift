@@ -963,13 +963,21 @@ public func FfiConverterTypeFailureSubscription_lower(_ value: FailureSubscripti
 public protocol ListenerHandleProtocol: AnyObject, Sendable {
     
     /**
-     * Stops delivery. A call already in progress finishes.
+     * Stops delivery. A call already in progress finishes; payloads this listener had not
+     * received stay in the store unless another listener delivered them.
      */
     func cancel() 
     
     /**
-     * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-     * this may still be `false` for a moment.
+     * Waits until every payload committed before this call that this process can deliver has
+     * been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+     * that happened in time; `false` as well when the handle was cancelled. Use it before
+     * exiting, or in tests.
+     */
+    func flush(timeoutMs: UInt32) async  -> Bool
+    
+    /**
+     * Whether delivery has stopped (cancelled, or the machine is gone).
      */
     func isCancelled()  -> Bool
     
@@ -1031,7 +1039,8 @@ open class ListenerHandle: ListenerHandleProtocol, @unchecked Sendable {
 
     
     /**
-     * Stops delivery. A call already in progress finishes.
+     * Stops delivery. A call already in progress finishes; payloads this listener had not
+     * received stay in the store unless another listener delivered them.
      */
 open func cancel()  {try! rustCall() {
         uniffiCallStatus in
@@ -1042,8 +1051,30 @@ open func cancel()  {try! rustCall() {
 }
     
     /**
-     * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-     * this may still be `false` for a moment.
+     * Waits until every payload committed before this call that this process can deliver has
+     * been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+     * that happened in time; `false` as well when the handle was cancelled. Use it before
+     * exiting, or in tests.
+     */
+open func flush(timeoutMs: UInt32)async  -> Bool  {
+    return
+        try!  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_listenerhandle_flush(
+                        self.uniffiCloneHandle(),FfiConverterUInt32.lower(timeoutMs)
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_i8,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_i8,
+            freeFunc: ffi_to_device_crypto_rust_future_free_i8,
+            liftFunc: FfiConverterBool.lift,
+            errorHandler: nil
+            
+        )
+}
+    
+    /**
+     * Whether delivery has stopped (cancelled, or the machine is gone).
      */
 open func isCancelled() -> Bool  {
     return try!  FfiConverterBool.lift(try! rustCall() {
@@ -1335,9 +1366,14 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
     func acknowledge(ids: [String]) async throws 
     
     /**
-     * Calls `listener` once per decryption failure, in order, on a background thread (never on
-     * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-     * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+     * Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+     * a background thread (never on the decrypting thread, never under a lock). Payloads come
+     * from the analytics outbox: a payload counts as delivered, and is removed from the store,
+     * once a listener returned without throwing; one that threw goes out again with the next
+     * batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+     * or another process go out as soon as a listener is added. A listener that panics or throws
+     * is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+     * dropped.
      */
     func addDecryptionFailureListener(listener: DecryptionFailureListener)  -> ListenerHandle
     
@@ -1363,6 +1399,14 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
      * A pull-style subscription to every failure from now on.
      */
     func failureSubscription()  -> FailureSubscription
+    
+    /**
+     * Hands every undelivered analytics payload to the listeners now: those of this process
+     * that a listener threw on, and those another process or an earlier run left behind once
+     * their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+     * listener (the payloads then wait for a process that has one).
+     */
+    func flushPendingAnalytics() async throws  -> UInt32
     
     /**
      * Generates up to `count` one-time keys; returns how many were made.
@@ -1589,9 +1633,14 @@ open func acknowledge(ids: [String])async throws   {
 }
     
     /**
-     * Calls `listener` once per decryption failure, in order, on a background thread (never on
-     * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-     * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+     * Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+     * a background thread (never on the decrypting thread, never under a lock). Payloads come
+     * from the analytics outbox: a payload counts as delivered, and is removed from the store,
+     * once a listener returned without throwing; one that threw goes out again with the next
+     * batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+     * or another process go out as soon as a listener is added. A listener that panics or throws
+     * is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+     * dropped.
      */
 open func addDecryptionFailureListener(listener: DecryptionFailureListener) -> ListenerHandle  {
     return try!  FfiConverterTypeListenerHandle_lift(try! rustCall() {
@@ -1666,6 +1715,28 @@ open func failureSubscription() -> FailureSubscription  {
             self.uniffiCloneHandle(),uniffiCallStatus
     )
 })
+}
+    
+    /**
+     * Hands every undelivered analytics payload to the listeners now: those of this process
+     * that a listener threw on, and those another process or an earlier run left behind once
+     * their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+     * listener (the payloads then wait for a process that has one).
+     */
+open func flushPendingAnalytics()async throws  -> UInt32  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics(
+                        self.uniffiCloneHandle()
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_u32,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_u32,
+            freeFunc: ffi_to_device_crypto_rust_future_free_u32,
+            liftFunc: FfiConverterUInt32.lift,
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
 }
     
     /**
@@ -2186,6 +2257,127 @@ public func FfiConverterTypeDecryptedEvent_lift(_ buf: RustBuffer) throws -> Dec
 #endif
 public func FfiConverterTypeDecryptedEvent_lower(_ value: DecryptedEvent) -> RustBuffer {
     return FfiConverterTypeDecryptedEvent.lower(value)
+}
+
+
+/**
+ * The documentation of one failure reason: the columns of the README's failure table.
+ */
+public struct FailureReasonInfo: Equatable, Hashable {
+    /**
+     * The reason.
+     */
+    public var reason: FailureReasonFfi
+    /**
+     * The short name, e.g. `SessionWedged`.
+     */
+    public var name: String
+    /**
+     * The PostHog `Error` event `name`, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+     */
+    public var analyticsName: String
+    /**
+     * When this reason is reported (the check that failed).
+     */
+    public var description: String
+    /**
+     * The most likely root cause in the field.
+     */
+    public var typicalRootCause: String
+    /**
+     * What an app engineer should look at first.
+     */
+    public var whatToLookAt: String
+    /**
+     * Whether a new Olm session with the sender fixes it (the machine then queues a
+     * `/keys/claim` for a known sender device).
+     */
+    public var needsNewSession: Bool
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The reason.
+         */reason: FailureReasonFfi, 
+        /**
+         * The short name, e.g. `SessionWedged`.
+         */name: String, 
+        /**
+         * The PostHog `Error` event `name`, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+         */analyticsName: String, 
+        /**
+         * When this reason is reported (the check that failed).
+         */description: String, 
+        /**
+         * The most likely root cause in the field.
+         */typicalRootCause: String, 
+        /**
+         * What an app engineer should look at first.
+         */whatToLookAt: String, 
+        /**
+         * Whether a new Olm session with the sender fixes it (the machine then queues a
+         * `/keys/claim` for a known sender device).
+         */needsNewSession: Bool) {
+        self.reason = reason
+        self.name = name
+        self.analyticsName = analyticsName
+        self.description = description
+        self.typicalRootCause = typicalRootCause
+        self.whatToLookAt = whatToLookAt
+        self.needsNewSession = needsNewSession
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension FailureReasonInfo: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeFailureReasonInfo: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> FailureReasonInfo {
+        return
+            try FailureReasonInfo(
+                reason: FfiConverterTypeFailureReasonFfi.read(from: &buf), 
+                name: FfiConverterString.read(from: &buf), 
+                analyticsName: FfiConverterString.read(from: &buf), 
+                description: FfiConverterString.read(from: &buf), 
+                typicalRootCause: FfiConverterString.read(from: &buf), 
+                whatToLookAt: FfiConverterString.read(from: &buf), 
+                needsNewSession: FfiConverterBool.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: FailureReasonInfo, into buf: inout [UInt8]) {
+        FfiConverterTypeFailureReasonFfi.write(value.reason, into: &buf)
+        FfiConverterString.write(value.name, into: &buf)
+        FfiConverterString.write(value.analyticsName, into: &buf)
+        FfiConverterString.write(value.description, into: &buf)
+        FfiConverterString.write(value.typicalRootCause, into: &buf)
+        FfiConverterString.write(value.whatToLookAt, into: &buf)
+        FfiConverterBool.write(value.needsNewSession, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFailureReasonInfo_lift(_ buf: RustBuffer) throws -> FailureReasonInfo {
+    return try FfiConverterTypeFailureReasonInfo.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeFailureReasonInfo_lower(_ value: FailureReasonInfo) -> RustBuffer {
+    return FfiConverterTypeFailureReasonInfo.lower(value)
 }
 
 
@@ -2924,6 +3116,42 @@ public enum FailureReasonFfi: Equatable, Hashable {
 
 
 
+    /**
+     * The PostHog `Error` event `name`, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+     */
+public func analyticsName() -> String  {
+    return try!  FfiConverterString.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_to_device_crypto_fn_method_failurereasonffi_analytics_name(
+            FfiConverterTypeFailureReasonFfi_lower(self),uniffiCallStatus
+    )
+})
+}
+
+    /**
+     * When this reason is reported, its typical root cause and what to look at.
+     */
+public func info() -> FailureReasonInfo  {
+    return try!  FfiConverterTypeFailureReasonInfo_lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_to_device_crypto_fn_method_failurereasonffi_info(
+            FfiConverterTypeFailureReasonFfi_lower(self),uniffiCallStatus
+    )
+})
+}
+
+    /**
+     * The PostHog event for this reason: exactly what a listener receives for such a failure.
+     */
+public func posthogEvent() -> PosthogErrorEvent  {
+    return try!  FfiConverterTypePosthogErrorEvent_lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_to_device_crypto_fn_method_failurereasonffi_posthog_event(
+            FfiConverterTypeFailureReasonFfi_lower(self),uniffiCallStatus
+    )
+})
+}
+
 
 
 }
@@ -3458,6 +3686,30 @@ fileprivate struct FfiConverterOptionTypePosthogErrorEvent: FfiConverterRustBuff
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterOptionTypeFailureReasonFfi: FfiConverterRustBuffer {
+    typealias SwiftType = FailureReasonFfi?
+
+    public static func write(_ value: SwiftType, into buf: inout [UInt8]) {
+        guard let value = value else {
+            writeInt(&buf, Int8(0))
+            return
+        }
+        writeInt(&buf, Int8(1))
+        FfiConverterTypeFailureReasonFfi.write(value, into: &buf)
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> SwiftType {
+        switch try readInt(&buf) as Int8 {
+        case 0: return nil
+        case 1: return try FfiConverterTypeFailureReasonFfi.read(from: &buf)
+        default: throw UniffiInternalError.unexpectedOptionalTag
+        }
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceString: FfiConverterRustBuffer {
     typealias SwiftType = [String]
 
@@ -3500,6 +3752,31 @@ fileprivate struct FfiConverterSequenceTypePendingEvent: FfiConverterRustBuffer 
         seq.reserveCapacity(Int(len))
         for _ in 0 ..< len {
             seq.append(try FfiConverterTypePendingEvent.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+fileprivate struct FfiConverterSequenceTypeFailureReasonFfi: FfiConverterRustBuffer {
+    typealias SwiftType = [FailureReasonFfi]
+
+    public static func write(_ value: [FailureReasonFfi], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeFailureReasonFfi.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [FailureReasonFfi] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [FailureReasonFfi]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeFailureReasonFfi.read(from: &buf))
         }
         return seq
     }
@@ -3629,6 +3906,26 @@ fileprivate func uniffiFutureContinuationCallback(handle: UInt64, pollResult: In
     }
 }
 /**
+ * Prepares for the process to exit: delivers what listeners and the log sink have queued (for at
+ * most `timeout_ms`), then stops every call from this library into foreign code for the rest of
+ * the process, waiting for the calls in progress. Returns whether everything queued was
+ * delivered.
+ *
+ * The Python package calls this from `atexit`: CPython aborts the process when one of our threads
+ * calls into Python while the interpreter finalizes. Swift and Kotlin apps do not need it; a
+ * command-line JVM program may call it from a shutdown hook. Irreversible: listeners and the log
+ * sink receive nothing afterwards. Do not call it from a listener or log sink (its own queue
+ * cannot drain while it waits).
+ */
+public func prepareForExit(timeoutMs: UInt32) -> Bool  {
+    return try!  FfiConverterBool.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_to_device_crypto_fn_func_prepare_for_exit(
+        FfiConverterUInt32.lower(timeoutMs),uniffiCallStatus
+    )
+})
+}
+/**
  * Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and
  * `Error`) to `sink`. A second call replaces the sink and the level; `None` stops forwarding.
  *
@@ -3641,6 +3938,29 @@ public func setLogSink(sink: LogSink?, maxLevel: LogLevel)  {try! rustCall() {
         FfiConverterTypeLogLevel_lower(maxLevel),uniffiCallStatus
     )
 }
+}
+/**
+ * Every failure reason, in the order of the README's table.
+ */
+public func allFailureReasons() -> [FailureReasonFfi]  {
+    return try!  FfiConverterSequenceTypeFailureReasonFfi.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_to_device_crypto_fn_func_all_failure_reasons(uniffiCallStatus
+    )
+})
+}
+/**
+ * The reason named `name`: a short name (`SessionWedged`) or an analytics name
+ * (`ToDeviceFailedToDecrypt_SessionWedged`); `None` for anything else (names are
+ * case-sensitive).
+ */
+public func failureReasonFromName(name: String) -> FailureReasonFfi?  {
+    return try!  FfiConverterOptionTypeFailureReasonFfi.lift(try! rustCall() {
+        uniffiCallStatus in
+    uniffi_to_device_crypto_fn_func_failure_reason_from_name(
+        FfiConverterString.lower(name),uniffiCallStatus
+    )
+})
 }
 
 private enum InitializationResult {
@@ -3658,10 +3978,16 @@ private let initializationResult: InitializationResult = {
     if bindings_contract_version != scaffolding_contract_version {
         return InitializationResult.contractVersionMismatch
     }
+    if (uniffi_to_device_crypto_checksum_func_prepare_for_exit() != 34140) {
+        return InitializationResult.apiChecksumMismatch
+    }
     if (uniffi_to_device_crypto_checksum_func_set_log_sink() != 23046) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 42663) {
+    if (uniffi_to_device_crypto_checksum_func_all_failure_reasons() != 5447) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_func_failure_reason_from_name() != 51467) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_failuresubscription_missed() != 48711) {
@@ -3670,16 +3996,10 @@ private let initializationResult: InitializationResult = {
     if (uniffi_to_device_crypto_checksum_method_failuresubscription_next() != 1781) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 30830) {
-        return InitializationResult.apiChecksumMismatch
-    }
-    if (uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 58370) {
-        return InitializationResult.apiChecksumMismatch
-    }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() != 64413) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 1983) {
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 41666) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() != 14123) {
@@ -3692,6 +4012,9 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription() != 25053) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics() != 14347) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys() != 62339) {
@@ -3746,6 +4069,18 @@ private let initializationResult: InitializationResult = {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests() != 1400) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 8969) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 48121) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_listenerhandle_flush() != 62493) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 15453) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_logsink_log() != 30402) {

@@ -71,7 +71,9 @@ final class Slow: DecryptionFailureListener, @unchecked Sendable {
     }
 }
 
-// A stand-in for the PostHog iOS SDK, and the forwarding snippet an app would write.
+// A stand-in for the PostHog iOS SDK (`PostHogSDK.shared.capture(_:properties:)`). The forwarding
+// code an app writes, `PostHogForwarder`, is the README's snippet (ReadmeSnippet.swift, extracted
+// by scripts/test-bindings.sh).
 final class PostHogSDK: @unchecked Sendable {
     static let shared = PostHogSDK()
     private let lock = NSLock()
@@ -83,9 +85,14 @@ final class PostHogSDK: @unchecked Sendable {
     }
 }
 
-final class PostHogForwarder: DecryptionFailureListener {
-    func onDecryptionFailure(event: PosthogErrorEvent) {
-        PostHogSDK.shared.capture(event.event, properties: event.properties)
+/// The homeserver side of the README's `startCrypto`: records the `/keys/upload` bodies.
+final class RecordingUploader: KeysUploader, @unchecked Sendable {
+    private let lock = NSLock()
+    private var _bodies: [String] = []
+    var bodies: [String] { lock.lock(); defer { lock.unlock() }; return _bodies }
+    func uploadKeys(body: String) async throws {
+        lock.lock(); defer { lock.unlock() }
+        _bodies.append(body)
     }
 }
 
@@ -98,6 +105,24 @@ final class CollectingLogSink: LogSink, @unchecked Sendable {
         lock.lock(); defer { lock.unlock() }
         _lines.append((level, target, message))
     }
+}
+
+/// JSON text to a dictionary, and back (the API passes JSON text).
+func parseJSON(_ text: String) throws -> [String: Any] {
+    guard let object = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any] else {
+        throw UnexpectedSuccess()
+    }
+    return object
+}
+
+func jsonText(_ value: Any) throws -> String {
+    String(decoding: try JSONSerialization.data(withJSONObject: value), as: UTF8.self)
+}
+
+/// The first entry of a JSON object, as an object of its own.
+func firstEntry(_ object: Any?) -> [String: Any] {
+    guard let object = object as? [String: Any], let first = object.first else { return [:] }
+    return [first.key: first.value]
 }
 
 func waitUntil(_ condition: () -> Bool) -> Bool {
@@ -174,12 +199,14 @@ final class ToDeviceCryptoTests: XCTestCase {
 
     func testF_forwardingToPosthog() async throws {
         let bob = try await makeBob()
+        let before = PostHogSDK.shared.captured.count
         let handle = bob.addDecryptionFailureListener(listener: PostHogForwarder())
         try await expectFailure(bob)
-        XCTAssertTrue(waitUntil { PostHogSDK.shared.captured.count == 1 })
-        let (event, properties) = PostHogSDK.shared.captured[0]
-        XCTAssertEqual(event, "Error")
-        XCTAssertEqual(properties as? [String: String], expectedProperties)
+        let flushed = await handle.flush(timeoutMs: 5000)
+        XCTAssertTrue(flushed)
+        let captured = PostHogSDK.shared.captured.dropFirst(before)
+        XCTAssertEqual(captured.map(\.0), ["Error"])
+        XCTAssertEqual(captured.first?.1 as? [String: String], expectedProperties)
         handle.cancel()
     }
 
@@ -202,6 +229,196 @@ final class ToDeviceCryptoTests: XCTestCase {
         }
     }
 
+    func testG2_reportingPolicyAndConsent() async throws {
+        let bob = try await makeBob()
+        let good = Collecting()
+        let handle = bob.addDecryptionFailureListener(listener: good)
+        // The same message twice, and the same sender and name again: one PostHog event.
+        for _ in 0..<2 { try await expectFailure(bob, distinctBadEvent(1)) }
+        await bob.setAnalyticsEnabled(enabled: false)
+        try await expectFailure(bob, distinctBadEvent(2))
+        await bob.setAnalyticsEnabled(enabled: true)
+        await bob.setReportingPolicy(policy: ReportingPolicyFfi(analyticsEnabled: true, suppressionWindowSecs: 0, maxEventsPerMinute: nil))
+        try await expectFailure(bob, distinctBadEvent(3))
+        let flushed = await handle.flush(timeoutMs: 5000)
+        XCTAssertTrue(flushed)
+        XCTAssertEqual(good.events.count, 2)
+        let stats = try parseJSON(await bob.reportingStatsJson())
+        let counts = ((stats["total"] as? [String: Any])?["failures"] as? [String: Any])?["UnsupportedAlgorithm"] as? [String: Any]
+        XCTAssertEqual(["seen", "reported", "suppressed_already_seen", "suppressed_disabled"].map { counts?[$0] as? Int }, [4, 2, 1, 1])
+    }
+
+    func testH_outboxAndSyncToken() async throws {
+        let bob = try await makeBob()
+        let (_, event) = try await encrypted(for: bob, content: #"{"n":1}"#)
+        let results = try await bob.receiveSync(jsonArray: "[\(event)]", nextBatch: "s42_1")
+        let token = try await bob.syncToken()
+        XCTAssertEqual(token, "s42_1")
+        guard case let .decrypted(decrypted) = results[0] else { return XCTFail("\(results[0])") }
+        XCTAssertFalse(decrypted.reEmitted)
+        // Not acknowledged yet: listed, and a re-delivery is a marked re-emission.
+        let pending = try await bob.pendingDecryptedEvents()
+        XCTAssertEqual(pending.map { [String($0.batch), String($0.index), $0.event.id] }, [["1", "0", decrypted.id]])
+        let again = try await bob.decryptToDeviceEvent(json: event)
+        XCTAssertTrue(again.reEmitted)
+        try await bob.acknowledge(ids: [decrypted.id])
+        let none = try await bob.pendingDecryptedEvents()
+        XCTAssertEqual(none, [])
+        let (reason, _) = try await expectFailure(bob, event)
+        XCTAssertEqual(reason, .replayedMessage)
+    }
+
+    func testI_passphraseStore() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(UUID().uuidString)
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = dir.appendingPathComponent("store.sqlite3").path
+        var bob: OlmMachine? = try await OlmMachine.openSqliteWithPassphrase(userId: "@bob:example.org", deviceId: "BOBDEVICE", path: path, passphrase: "correct horse")
+        let curve = bob?.identityKeys().curve25519
+        bob = nil
+        let again = try await OlmMachine.openSqliteWithPassphrase(userId: "@bob:example.org", deviceId: "BOBDEVICE", path: path, passphrase: "correct horse")
+        XCTAssertEqual(again.identityKeys().curve25519, curve)
+        do {
+            _ = try await OlmMachine.openSqliteWithPassphrase(userId: "@bob:example.org", deviceId: "BOBDEVICE", path: path, passphrase: "wrong")
+            XCTFail("a wrong passphrase opened the store")
+        } catch CryptoError.Store(let detail) {
+            XCTAssertTrue(detail.contains("key"), detail)
+        }
+    }
+
+    func testJ_taxonomyWithoutAMachine() throws {
+        let reason = try XCTUnwrap(failureReasonFromName(name: "SessionWedged"))
+        XCTAssertEqual(reason, .sessionWedged)
+        XCTAssertEqual(failureReasonFromName(name: "ToDeviceFailedToDecrypt_SessionWedged"), reason)
+        XCTAssertNil(failureReasonFromName(name: "DecryptionFailure"))
+        XCTAssertEqual(reason.analyticsName(), "ToDeviceFailedToDecrypt_SessionWedged")
+        let event = reason.posthogEvent()
+        XCTAssertEqual(event.event, "Error")
+        XCTAssertEqual(event.properties, ["domain": "TO_DEVICE", "name": "ToDeviceFailedToDecrypt_SessionWedged", "cryptoSDK": "Rust"])
+        let info = reason.info()
+        XCTAssertEqual(info.reason, reason)
+        XCTAssertEqual(info.name, "SessionWedged")
+        XCTAssertEqual(info.analyticsName, "ToDeviceFailedToDecrypt_SessionWedged")
+        XCTAssertTrue(info.description.contains("none of them decrypts"), info.description)
+        XCTAssertTrue(info.typicalRootCause.contains("ratchets diverged"), info.typicalRootCause)
+        XCTAssertTrue(info.needsNewSession)
+        XCTAssertFalse(FailureReasonFfi.malformedEvent.info().needsNewSession)
+        XCTAssertEqual(Set(allFailureReasons().map { $0.info().analyticsName }).count, 17)
+    }
+
+    func testK_firstKeysUploadNeedsNoCall() async throws {
+        let bob = try await makeBob()
+        let body = await bob.keysForUpload()
+        let upload = try parseJSON(try XCTUnwrap(body))
+        XCTAssertEqual((upload["one_time_keys"] as? [String: Any])?.count, 25)
+        XCTAssertEqual((upload["fallback_keys"] as? [String: Any])?.count, 1)
+        XCTAssertEqual((upload["device_keys"] as? [String: Any])?["device_id"] as? String, "BOBDEVICE")
+        try await bob.markKeysAsPublished()
+        let nothing = await bob.keysForUpload()
+        XCTAssertNil(nothing)
+        let made = try await bob.receiveOneTimeKeyCount(serverCount: 20, fallbackKeyUnused: true)
+        XCTAssertEqual(made, 5)
+    }
+
+    func testL_outgoingRequestsRecoverASession() async throws {
+        let bob = try await makeBob()
+        let carol = try await OlmMachine.openInMemory(userId: "@carol:example.org", deviceId: "CAROLDEVICE")
+        let alice = try await OlmMachine.openInMemory(userId: "@alice:example.org", deviceId: "ALICEDEVICE")
+        // Bob's keys as a server that hands out the same one-time key twice would serve them.
+        let bobBody = await bob.keysForUpload()
+        let bobUpload = try parseJSON(try XCTUnwrap(bobBody))
+        try await bob.markKeysAsPublished()
+        let served = try jsonText(["device_keys": bobUpload["device_keys"] as Any, "one_time_keys": firstEntry(bobUpload["one_time_keys"])])
+        let first = try await carol.encryptFor(recipientKeysUploadJson: served, eventType: "m.dummy", contentJson: "{}")
+        _ = try await bob.decryptToDeviceEvent(json: String(first.dropFirst().dropLast()))
+        // Bob knows Alice's device, whose message was built on the key Carol used.
+        let aliceBody = await alice.keysForUpload()
+        let aliceUpload = try parseJSON(try XCTUnwrap(aliceBody))
+        let query = try jsonText(["device_keys": ["@alice:example.org": ["ALICEDEVICE": aliceUpload["device_keys"] as Any]]])
+        let stored = try await bob.receiveKeysQueryResponse(json: query)
+        XCTAssertEqual(stored, 1)
+        let second = try await alice.encryptFor(recipientKeysUploadJson: served, eventType: "m.dummy", contentJson: "{}")
+        let (reason, _) = try await expectFailure(bob, String(second.dropFirst().dropLast()))
+        XCTAssertEqual(reason, .unknownOneTimeKey)
+        // Recovery: claim one of Alice's keys, then send her an Olm-encrypted m.dummy.
+        let requests = try await bob.outgoingRequests()
+        guard requests.count == 1, case let .keysClaim(claimId, claimBody) = requests[0] else { return XCTFail("\(requests)") }
+        let claim = try parseJSON(claimBody)
+        XCTAssertEqual(((claim["one_time_keys"] as? [String: Any])?["@alice:example.org"] as? [String: String]), ["ALICEDEVICE": "signed_curve25519"])
+        let response = try jsonText(["one_time_keys": ["@alice:example.org": ["ALICEDEVICE": firstEntry(aliceUpload["one_time_keys"])]]])
+        try await bob.markRequestAsSent(requestId: claimId, responseJson: response)
+        let next = try await bob.outgoingRequests()
+        guard next.count == 1, case let .toDevice(dummyId, eventType, _, body) = next[0] else { return XCTFail("\(next)") }
+        XCTAssertEqual(eventType, "m.room.encrypted")
+        let content = (((try parseJSON(body))["messages"] as? [String: Any])?["@alice:example.org"] as? [String: Any])?["ALICEDEVICE"]
+        let event = try jsonText(["type": eventType, "sender": "@bob:example.org", "content": content as Any])
+        let dummy = try await alice.decryptToDeviceEvent(json: event)
+        XCTAssertEqual(dummy.eventType, "m.dummy")
+        try await bob.markRequestAsSent(requestId: dummyId, responseJson: nil)
+        let left = try await bob.outgoingRequests()
+        XCTAssertEqual(left, [])
+        do {
+            try await bob.markRequestAsSent(requestId: dummyId, responseJson: nil)
+            XCTFail("an unknown request id was accepted")
+        } catch is CryptoError {}
+    }
+
+    func testM_flushWaitsForTheListener() async throws {
+        let bob = try await makeBob()
+        let listener = Collecting()
+        let handle = bob.addDecryptionFailureListener(listener: listener)
+        for n in 0..<3 { try await expectFailure(bob, distinctBadEvent(n)) }
+        let flushed = await handle.flush(timeoutMs: 5000)
+        XCTAssertTrue(flushed)
+        XCTAssertEqual(listener.events.count, 3, "flush returned before delivery")
+        handle.cancel()
+        let afterCancel = await handle.flush(timeoutMs: 1000)
+        XCTAssertFalse(afterCancel)
+    }
+
+    /// The README's Swift snippet, end to end: start, a batch with a decryptable, a plain and a
+    /// failing event, acknowledgement, the failure in PostHog, and decryptOne both ways.
+    func testN_readmeAdopterPath() async throws {
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent(UUID().uuidString)
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let server = RecordingUploader()
+        let (machine, forwarding) = try await startCrypto(
+            userId: "@bob:example.org", deviceId: "BOBDEVICE", storePath: dir.appendingPathComponent("crypto.sqlite3").path,
+            storeKey: Data(repeating: 7, count: 32), server: server)
+        XCTAssertEqual(server.bodies.count, 1)
+        let upload = try parseJSON(try XCTUnwrap(server.bodies.first))
+        XCTAssertEqual((upload["one_time_keys"] as? [String: Any])?.count, 25)
+        let nothing = await machine.keysForUpload()
+        XCTAssertNil(nothing, "the upload was not marked as published")
+
+        // Alice got the published keys from the server (/keys/query, /keys/claim).
+        let alice = try await OlmMachine.openInMemory(userId: "@alice:example.org", deviceId: "ALICEDEVICE")
+        let published = try XCTUnwrap(server.bodies.first)
+        let sendFromAlice = { (content: String) async throws -> String in
+            String(try await alice.encryptFor(recipientKeysUploadJson: published, eventType: "m.dummy", contentJson: content).dropFirst().dropLast())
+        }
+        let before = PostHogSDK.shared.captured.count
+        let event = try await sendFromAlice(#"{"n":1}"#)
+        let plain = #"{"type":"m.dummy","sender":"@a:b","content":{}}"#
+        let decrypted = try await receive(toDeviceEvents: "[\(event),\(plain),\(distinctBadEvent(42))]", nextBatch: "s7", machine: machine)
+        XCTAssertEqual(decrypted.map(\.contentJson), [#"{"n":1}"#])
+        let token = try await machine.syncToken()
+        XCTAssertEqual(token, "s7")
+        let pending = try await machine.pendingDecryptedEvents()
+        XCTAssertEqual(pending, [], "receive() acknowledges what it returns")
+        let flushed = await forwarding.flush(timeoutMs: 5000)
+        XCTAssertTrue(flushed)
+        let captured = PostHogSDK.shared.captured.dropFirst(before)
+        XCTAssertEqual(captured.map(\.0), ["Error"])
+        XCTAssertEqual(captured.first?.1 as? [String: String], expectedProperties)
+
+        let failed = await decryptOne(distinctBadEvent(43), machine: machine)
+        XCTAssertNil(failed)
+        let one = await decryptOne(try await sendFromAlice(#"{"n":2}"#), machine: machine)
+        XCTAssertEqual(one?.contentJson, #"{"n":2}"#)
+    }
+
     func testSyncBatchAndSqliteStore() async throws {
         do {
             _ = try await OlmMachine.openSqlite(userId: "@bob:example.org", deviceId: "BOBDEVICE", path: "/nonexistent/x.db", storeKey: Data(count: 5))
@@ -222,19 +439,26 @@ final class ToDeviceCryptoTests: XCTestCase {
         XCTAssertEqual(reason, .unsupportedAlgorithm)
     }
 
-    /// A measurement, not an assertion: the median of 5 rounds of 200 calls after 50 warm-up calls
-    /// (the protocol of the Rust baseline, benches/ratios.rs row 7).
-    func testZ_measureOverhead() async throws {
+    /// The once-per-message rule over 1,050 deliveries of one failing event (every call fails with
+    /// the same reason, one PostHog payload), timed as the median of 5 rounds of 200 calls after 50
+    /// warm-up calls: the protocol of the Rust baseline (benches/ratios.rs, row 7, no listener).
+    func testZ_repeatedFailuresReportOnceAndMeasureOverhead() async throws {
         let bob = try await makeBob()
         let n = 200
         let rounds = 5
-        for _ in 0..<50 { try await expectFailure(bob) } // warm-up
+        var reasons = Set<FailureReasonFfi>()
+        for _ in 0..<50 { reasons.insert(try await expectFailure(bob).0) } // warm-up
         var perCall: [Double] = []
         for _ in 0..<rounds {
             let start = Date()
-            for _ in 0..<n { try await expectFailure(bob) }
+            for _ in 0..<n { reasons.insert(try await expectFailure(bob).0) }
             perCall.append(Date().timeIntervalSince(start) / Double(n) * 1e6)
         }
+        XCTAssertEqual(reasons, [.unsupportedAlgorithm])
+        let stats = try parseJSON(await bob.reportingStatsJson())
+        let counts = ((stats["total"] as? [String: Any])?["failures"] as? [String: Any])?["UnsupportedAlgorithm"] as? [String: Any]
+        XCTAssertEqual(counts?["seen"] as? Int, 50 + n * rounds)
+        XCTAssertEqual(counts?["reported"] as? Int, 1)
         let micros = perCall.sorted()[rounds / 2]
         print(String(format: "swift: decrypt_to_device_event overhead: %.1f us/event (median of %d rounds of %d failing events)", micros, rounds, n))
     }

@@ -728,17 +728,17 @@ internal object IntegrityCheckingUniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
+    external fun uniffi_to_device_crypto_checksum_func_prepare_for_exit(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_func_set_log_sink(
     ): Int
-    external fun uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure(
+    external fun uniffi_to_device_crypto_checksum_func_all_failure_reasons(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_func_failure_reason_from_name(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_failuresubscription_missed(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_failuresubscription_next(
-    ): Int
-    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_cancel(
-    ): Int
-    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge(
     ): Int
@@ -751,6 +751,8 @@ internal object IntegrityCheckingUniffiLib {
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_encrypt_for(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys(
     ): Int
@@ -788,6 +790,14 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_cancel(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_flush(
+    ): Int
+    external fun uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_logsink_log(
     ): Int
     external fun uniffi_to_device_crypto_checksum_constructor_olmmachine_open_in_memory(
@@ -818,14 +828,6 @@ internal object UniffiLib {
     }
 
     internal fun ensureInitialized() = Unit
-    external fun uniffi_to_device_crypto_fn_clone_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Long
-    external fun uniffi_to_device_crypto_fn_free_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_init_callback_vtable_decryptionfailurelistener(`vtable`: UniffiVTableCallbackInterfaceDecryptionFailureListener,
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_method_decryptionfailurelistener_on_decryption_failure(`ptr`: Long,`event`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
     external fun uniffi_to_device_crypto_fn_clone_failuresubscription(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_to_device_crypto_fn_free_failuresubscription(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -834,14 +836,6 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_to_device_crypto_fn_method_failuresubscription_next(`ptr`: Long,
     ): Long
-    external fun uniffi_to_device_crypto_fn_clone_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Long
-    external fun uniffi_to_device_crypto_fn_free_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_method_listenerhandle_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Unit
-    external fun uniffi_to_device_crypto_fn_method_listenerhandle_is_cancelled(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
-    ): Byte
     external fun uniffi_to_device_crypto_fn_clone_olmmachine(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_to_device_crypto_fn_free_olmmachine(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -863,6 +857,8 @@ internal object UniffiLib {
     external fun uniffi_to_device_crypto_fn_method_olmmachine_encrypt_for(`ptr`: Long,`recipientKeysUploadJson`: RustBuffer.ByValue,`eventType`: RustBuffer.ByValue,`contentJson`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_failure_subscription(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics(`ptr`: Long,
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_generate_one_time_keys(`ptr`: Long,`count`: Int,
     ): Long
@@ -900,6 +896,24 @@ internal object UniffiLib {
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_outgoing_requests(`ptr`: Long,
     ): Long
+    external fun uniffi_to_device_crypto_fn_clone_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_to_device_crypto_fn_free_decryptionfailurelistener(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_init_callback_vtable_decryptionfailurelistener(`vtable`: UniffiVTableCallbackInterfaceDecryptionFailureListener,
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_method_decryptionfailurelistener_on_decryption_failure(`ptr`: Long,`event`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_clone_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Long
+    external fun uniffi_to_device_crypto_fn_free_listenerhandle(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_method_listenerhandle_cancel(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Unit
+    external fun uniffi_to_device_crypto_fn_method_listenerhandle_flush(`ptr`: Long,`timeoutMs`: Int,
+    ): Long
+    external fun uniffi_to_device_crypto_fn_method_listenerhandle_is_cancelled(`ptr`: Long,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_to_device_crypto_fn_clone_logsink(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): Long
     external fun uniffi_to_device_crypto_fn_free_logsink(`handle`: Long,uniffi_out_err: UniffiRustCallStatus, 
@@ -908,8 +922,20 @@ internal object UniffiLib {
     ): Unit
     external fun uniffi_to_device_crypto_fn_method_logsink_log(`ptr`: Long,`level`: RustBuffer.ByValue,`target`: RustBuffer.ByValue,`message`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_to_device_crypto_fn_method_failurereasonffi_analytics_name(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_method_failurereasonffi_info(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_method_failurereasonffi_posthog_event(`ptr`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_func_prepare_for_exit(`timeoutMs`: Int,uniffi_out_err: UniffiRustCallStatus, 
+    ): Byte
     external fun uniffi_to_device_crypto_fn_func_set_log_sink(`sink`: RustBuffer.ByValue,`maxLevel`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
     ): Unit
+    external fun uniffi_to_device_crypto_fn_func_all_failure_reasons(uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
+    external fun uniffi_to_device_crypto_fn_func_failure_reason_from_name(`name`: RustBuffer.ByValue,uniffi_out_err: UniffiRustCallStatus, 
+    ): RustBuffer.ByValue
     external fun ffi_to_device_crypto_rustbuffer_alloc(`size`: Long,uniffi_out_err: UniffiRustCallStatus, 
     ): RustBuffer.ByValue
     external fun ffi_to_device_crypto_rustbuffer_from_bytes(`bytes`: ForeignBytes.ByValue,uniffi_out_err: UniffiRustCallStatus, 
@@ -1029,10 +1055,16 @@ private fun uniffiCheckContractApiVersion(lib: IntegrityCheckingUniffiLib) {
 }
 @Suppress("UNUSED_PARAMETER")
 private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
+    if ((lib.uniffi_to_device_crypto_checksum_func_prepare_for_exit() and 0xFFFF) != 34140) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
     if ((lib.uniffi_to_device_crypto_checksum_func_set_log_sink() and 0xFFFF) != 23046) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() and 0xFFFF) != 42663) {
+    if ((lib.uniffi_to_device_crypto_checksum_func_all_failure_reasons() and 0xFFFF) != 5447) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_func_failure_reason_from_name() and 0xFFFF) != 51467) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_failuresubscription_missed() and 0xFFFF) != 48711) {
@@ -1041,16 +1073,10 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_to_device_crypto_checksum_method_failuresubscription_next() and 0xFFFF) != 1781) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() and 0xFFFF) != 30830) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
-    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() and 0xFFFF) != 58370) {
-        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() and 0xFFFF) != 64413) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() and 0xFFFF) != 1983) {
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() and 0xFFFF) != 41666) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() and 0xFFFF) != 14123) {
@@ -1063,6 +1089,9 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription() and 0xFFFF) != 25053) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics() and 0xFFFF) != 14347) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys() and 0xFFFF) != 62339) {
@@ -1117,6 +1146,18 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests() and 0xFFFF) != 1400) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() and 0xFFFF) != 8969) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() and 0xFFFF) != 48121) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush() and 0xFFFF) != 62493) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() and 0xFFFF) != 15453) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_logsink_log() and 0xFFFF) != 30402) {
@@ -2226,13 +2267,21 @@ public object FfiConverterTypeFailureSubscription: FfiConverter<FailureSubscript
 public interface ListenerHandleInterface {
     
     /**
-     * Stops delivery. A call already in progress finishes.
+     * Stops delivery. A call already in progress finishes; payloads this listener had not
+     * received stay in the store unless another listener delivered them.
      */
     fun `cancel`()
     
     /**
-     * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-     * this may still be `false` for a moment.
+     * Waits until every payload committed before this call that this process can deliver has
+     * been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+     * that happened in time; `false` as well when the handle was cancelled. Use it before
+     * exiting, or in tests.
+     */
+    suspend fun `flush`(`timeoutMs`: kotlin.UInt): kotlin.Boolean
+    
+    /**
+     * Whether delivery has stopped (cancelled, or the machine is gone).
      */
     fun `isCancelled`(): kotlin.Boolean
     
@@ -2345,7 +2394,8 @@ open class ListenerHandle: Disposable, AutoCloseable, ListenerHandleInterface
 
     
     /**
-     * Stops delivery. A call already in progress finishes.
+     * Stops delivery. A call already in progress finishes; payloads this listener had not
+     * received stay in the store unless another listener delivered them.
      */override fun `cancel`()
         = 
     callWithHandle {
@@ -2360,8 +2410,34 @@ open class ListenerHandle: Disposable, AutoCloseable, ListenerHandleInterface
 
     
     /**
-     * Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-     * this may still be `false` for a moment.
+     * Waits until every payload committed before this call that this process can deliver has
+     * been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+     * that happened in time; `false` as well when the handle was cancelled. Use it before
+     * exiting, or in tests.
+     */
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `flush`(`timeoutMs`: kotlin.UInt) : kotlin.Boolean {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_flush(
+                uniffiHandle,
+                
+        FfiConverterUInt.lower(`timeoutMs`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_i8(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_i8(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_i8(future) },
+        // lift function
+        { FfiConverterBoolean.lift(it) },
+        // Error FFI converter
+        UniffiNullRustCallStatusErrorHandler,
+    )
+    }
+
+    
+    /**
+     * Whether delivery has stopped (cancelled, or the machine is gone).
      */override fun `isCancelled`(): kotlin.Boolean {
             return FfiConverterBoolean.lift(
     callWithHandle {
@@ -2851,9 +2927,14 @@ public interface OlmMachineInterface {
     suspend fun `acknowledge`(`ids`: List<kotlin.String>)
     
     /**
-     * Calls `listener` once per decryption failure, in order, on a background thread (never on
-     * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-     * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+     * Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+     * a background thread (never on the decrypting thread, never under a lock). Payloads come
+     * from the analytics outbox: a payload counts as delivered, and is removed from the store,
+     * once a listener returned without throwing; one that threw goes out again with the next
+     * batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+     * or another process go out as soon as a listener is added. A listener that panics or throws
+     * is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+     * dropped.
      */
     fun `addDecryptionFailureListener`(`listener`: DecryptionFailureListener): ListenerHandle
     
@@ -2879,6 +2960,14 @@ public interface OlmMachineInterface {
      * A pull-style subscription to every failure from now on.
      */
     fun `failureSubscription`(): FailureSubscription
+    
+    /**
+     * Hands every undelivered analytics payload to the listeners now: those of this process
+     * that a listener threw on, and those another process or an earlier run left behind once
+     * their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+     * listener (the payloads then wait for a process that has one).
+     */
+    suspend fun `flushPendingAnalytics`(): kotlin.UInt
     
     /**
      * Generates up to `count` one-time keys; returns how many were made.
@@ -3107,9 +3196,14 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
 
     
     /**
-     * Calls `listener` once per decryption failure, in order, on a background thread (never on
-     * the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-     * Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+     * Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+     * a background thread (never on the decrypting thread, never under a lock). Payloads come
+     * from the analytics outbox: a payload counts as delivered, and is removed from the store,
+     * once a listener returned without throwing; one that threw goes out again with the next
+     * batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+     * or another process go out as soon as a listener is added. A listener that panics or throws
+     * is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+     * dropped.
      */override fun `addDecryptionFailureListener`(`listener`: DecryptionFailureListener): ListenerHandle {
             return FfiConverterTypeListenerHandle.lift(
     callWithHandle {
@@ -3210,6 +3304,33 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
     )
     }
     
+
+    
+    /**
+     * Hands every undelivered analytics payload to the listeners now: those of this process
+     * that a listener threw on, and those another process or an earlier run left behind once
+     * their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+     * listener (the payloads then wait for a process that has one).
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `flushPendingAnalytics`() : kotlin.UInt {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics(
+                uniffiHandle,
+                
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_u32(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_u32(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_u32(future) },
+        // lift function
+        { FfiConverterUInt.lift(it) },
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
 
     
     /**
@@ -3854,6 +3975,94 @@ public object FfiConverterTypeDecryptedEvent: FfiConverterRustBuffer<DecryptedEv
 
 
 /**
+ * The documentation of one failure reason: the columns of the README's failure table.
+ */
+data class FailureReasonInfo (
+    /**
+     * The reason.
+     */
+    var `reason`: FailureReasonFfi
+    , 
+    /**
+     * The short name, e.g. `SessionWedged`.
+     */
+    var `name`: kotlin.String
+    , 
+    /**
+     * The PostHog `Error` event `name`, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+     */
+    var `analyticsName`: kotlin.String
+    , 
+    /**
+     * When this reason is reported (the check that failed).
+     */
+    var `description`: kotlin.String
+    , 
+    /**
+     * The most likely root cause in the field.
+     */
+    var `typicalRootCause`: kotlin.String
+    , 
+    /**
+     * What an app engineer should look at first.
+     */
+    var `whatToLookAt`: kotlin.String
+    , 
+    /**
+     * Whether a new Olm session with the sender fixes it (the machine then queues a
+     * `/keys/claim` for a known sender device).
+     */
+    var `needsNewSession`: kotlin.Boolean
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeFailureReasonInfo: FfiConverterRustBuffer<FailureReasonInfo> {
+    override fun read(buf: ByteBuffer): FailureReasonInfo {
+        return FailureReasonInfo(
+            FfiConverterTypeFailureReasonFfi.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterBoolean.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: FailureReasonInfo) = (
+            FfiConverterTypeFailureReasonFfi.allocationSize(value.`reason`) +
+            FfiConverterString.allocationSize(value.`name`) +
+            FfiConverterString.allocationSize(value.`analyticsName`) +
+            FfiConverterString.allocationSize(value.`description`) +
+            FfiConverterString.allocationSize(value.`typicalRootCause`) +
+            FfiConverterString.allocationSize(value.`whatToLookAt`) +
+            FfiConverterBoolean.allocationSize(value.`needsNewSession`)
+    )
+
+    override fun write(value: FailureReasonInfo, buf: ByteBuffer) {
+            FfiConverterTypeFailureReasonFfi.write(value.`reason`, buf)
+            FfiConverterString.write(value.`name`, buf)
+            FfiConverterString.write(value.`analyticsName`, buf)
+            FfiConverterString.write(value.`description`, buf)
+            FfiConverterString.write(value.`typicalRootCause`, buf)
+            FfiConverterString.write(value.`whatToLookAt`, buf)
+            FfiConverterBoolean.write(value.`needsNewSession`, buf)
+    }
+}
+
+
+
+/**
  * Our identity keys, base64.
  */
 data class IdentityKeysFfi (
@@ -4436,6 +4645,45 @@ enum class FailureReasonFfi {
     STORE;
 
     
+    /**
+     * The PostHog `Error` event `name`, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+     */ fun `analyticsName`(): kotlin.String {
+            return FfiConverterString.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_analytics_name(FfiConverterTypeFailureReasonFfi.lower(this),
+        _status)
+}
+    )
+    }
+    
+
+    
+    /**
+     * When this reason is reported, its typical root cause and what to look at.
+     */ fun `info`(): FailureReasonInfo {
+            return FfiConverterTypeFailureReasonInfo.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_info(FfiConverterTypeFailureReasonFfi.lower(this),
+        _status)
+}
+    )
+    }
+    
+
+    
+    /**
+     * The PostHog event for this reason: exactly what a listener receives for such a failure.
+     */ fun `posthogEvent`(): PosthogErrorEvent {
+            return FfiConverterTypePosthogErrorEvent.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_posthog_event(FfiConverterTypeFailureReasonFfi.lower(this),
+        _status)
+}
+    )
+    }
+    
+
+    
 
 
     companion object
@@ -4884,6 +5132,38 @@ public object FfiConverterOptionalTypePosthogErrorEvent: FfiConverterRustBuffer<
 /**
  * @suppress
  */
+public object FfiConverterOptionalTypeFailureReasonFfi: FfiConverterRustBuffer<FailureReasonFfi?> {
+    override fun read(buf: ByteBuffer): FailureReasonFfi? {
+        if (buf.get().toInt() == 0) {
+            return null
+        }
+        return FfiConverterTypeFailureReasonFfi.read(buf)
+    }
+
+    override fun allocationSize(value: FailureReasonFfi?): ULong {
+        if (value == null) {
+            return 1UL
+        } else {
+            return 1UL + FfiConverterTypeFailureReasonFfi.allocationSize(value)
+        }
+    }
+
+    override fun write(value: FailureReasonFfi?, buf: ByteBuffer) {
+        if (value == null) {
+            buf.put(0)
+        } else {
+            buf.put(1)
+            FfiConverterTypeFailureReasonFfi.write(value, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
 public object FfiConverterSequenceString: FfiConverterRustBuffer<List<kotlin.String>> {
     override fun read(buf: ByteBuffer): List<kotlin.String> {
         val len = buf.getInt()
@@ -4930,6 +5210,34 @@ public object FfiConverterSequenceTypePendingEvent: FfiConverterRustBuffer<List<
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypePendingEvent.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeFailureReasonFfi: FfiConverterRustBuffer<List<FailureReasonFfi>> {
+    override fun read(buf: ByteBuffer): List<FailureReasonFfi> {
+        val len = buf.getInt()
+        return List<FailureReasonFfi>(len) {
+            FfiConverterTypeFailureReasonFfi.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<FailureReasonFfi>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeFailureReasonFfi.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<FailureReasonFfi>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeFailureReasonFfi.write(it, buf)
         }
     }
 }
@@ -5037,6 +5345,29 @@ public object FfiConverterMapStringString: FfiConverterRustBuffer<Map<kotlin.Str
 
 
         /**
+         * Prepares for the process to exit: delivers what listeners and the log sink have queued (for at
+         * most `timeout_ms`), then stops every call from this library into foreign code for the rest of
+         * the process, waiting for the calls in progress. Returns whether everything queued was
+         * delivered.
+         *
+         * The Python package calls this from `atexit`: CPython aborts the process when one of our threads
+         * calls into Python while the interpreter finalizes. Swift and Kotlin apps do not need it; a
+         * command-line JVM program may call it from a shutdown hook. Irreversible: listeners and the log
+         * sink receive nothing afterwards. Do not call it from a listener or log sink (its own queue
+         * cannot drain while it waits).
+         */ fun `prepareForExit`(`timeoutMs`: kotlin.UInt): kotlin.Boolean {
+            return FfiConverterBoolean.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_func_prepare_for_exit(
+    
+        
+        FfiConverterUInt.lower(`timeoutMs`),_status)
+}
+    )
+    }
+    
+
+        /**
          * Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and
          * `Error`) to `sink`. A second call replaces the sink and the level; `None` stops forwarding.
          *
@@ -5051,6 +5382,35 @@ public object FfiConverterMapStringString: FfiConverterRustBuffer<Map<kotlin.Str
         FfiConverterTypeLogLevel.lower(`maxLevel`),_status)
 }
     
+    
+
+        /**
+         * Every failure reason, in the order of the README's table.
+         */ fun `allFailureReasons`(): List<FailureReasonFfi> {
+            return FfiConverterSequenceTypeFailureReasonFfi.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_func_all_failure_reasons(
+    
+        _status)
+}
+    )
+    }
+    
+
+        /**
+         * The reason named `name`: a short name (`SessionWedged`) or an analytics name
+         * (`ToDeviceFailedToDecrypt_SessionWedged`); `None` for anything else (names are
+         * case-sensitive).
+         */ fun `failureReasonFromName`(`name`: kotlin.String): FailureReasonFfi? {
+            return FfiConverterOptionalTypeFailureReasonFfi.lift(
+    uniffiRustCall() { _status ->
+    UniffiLib.uniffi_to_device_crypto_fn_func_failure_reason_from_name(
+    
+        
+        FfiConverterString.lower(`name`),_status)
+}
+    )
+    }
     
 
 

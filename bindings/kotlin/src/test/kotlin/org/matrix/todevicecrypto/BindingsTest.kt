@@ -9,6 +9,14 @@ import java.util.concurrent.atomic.AtomicInteger
 import kotlinx.coroutines.flow.first
 import kotlinx.coroutines.runBlocking
 import kotlinx.coroutines.withTimeout
+// PostHog is a stand-in (com/posthog/PostHog.kt); the readme package is the README's Kotlin
+// snippet, extracted by scripts/test-bindings.sh.
+import com.posthog.PostHog
+import org.matrix.todevicecrypto.readme.KeysUploader
+import org.matrix.todevicecrypto.readme.PostHogForwarder
+import org.matrix.todevicecrypto.readme.decryptOne
+import org.matrix.todevicecrypto.readme.receive
+import org.matrix.todevicecrypto.readme.startCrypto
 
 const val BAD_EVENT =
     """{"type":"m.room.encrypted","sender":"@a:b","content":{"algorithm":"m.megolm.v1.aes-sha2"}}"""
@@ -73,17 +81,11 @@ class Throwing : DecryptionFailureListener {
     }
 }
 
-// A stand-in for the PostHog Android SDK, and the forwarding snippet an app would write.
-object PostHog {
-    val captured = CopyOnWriteArrayList<Pair<String, Map<String, Any>>>()
-    fun capture(event: String, properties: Map<String, Any>? = null) {
-        captured.add(event to (properties ?: emptyMap()))
-    }
-}
-
-class PostHogForwarder : DecryptionFailureListener {
-    override fun onDecryptionFailure(event: PosthogErrorEvent) {
-        PostHog.capture(event = event.event, properties = event.properties)
+/** The homeserver side of the README's `startCrypto`: records the `/keys/upload` bodies. */
+class RecordingUploader : KeysUploader {
+    val bodies = CopyOnWriteArrayList<String>()
+    override suspend fun uploadKeys(body: String) {
+        bodies.add(body)
     }
 }
 
@@ -150,13 +152,14 @@ val tests: List<Pair<String, suspend () -> Unit>> = listOf(
     },
     "f forwarding to PostHog" to {
         val bob = bob()
+        val before = PostHog.captured.size
         val handle = bob.addDecryptionFailureListener(PostHogForwarder())
         expectFailure(bob)
-        waitUntil { PostHog.captured.size == 1 }
-        checkEquals(listOf<Pair<String, Map<String, Any>>>("Error" to EXPECTED_PROPERTIES), PostHog.captured.toList())
+        check(handle.flush(5_000u)) { "flush timed out" }
+        checkEquals(listOf<Pair<String, Map<String, Any>>>("Error" to EXPECTED_PROPERTIES), PostHog.captured.drop(before))
         handle.close()
     },
-    "g logs reach the app logger, redacted" to {
+    "g2 logs reach the app logger, redacted" to {
         val bob = bob()
         val sink = CollectingLogSink()
         setLogSink(sink, LogLevel.DEBUG)
@@ -178,6 +181,159 @@ val tests: List<Pair<String, suspend () -> Unit>> = listOf(
             }
         } finally {
             setLogSink(null, LogLevel.TRACE)
+        }
+    },
+    "g reporting policy and consent" to {
+        val bob = bob()
+        val good = Collecting()
+        val handle = bob.addDecryptionFailureListener(good)
+        // The same message twice, and the same sender and name again: one PostHog event.
+        repeat(2) { expectFailure(bob, badEvent(1)) }
+        bob.setAnalyticsEnabled(false)
+        expectFailure(bob, badEvent(2))
+        bob.setAnalyticsEnabled(true)
+        bob.setReportingPolicy(ReportingPolicyFfi(analyticsEnabled = true, suppressionWindowSecs = 0uL, maxEventsPerMinute = null))
+        expectFailure(bob, badEvent(3))
+        check(handle.flush(5_000u)) { "flush timed out" }
+        checkEquals(2, good.events.size)
+        val counts = parseJson(bob.reportingStatsJson()).obj("total").obj("failures").obj("UnsupportedAlgorithm")
+        checkEquals(listOf(4.0, 2.0, 1.0, 1.0), listOf("seen", "reported", "suppressed_already_seen", "suppressed_disabled").map { counts[it] })
+        handle.close()
+    },
+    "h outbox and sync token" to {
+        val bob = bob()
+        val (_, event) = encryptedFor(bob, """{"n":1}""")
+        val results = bob.receiveSync("[$event]", "s42_1")
+        checkEquals("s42_1", bob.syncToken())
+        val decrypted = (results[0] as ToDeviceResult.Decrypted).event
+        check(!decrypted.reEmitted) { "first delivery marked as re-emitted" }
+        // Not acknowledged yet: listed, and a re-delivery is a marked re-emission.
+        checkEquals(listOf(Triple(1uL, 0uL, decrypted.id)), bob.pendingDecryptedEvents().map { Triple(it.batch, it.index, it.event.id) })
+        check(bob.decryptToDeviceEvent(event).reEmitted) { "re-delivery not marked" }
+        bob.acknowledge(listOf(decrypted.id))
+        checkEquals(emptyList<PendingEvent>(), bob.pendingDecryptedEvents())
+        checkEquals(FailureReasonFfi.REPLAYED_MESSAGE, expectFailure(bob, event).reason)
+    },
+    "i passphrase store" to {
+        val dir = kotlin.io.path.createTempDirectory("tdc").toFile()
+        try {
+            val path = "$dir/store.sqlite3"
+            val curve = OlmMachine.openSqliteWithPassphrase("@bob:example.org", "BOBDEVICE", path, "correct horse").use { it.identityKeys().curve25519 }
+            OlmMachine.openSqliteWithPassphrase("@bob:example.org", "BOBDEVICE", path, "correct horse").use {
+                checkEquals(curve, it.identityKeys().curve25519)
+            }
+            try {
+                OlmMachine.openSqliteWithPassphrase("@bob:example.org", "BOBDEVICE", path, "wrong")
+                throw AssertionError("a wrong passphrase opened the store")
+            } catch (e: CryptoException.Store) {
+                check("key" in e.detail) { e.detail }
+            }
+        } finally {
+            dir.deleteRecursively()
+        }
+    },
+    "j taxonomy without a machine" to {
+        val reason = failureReasonFromName("SessionWedged") ?: throw AssertionError("unknown name")
+        checkEquals(FailureReasonFfi.SESSION_WEDGED, reason)
+        checkEquals(reason, failureReasonFromName("ToDeviceFailedToDecrypt_SessionWedged"))
+        checkEquals(null, failureReasonFromName("DecryptionFailure"))
+        checkEquals("ToDeviceFailedToDecrypt_SessionWedged", reason.analyticsName())
+        val event = reason.posthogEvent()
+        checkEquals("Error", event.event)
+        checkEquals(mapOf("domain" to "TO_DEVICE", "name" to "ToDeviceFailedToDecrypt_SessionWedged", "cryptoSDK" to "Rust"), event.properties)
+        val info = reason.info()
+        checkEquals(Triple(reason, "SessionWedged", "ToDeviceFailedToDecrypt_SessionWedged"), Triple(info.reason, info.name, info.analyticsName))
+        check("none of them decrypts" in info.description) { info.description }
+        check("ratchets diverged" in info.typicalRootCause) { info.typicalRootCause }
+        check(info.needsNewSession) { "SessionWedged needs a new session" }
+        check(!FailureReasonFfi.MALFORMED_EVENT.info().needsNewSession) { "MalformedEvent needs no session" }
+        checkEquals(17, allFailureReasons().map { it.info().analyticsName }.toSet().size)
+    },
+    "k first keys upload needs no call" to {
+        val bob = bob()
+        val upload = parseJson(bob.keysForUpload()!!)
+        checkEquals(25, upload.obj("one_time_keys").size)
+        checkEquals(1, upload.obj("fallback_keys").size)
+        checkEquals("BOBDEVICE", upload.obj("device_keys")["device_id"])
+        bob.markKeysAsPublished()
+        checkEquals(null, bob.keysForUpload())
+        checkEquals(5u, bob.receiveOneTimeKeyCount(20uL, true))
+    },
+    "l outgoing requests recover a session" to {
+        val bob = bob()
+        val carol = OlmMachine.openInMemory("@carol:example.org", "CAROLDEVICE")
+        val alice = OlmMachine.openInMemory("@alice:example.org", "ALICEDEVICE")
+        // Bob's keys as a server that hands out the same one-time key twice would serve them.
+        val bobUpload = parseJson(bob.keysForUpload()!!)
+        bob.markKeysAsPublished()
+        val oneKey = bobUpload.obj("one_time_keys").entries.first().let { mapOf(it.key to it.value) }
+        val served = toJson(mapOf("device_keys" to bobUpload.obj("device_keys"), "one_time_keys" to oneKey))
+        bob.decryptToDeviceEvent(carol.encryptFor(served, "m.dummy", "{}").removePrefix("[").removeSuffix("]"))
+        // Bob knows Alice's device, whose message was built on the key Carol used.
+        val aliceUpload = parseJson(alice.keysForUpload()!!)
+        val query = mapOf("device_keys" to mapOf("@alice:example.org" to mapOf("ALICEDEVICE" to aliceUpload.obj("device_keys"))))
+        checkEquals(1u, bob.receiveKeysQueryResponse(toJson(query)))
+        val second = alice.encryptFor(served, "m.dummy", "{}").removePrefix("[").removeSuffix("]")
+        checkEquals(FailureReasonFfi.UNKNOWN_ONE_TIME_KEY, expectFailure(bob, second).reason)
+        // Recovery: claim one of Alice's keys, then send her an Olm-encrypted m.dummy.
+        val claim = bob.outgoingRequests().single() as OutgoingRequestFfi.KeysClaim
+        checkEquals(mapOf("one_time_keys" to mapOf("@alice:example.org" to mapOf("ALICEDEVICE" to "signed_curve25519"))), parseJson(claim.bodyJson))
+        val aliceKey = aliceUpload.obj("one_time_keys").entries.first().let { mapOf(it.key to it.value) }
+        bob.markRequestAsSent(claim.requestId, toJson(mapOf("one_time_keys" to mapOf("@alice:example.org" to mapOf("ALICEDEVICE" to aliceKey)))))
+        val dummy = bob.outgoingRequests().single() as OutgoingRequestFfi.ToDevice
+        checkEquals("m.room.encrypted", dummy.eventType)
+        val content = parseJson(dummy.bodyJson).obj("messages").obj("@alice:example.org").obj("ALICEDEVICE")
+        val event = toJson(mapOf("type" to dummy.eventType, "sender" to "@bob:example.org", "content" to content))
+        checkEquals("m.dummy", alice.decryptToDeviceEvent(event).eventType)
+        bob.markRequestAsSent(dummy.requestId, null)
+        checkEquals(emptyList<OutgoingRequestFfi>(), bob.outgoingRequests())
+        try {
+            bob.markRequestAsSent(dummy.requestId, null)
+            throw AssertionError("an unknown request id was accepted")
+        } catch (e: CryptoException) {
+        }
+    },
+    "m flush waits for the listener" to {
+        val bob = bob()
+        val listener = Collecting()
+        val handle = bob.addDecryptionFailureListener(listener)
+        repeat(3) { expectFailure(bob, badEvent(it)) }
+        check(handle.flush(5_000u)) { "flush timed out" }
+        checkEquals(3, listener.events.size)
+        handle.cancel()
+        check(!handle.flush(1_000u)) { "flush on a cancelled handle said true" }
+    },
+    "n README adopter path" to {
+        // The README's Kotlin snippet, end to end: start, a batch with a decryptable, a plain and
+        // a failing event, acknowledgement, the failure in PostHog, and decryptOne both ways.
+        val dir = kotlin.io.path.createTempDirectory("tdc").toFile()
+        try {
+            val server = RecordingUploader()
+            val (machine, forwarding) = startCrypto("@bob:example.org", "BOBDEVICE", "$dir/crypto.sqlite3", ByteArray(32) { 7 }, server)
+            checkEquals(1, server.bodies.size)
+            checkEquals(25, parseJson(server.bodies[0]).obj("one_time_keys").size)
+            checkEquals(null, machine.keysForUpload())
+
+            // Alice got the published keys from the server (/keys/query, /keys/claim).
+            val alice = OlmMachine.openInMemory("@alice:example.org", "ALICEDEVICE")
+            suspend fun fromAlice(content: String) =
+                alice.encryptFor(server.bodies[0], "m.dummy", content).removePrefix("[").removeSuffix("]")
+            val before = PostHog.captured.size
+            val event = fromAlice("""{"n":1}""")
+            val plain = """{"type":"m.dummy","sender":"@a:b","content":{}}"""
+            val decrypted = receive("[$event,$plain,${badEvent(42)}]", "s7", machine)
+            checkEquals(listOf("""{"n":1}"""), decrypted.map { it.contentJson })
+            checkEquals("s7", machine.syncToken())
+            checkEquals(emptyList<PendingEvent>(), machine.pendingDecryptedEvents())
+            check(forwarding.flush(5_000u)) { "flush timed out" }
+            checkEquals(listOf<Pair<String, Map<String, Any>>>("Error" to EXPECTED_PROPERTIES), PostHog.captured.drop(before))
+
+            checkEquals(null, decryptOne(badEvent(43), machine))
+            checkEquals("""{"n":2}""", decryptOne(fromAlice("""{"n":2}"""), machine)?.contentJson)
+            forwarding.close()
+            machine.close()
+        } finally {
+            dir.deleteRecursively()
         }
     },
     "sync batch and SQLite store" to {

@@ -525,23 +525,31 @@ def _uniffi_check_contract_api_version(lib):
         raise InternalError("UniFFI contract version mismatch: try cleaning and rebuilding your project")
 
 def _uniffi_check_api_checksums(lib):
+    if lib.uniffi_to_device_crypto_checksum_func_all_failure_reasons() != 5447:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_func_failure_reason_from_name() != 51467:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_func_prepare_for_exit() != 34140:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_func_set_log_sink() != 23046:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 42663:
+    if lib.uniffi_to_device_crypto_checksum_method_decryptionfailurelistener_on_decryption_failure() != 8969:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_failuresubscription_missed() != 48711:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_failuresubscription_next() != 1781:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 30830:
+    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel() != 48121:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 58370:
+    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush() != 62493:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled() != 15453:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_logsink_log() != 30402:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_acknowledge() != 64413:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 1983:
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_add_decryption_failure_listener() != 41666:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_decrypt_to_device_event() != 14123:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -550,6 +558,8 @@ def _uniffi_check_api_checksums(lib):
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_encrypt_for() != 2690:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription() != 25053:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics() != 14347:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys() != 62339:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -622,6 +632,15 @@ _UniffiLib.ffi_to_device_crypto_rustbuffer_reserve.restype = _UniffiRustBuffer
 _UniffiLib.ffi_to_device_crypto_uniffi_contract_version.argtypes = (
 )
 _UniffiLib.ffi_to_device_crypto_uniffi_contract_version.restype = ctypes.c_uint32
+_UniffiLib.uniffi_to_device_crypto_checksum_func_all_failure_reasons.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_func_all_failure_reasons.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_func_failure_reason_from_name.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_func_failure_reason_from_name.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_func_prepare_for_exit.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_func_prepare_for_exit.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_func_set_log_sink.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_func_set_log_sink.restype = ctypes.c_uint16
@@ -637,6 +656,9 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_failuresubscription_next.rest
 _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_cancel.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_flush.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_listenerhandle_is_cancelled.restype = ctypes.c_uint16
@@ -661,6 +683,9 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_encrypt_for.restyp
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_failure_subscription.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_flush_pending_analytics.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_generate_one_time_keys.restype = ctypes.c_uint16
@@ -724,6 +749,20 @@ _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite.r
 _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite_with_passphrase.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_constructor_olmmachine_open_sqlite_with_passphrase.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_fn_func_all_failure_reasons.argtypes = (
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_func_all_failure_reasons.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_to_device_crypto_fn_func_failure_reason_from_name.argtypes = (
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_func_failure_reason_from_name.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_to_device_crypto_fn_func_prepare_for_exit.argtypes = (
+    ctypes.c_uint32,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_func_prepare_for_exit.restype = ctypes.c_int8
 _UniffiLib.uniffi_to_device_crypto_fn_func_set_log_sink.argtypes = (
     _UniffiRustBuffer,
     _UniffiRustBuffer,
@@ -750,6 +789,11 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_cancel.argtypes = (
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_cancel.restype = None
+_UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_flush.argtypes = (
+    ctypes.c_uint64,
+    ctypes.c_uint32,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_flush.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_is_cancelled.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -796,6 +840,10 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_failure_subscription.arg
     ctypes.POINTER(_UniffiRustCallStatus),
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_failure_subscription.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics.argtypes = (
+    ctypes.c_uint64,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_generate_one_time_keys.argtypes = (
     ctypes.c_uint64,
     ctypes.c_uint32,
@@ -901,6 +949,21 @@ _UniffiLib.uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite_with_pa
     _UniffiRustBuffer,
 )
 _UniffiLib.uniffi_to_device_crypto_fn_constructor_olmmachine_open_sqlite_with_passphrase.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_analytics_name.argtypes = (
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_analytics_name.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_info.argtypes = (
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_info.restype = _UniffiRustBuffer
+_UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_posthog_event.argtypes = (
+    _UniffiRustBuffer,
+    ctypes.POINTER(_UniffiRustCallStatus),
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_posthog_event.restype = _UniffiRustBuffer
 _UniffiLib.uniffi_to_device_crypto_fn_clone_decryptionfailurelistener.argtypes = (
     ctypes.c_uint64,
     ctypes.POINTER(_UniffiRustCallStatus),
@@ -1445,6 +1508,283 @@ class _UniffiFfiConverterTypeDecryptedEvent(_UniffiConverterRustBuffer):
         _UniffiFfiConverterOptionalString.write(value.sender_device_id, buf)
         _UniffiFfiConverterBoolean.write(value.sender_device_verified, buf)
 
+
+
+
+
+
+class FailureReasonFfi(enum.Enum):
+    """
+    Why a to-device event failed to decrypt: mirrors [`FailureReason`] one to one.
+"""
+    
+    MALFORMED_EVENT = 0
+    
+    UNSUPPORTED_ALGORITHM = 1
+    
+    MISSING_SENDER_KEY = 2
+    
+    MISSING_CIPHERTEXT = 3
+    
+    MALFORMED_CIPHERTEXT = 4
+    
+    MISSING_SESSION = 5
+    
+    SESSION_WEDGED = 6
+    
+    UNKNOWN_ONE_TIME_KEY = 7
+    
+    SESSION_CREATION = 8
+    
+    REPLAYED_MESSAGE = 9
+    
+    JSON_ERROR = 10
+    
+    MISMATCHED_SENDER = 11
+    
+    MISMATCHED_RECIPIENT = 12
+    
+    MISMATCHED_KEYS = 13
+    
+    MISSING_SIGNING_KEY = 14
+    
+    INVALID_SENDER_DEVICE_KEYS = 15
+    
+    STORE = 16
+    
+    def analytics_name(self, ) -> str:
+        """
+        The PostHog `Error` event `name`, e.g. `ToDeviceFailedToDecrypt_SessionWedged`.
+"""
+        _uniffi_lowered_args = (
+            _UniffiFfiConverterTypeFailureReasonFfi.lower(self),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterString.lift
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_analytics_name,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def info(self, ) -> FailureReasonInfo:
+        """
+        When this reason is reported, its typical root cause and what to look at.
+"""
+        _uniffi_lowered_args = (
+            _UniffiFfiConverterTypeFailureReasonFfi.lower(self),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeFailureReasonInfo.lift
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_info,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+    def posthog_event(self, ) -> PosthogErrorEvent:
+        """
+        The PostHog event for this reason: exactly what a listener receives for such a failure.
+"""
+        _uniffi_lowered_args = (
+            _UniffiFfiConverterTypeFailureReasonFfi.lower(self),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypePosthogErrorEvent.lift
+        _uniffi_error_converter = None
+        _uniffi_ffi_result = _uniffi_rust_call_with_error(
+            _uniffi_error_converter,
+            _UniffiLib.uniffi_to_device_crypto_fn_method_failurereasonffi_posthog_event,
+            *_uniffi_lowered_args,
+        )
+        return _uniffi_lift_return(_uniffi_ffi_result)
+
+
+class _UniffiFfiConverterTypeFailureReasonFfi(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        variant = buf.read_i32()
+        if variant == 1:
+            return FailureReasonFfi.MALFORMED_EVENT
+        if variant == 2:
+            return FailureReasonFfi.UNSUPPORTED_ALGORITHM
+        if variant == 3:
+            return FailureReasonFfi.MISSING_SENDER_KEY
+        if variant == 4:
+            return FailureReasonFfi.MISSING_CIPHERTEXT
+        if variant == 5:
+            return FailureReasonFfi.MALFORMED_CIPHERTEXT
+        if variant == 6:
+            return FailureReasonFfi.MISSING_SESSION
+        if variant == 7:
+            return FailureReasonFfi.SESSION_WEDGED
+        if variant == 8:
+            return FailureReasonFfi.UNKNOWN_ONE_TIME_KEY
+        if variant == 9:
+            return FailureReasonFfi.SESSION_CREATION
+        if variant == 10:
+            return FailureReasonFfi.REPLAYED_MESSAGE
+        if variant == 11:
+            return FailureReasonFfi.JSON_ERROR
+        if variant == 12:
+            return FailureReasonFfi.MISMATCHED_SENDER
+        if variant == 13:
+            return FailureReasonFfi.MISMATCHED_RECIPIENT
+        if variant == 14:
+            return FailureReasonFfi.MISMATCHED_KEYS
+        if variant == 15:
+            return FailureReasonFfi.MISSING_SIGNING_KEY
+        if variant == 16:
+            return FailureReasonFfi.INVALID_SENDER_DEVICE_KEYS
+        if variant == 17:
+            return FailureReasonFfi.STORE
+        raise InternalError("Raw enum value doesn't match any cases")
+
+    @staticmethod
+    def check_lower(value):
+        if value == FailureReasonFfi.MALFORMED_EVENT:
+            return
+        if value == FailureReasonFfi.UNSUPPORTED_ALGORITHM:
+            return
+        if value == FailureReasonFfi.MISSING_SENDER_KEY:
+            return
+        if value == FailureReasonFfi.MISSING_CIPHERTEXT:
+            return
+        if value == FailureReasonFfi.MALFORMED_CIPHERTEXT:
+            return
+        if value == FailureReasonFfi.MISSING_SESSION:
+            return
+        if value == FailureReasonFfi.SESSION_WEDGED:
+            return
+        if value == FailureReasonFfi.UNKNOWN_ONE_TIME_KEY:
+            return
+        if value == FailureReasonFfi.SESSION_CREATION:
+            return
+        if value == FailureReasonFfi.REPLAYED_MESSAGE:
+            return
+        if value == FailureReasonFfi.JSON_ERROR:
+            return
+        if value == FailureReasonFfi.MISMATCHED_SENDER:
+            return
+        if value == FailureReasonFfi.MISMATCHED_RECIPIENT:
+            return
+        if value == FailureReasonFfi.MISMATCHED_KEYS:
+            return
+        if value == FailureReasonFfi.MISSING_SIGNING_KEY:
+            return
+        if value == FailureReasonFfi.INVALID_SENDER_DEVICE_KEYS:
+            return
+        if value == FailureReasonFfi.STORE:
+            return
+        raise ValueError(value)
+
+    @staticmethod
+    def write(value, buf):
+        if value == FailureReasonFfi.MALFORMED_EVENT:
+            buf.write_i32(1)
+        if value == FailureReasonFfi.UNSUPPORTED_ALGORITHM:
+            buf.write_i32(2)
+        if value == FailureReasonFfi.MISSING_SENDER_KEY:
+            buf.write_i32(3)
+        if value == FailureReasonFfi.MISSING_CIPHERTEXT:
+            buf.write_i32(4)
+        if value == FailureReasonFfi.MALFORMED_CIPHERTEXT:
+            buf.write_i32(5)
+        if value == FailureReasonFfi.MISSING_SESSION:
+            buf.write_i32(6)
+        if value == FailureReasonFfi.SESSION_WEDGED:
+            buf.write_i32(7)
+        if value == FailureReasonFfi.UNKNOWN_ONE_TIME_KEY:
+            buf.write_i32(8)
+        if value == FailureReasonFfi.SESSION_CREATION:
+            buf.write_i32(9)
+        if value == FailureReasonFfi.REPLAYED_MESSAGE:
+            buf.write_i32(10)
+        if value == FailureReasonFfi.JSON_ERROR:
+            buf.write_i32(11)
+        if value == FailureReasonFfi.MISMATCHED_SENDER:
+            buf.write_i32(12)
+        if value == FailureReasonFfi.MISMATCHED_RECIPIENT:
+            buf.write_i32(13)
+        if value == FailureReasonFfi.MISMATCHED_KEYS:
+            buf.write_i32(14)
+        if value == FailureReasonFfi.MISSING_SIGNING_KEY:
+            buf.write_i32(15)
+        if value == FailureReasonFfi.INVALID_SENDER_DEVICE_KEYS:
+            buf.write_i32(16)
+        if value == FailureReasonFfi.STORE:
+            buf.write_i32(17)
+
+
+
+@dataclass
+class FailureReasonInfo:
+    """
+    The documentation of one failure reason: the columns of the README's failure table.
+"""
+    def __init__(self, *, reason:FailureReasonFfi, name:str, analytics_name:str, description:str, typical_root_cause:str, what_to_look_at:str, needs_new_session:bool):
+        self.reason = reason
+        self.name = name
+        self.analytics_name = analytics_name
+        self.description = description
+        self.typical_root_cause = typical_root_cause
+        self.what_to_look_at = what_to_look_at
+        self.needs_new_session = needs_new_session
+        
+        
+
+    
+    def __str__(self):
+        return "FailureReasonInfo(reason={}, name={}, analytics_name={}, description={}, typical_root_cause={}, what_to_look_at={}, needs_new_session={})".format(self.reason, self.name, self.analytics_name, self.description, self.typical_root_cause, self.what_to_look_at, self.needs_new_session)
+    def __eq__(self, other):
+        if self.reason != other.reason:
+            return False
+        if self.name != other.name:
+            return False
+        if self.analytics_name != other.analytics_name:
+            return False
+        if self.description != other.description:
+            return False
+        if self.typical_root_cause != other.typical_root_cause:
+            return False
+        if self.what_to_look_at != other.what_to_look_at:
+            return False
+        if self.needs_new_session != other.needs_new_session:
+            return False
+        return True
+
+class _UniffiFfiConverterTypeFailureReasonInfo(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return FailureReasonInfo(
+            reason=_UniffiFfiConverterTypeFailureReasonFfi.read(buf),
+            name=_UniffiFfiConverterString.read(buf),
+            analytics_name=_UniffiFfiConverterString.read(buf),
+            description=_UniffiFfiConverterString.read(buf),
+            typical_root_cause=_UniffiFfiConverterString.read(buf),
+            what_to_look_at=_UniffiFfiConverterString.read(buf),
+            needs_new_session=_UniffiFfiConverterBoolean.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterTypeFailureReasonFfi.check_lower(value.reason)
+        _UniffiFfiConverterString.check_lower(value.name)
+        _UniffiFfiConverterString.check_lower(value.analytics_name)
+        _UniffiFfiConverterString.check_lower(value.description)
+        _UniffiFfiConverterString.check_lower(value.typical_root_cause)
+        _UniffiFfiConverterString.check_lower(value.what_to_look_at)
+        _UniffiFfiConverterBoolean.check_lower(value.needs_new_session)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterTypeFailureReasonFfi.write(value.reason, buf)
+        _UniffiFfiConverterString.write(value.name, buf)
+        _UniffiFfiConverterString.write(value.analytics_name, buf)
+        _UniffiFfiConverterString.write(value.description, buf)
+        _UniffiFfiConverterString.write(value.typical_root_cause, buf)
+        _UniffiFfiConverterString.write(value.what_to_look_at, buf)
+        _UniffiFfiConverterBoolean.write(value.needs_new_session, buf)
+
 @dataclass
 class IdentityKeysFfi:
     """
@@ -1590,169 +1930,6 @@ class _UniffiFfiConverterTypeErrorDomainFfi(_UniffiConverterRustBuffer):
             buf.write_i32(2)
         if value == ErrorDomainFfi.TO_DEVICE:
             buf.write_i32(3)
-
-
-
-
-
-
-
-
-class FailureReasonFfi(enum.Enum):
-    """
-    Why a to-device event failed to decrypt: mirrors [`FailureReason`] one to one.
-"""
-    
-    MALFORMED_EVENT = 0
-    
-    UNSUPPORTED_ALGORITHM = 1
-    
-    MISSING_SENDER_KEY = 2
-    
-    MISSING_CIPHERTEXT = 3
-    
-    MALFORMED_CIPHERTEXT = 4
-    
-    MISSING_SESSION = 5
-    
-    SESSION_WEDGED = 6
-    
-    UNKNOWN_ONE_TIME_KEY = 7
-    
-    SESSION_CREATION = 8
-    
-    REPLAYED_MESSAGE = 9
-    
-    JSON_ERROR = 10
-    
-    MISMATCHED_SENDER = 11
-    
-    MISMATCHED_RECIPIENT = 12
-    
-    MISMATCHED_KEYS = 13
-    
-    MISSING_SIGNING_KEY = 14
-    
-    INVALID_SENDER_DEVICE_KEYS = 15
-    
-    STORE = 16
-    
-
-
-class _UniffiFfiConverterTypeFailureReasonFfi(_UniffiConverterRustBuffer):
-    @staticmethod
-    def read(buf):
-        variant = buf.read_i32()
-        if variant == 1:
-            return FailureReasonFfi.MALFORMED_EVENT
-        if variant == 2:
-            return FailureReasonFfi.UNSUPPORTED_ALGORITHM
-        if variant == 3:
-            return FailureReasonFfi.MISSING_SENDER_KEY
-        if variant == 4:
-            return FailureReasonFfi.MISSING_CIPHERTEXT
-        if variant == 5:
-            return FailureReasonFfi.MALFORMED_CIPHERTEXT
-        if variant == 6:
-            return FailureReasonFfi.MISSING_SESSION
-        if variant == 7:
-            return FailureReasonFfi.SESSION_WEDGED
-        if variant == 8:
-            return FailureReasonFfi.UNKNOWN_ONE_TIME_KEY
-        if variant == 9:
-            return FailureReasonFfi.SESSION_CREATION
-        if variant == 10:
-            return FailureReasonFfi.REPLAYED_MESSAGE
-        if variant == 11:
-            return FailureReasonFfi.JSON_ERROR
-        if variant == 12:
-            return FailureReasonFfi.MISMATCHED_SENDER
-        if variant == 13:
-            return FailureReasonFfi.MISMATCHED_RECIPIENT
-        if variant == 14:
-            return FailureReasonFfi.MISMATCHED_KEYS
-        if variant == 15:
-            return FailureReasonFfi.MISSING_SIGNING_KEY
-        if variant == 16:
-            return FailureReasonFfi.INVALID_SENDER_DEVICE_KEYS
-        if variant == 17:
-            return FailureReasonFfi.STORE
-        raise InternalError("Raw enum value doesn't match any cases")
-
-    @staticmethod
-    def check_lower(value):
-        if value == FailureReasonFfi.MALFORMED_EVENT:
-            return
-        if value == FailureReasonFfi.UNSUPPORTED_ALGORITHM:
-            return
-        if value == FailureReasonFfi.MISSING_SENDER_KEY:
-            return
-        if value == FailureReasonFfi.MISSING_CIPHERTEXT:
-            return
-        if value == FailureReasonFfi.MALFORMED_CIPHERTEXT:
-            return
-        if value == FailureReasonFfi.MISSING_SESSION:
-            return
-        if value == FailureReasonFfi.SESSION_WEDGED:
-            return
-        if value == FailureReasonFfi.UNKNOWN_ONE_TIME_KEY:
-            return
-        if value == FailureReasonFfi.SESSION_CREATION:
-            return
-        if value == FailureReasonFfi.REPLAYED_MESSAGE:
-            return
-        if value == FailureReasonFfi.JSON_ERROR:
-            return
-        if value == FailureReasonFfi.MISMATCHED_SENDER:
-            return
-        if value == FailureReasonFfi.MISMATCHED_RECIPIENT:
-            return
-        if value == FailureReasonFfi.MISMATCHED_KEYS:
-            return
-        if value == FailureReasonFfi.MISSING_SIGNING_KEY:
-            return
-        if value == FailureReasonFfi.INVALID_SENDER_DEVICE_KEYS:
-            return
-        if value == FailureReasonFfi.STORE:
-            return
-        raise ValueError(value)
-
-    @staticmethod
-    def write(value, buf):
-        if value == FailureReasonFfi.MALFORMED_EVENT:
-            buf.write_i32(1)
-        if value == FailureReasonFfi.UNSUPPORTED_ALGORITHM:
-            buf.write_i32(2)
-        if value == FailureReasonFfi.MISSING_SENDER_KEY:
-            buf.write_i32(3)
-        if value == FailureReasonFfi.MISSING_CIPHERTEXT:
-            buf.write_i32(4)
-        if value == FailureReasonFfi.MALFORMED_CIPHERTEXT:
-            buf.write_i32(5)
-        if value == FailureReasonFfi.MISSING_SESSION:
-            buf.write_i32(6)
-        if value == FailureReasonFfi.SESSION_WEDGED:
-            buf.write_i32(7)
-        if value == FailureReasonFfi.UNKNOWN_ONE_TIME_KEY:
-            buf.write_i32(8)
-        if value == FailureReasonFfi.SESSION_CREATION:
-            buf.write_i32(9)
-        if value == FailureReasonFfi.REPLAYED_MESSAGE:
-            buf.write_i32(10)
-        if value == FailureReasonFfi.JSON_ERROR:
-            buf.write_i32(11)
-        if value == FailureReasonFfi.MISMATCHED_SENDER:
-            buf.write_i32(12)
-        if value == FailureReasonFfi.MISMATCHED_RECIPIENT:
-            buf.write_i32(13)
-        if value == FailureReasonFfi.MISMATCHED_KEYS:
-            buf.write_i32(14)
-        if value == FailureReasonFfi.MISSING_SIGNING_KEY:
-            buf.write_i32(15)
-        if value == FailureReasonFfi.INVALID_SENDER_DEVICE_KEYS:
-            buf.write_i32(16)
-        if value == FailureReasonFfi.STORE:
-            buf.write_i32(17)
 
 
 
@@ -2907,13 +3084,21 @@ class ListenerHandleProtocol(typing.Protocol):
     
     def cancel(self, ) -> None:
         """
-        Stops delivery. A call already in progress finishes.
+        Stops delivery. A call already in progress finishes; payloads this listener had not
+        received stay in the store unless another listener delivered them.
+"""
+        raise NotImplementedError
+    async def flush(self, timeout_ms: int) -> bool:
+        """
+        Waits until every payload committed before this call that this process can deliver has
+        been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+        that happened in time; `false` as well when the handle was cancelled. Use it before
+        exiting, or in tests.
 """
         raise NotImplementedError
     def is_cancelled(self, ) -> bool:
         """
-        Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-        this may still be `false` for a moment.
+        Whether delivery has stopped (cancelled, or the machine is gone).
 """
         raise NotImplementedError
 
@@ -2946,7 +3131,8 @@ class ListenerHandle(ListenerHandleProtocol):
         return inst
     def cancel(self, ) -> None:
         """
-        Stops delivery. A call already in progress finishes.
+        Stops delivery. A call already in progress finishes; payloads this listener had not
+        received stay in the store unless another listener delivered them.
 """
         _uniffi_lowered_args = (
             self._uniffi_clone_handle(),
@@ -2959,10 +3145,32 @@ class ListenerHandle(ListenerHandleProtocol):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    async def flush(self, timeout_ms: int) -> bool:
+        """
+        Waits until every payload committed before this call that this process can deliver has
+        been handed to the listener (its call returned), for at most `timeout_ms`. Returns whether
+        that happened in time; `false` as well when the handle was cancelled. Use it before
+        exiting, or in tests.
+"""
+        
+        _UniffiFfiConverterUInt32.check_lower(timeout_ms)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterUInt32.lower(timeout_ms),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterBoolean.lift
+        _uniffi_error_converter = None
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_listenerhandle_flush(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_i8,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_i8,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_i8,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     def is_cancelled(self, ) -> bool:
         """
-        Whether delivery has stopped (cancelled, or the machine is gone). Just after `cancel()`
-        this may still be `false` for a moment.
+        Whether delivery has stopped (cancelled, or the machine is gone).
 """
         _uniffi_lowered_args = (
             self._uniffi_clone_handle(),
@@ -3282,9 +3490,14 @@ class OlmMachineProtocol(typing.Protocol):
         raise NotImplementedError
     def add_decryption_failure_listener(self, listener: DecryptionFailureListener) -> ListenerHandle:
         """
-        Calls `listener` once per decryption failure, in order, on a background thread (never on
-        the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-        Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+        Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+        a background thread (never on the decrypting thread, never under a lock). Payloads come
+        from the analytics outbox: a payload counts as delivered, and is removed from the store,
+        once a listener returned without throwing; one that threw goes out again with the next
+        batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+        or another process go out as soon as a listener is added. A listener that panics or throws
+        is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+        dropped.
 """
         raise NotImplementedError
     async def decrypt_to_device_event(self, json: str) -> DecryptedEvent:
@@ -3308,6 +3521,14 @@ class OlmMachineProtocol(typing.Protocol):
     def failure_subscription(self, ) -> FailureSubscription:
         """
         A pull-style subscription to every failure from now on.
+"""
+        raise NotImplementedError
+    async def flush_pending_analytics(self, ) -> int:
+        """
+        Hands every undelivered analytics payload to the listeners now: those of this process
+        that a listener threw on, and those another process or an earlier run left behind once
+        their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+        listener (the payloads then wait for a process that has one).
 """
         raise NotImplementedError
     async def generate_one_time_keys(self, count: int) -> int:
@@ -3535,9 +3756,14 @@ class OlmMachine(OlmMachineProtocol):
         )
     def add_decryption_failure_listener(self, listener: DecryptionFailureListener) -> ListenerHandle:
         """
-        Calls `listener` once per decryption failure, in order, on a background thread (never on
-        the decrypting thread, never under a lock). A listener that panics or throws is isolated.
-        Delivery stops when the handle is cancelled or dropped, or when the machine is dropped.
+        Calls `listener` with each PostHog payload the reporting policy let through, in order, on
+        a background thread (never on the decrypting thread, never under a lock). Payloads come
+        from the analytics outbox: a payload counts as delivered, and is removed from the store,
+        once a listener returned without throwing; one that threw goes out again with the next
+        batch or `flush_pending_analytics()` (at most 5 attempts). Payloads left by an earlier run
+        or another process go out as soon as a listener is added. A listener that panics or throws
+        is isolated. Delivery stops when the handle is cancelled or dropped, or when the machine is
+        dropped.
 """
         
         _UniffiFfiConverterTypeDecryptionFailureListener.check_lower(listener)
@@ -3632,6 +3858,26 @@ class OlmMachine(OlmMachineProtocol):
             *_uniffi_lowered_args,
         )
         return _uniffi_lift_return(_uniffi_ffi_result)
+    async def flush_pending_analytics(self, ) -> int:
+        """
+        Hands every undelivered analytics payload to the listeners now: those of this process
+        that a listener threw on, and those another process or an earlier run left behind once
+        their claim ran out (60 s after it was made). Returns how many were queued; 0 without a
+        listener (the payloads then wait for a process that has one).
+"""
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterUInt32.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_flush_pending_analytics(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_u32,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_u32,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_u32,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     async def generate_one_time_keys(self, count: int) -> int:
         """
         Generates up to `count` one-time keys; returns how many were made.
@@ -4002,6 +4248,54 @@ class _UniffiFfiConverterTypeOlmMachine:
     def write(cls, value: OlmMachine, buf: _UniffiRustBuffer):
         buf.write_u64(cls.lower(value))
 
+class _UniffiFfiConverterSequenceTypeFailureReasonFfi(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterTypeFailureReasonFfi.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterTypeFailureReasonFfi.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterTypeFailureReasonFfi.read(buf) for i in range(count)
+        ]
+
+class _UniffiFfiConverterOptionalTypeFailureReasonFfi(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        if value is not None:
+            _UniffiFfiConverterTypeFailureReasonFfi.check_lower(value)
+
+    @classmethod
+    def write(cls, value, buf):
+        if value is None:
+            buf.write_u8(0)
+            return
+
+        buf.write_u8(1)
+        _UniffiFfiConverterTypeFailureReasonFfi.write(value, buf)
+
+    @classmethod
+    def read(cls, buf):
+        flag = buf.read_u8()
+        if flag == 0:
+            return None
+        elif flag == 1:
+            return _UniffiFfiConverterTypeFailureReasonFfi.read(buf)
+        else:
+            raise InternalError("Unexpected flag byte for optional type")
+
 class _UniffiFfiConverterOptionalTypeLogSink(_UniffiConverterRustBuffer):
     @classmethod
     def check_lower(cls, value):
@@ -4026,6 +4320,65 @@ class _UniffiFfiConverterOptionalTypeLogSink(_UniffiConverterRustBuffer):
             return _UniffiFfiConverterTypeLogSink.read(buf)
         else:
             raise InternalError("Unexpected flag byte for optional type")
+def all_failure_reasons() -> typing.List[FailureReasonFfi]:
+    """
+    Every failure reason, in the order of the README's table.
+"""
+    _uniffi_lowered_args = (
+    )
+    _uniffi_lift_return = _UniffiFfiConverterSequenceTypeFailureReasonFfi.lift
+    _uniffi_error_converter = None
+    _uniffi_ffi_result = _uniffi_rust_call_with_error(
+        _uniffi_error_converter,
+        _UniffiLib.uniffi_to_device_crypto_fn_func_all_failure_reasons,
+        *_uniffi_lowered_args,
+    )
+    return _uniffi_lift_return(_uniffi_ffi_result)
+def failure_reason_from_name(name: str) -> typing.Optional[FailureReasonFfi]:
+    """
+    The reason named `name`: a short name (`SessionWedged`) or an analytics name
+    (`ToDeviceFailedToDecrypt_SessionWedged`); `None` for anything else (names are
+    case-sensitive).
+"""
+    
+    _UniffiFfiConverterString.check_lower(name)
+    _uniffi_lowered_args = (
+        _UniffiFfiConverterString.lower(name),
+    )
+    _uniffi_lift_return = _UniffiFfiConverterOptionalTypeFailureReasonFfi.lift
+    _uniffi_error_converter = None
+    _uniffi_ffi_result = _uniffi_rust_call_with_error(
+        _uniffi_error_converter,
+        _UniffiLib.uniffi_to_device_crypto_fn_func_failure_reason_from_name,
+        *_uniffi_lowered_args,
+    )
+    return _uniffi_lift_return(_uniffi_ffi_result)
+def prepare_for_exit(timeout_ms: int) -> bool:
+    """
+    Prepares for the process to exit: delivers what listeners and the log sink have queued (for at
+    most `timeout_ms`), then stops every call from this library into foreign code for the rest of
+    the process, waiting for the calls in progress. Returns whether everything queued was
+    delivered.
+
+    The Python package calls this from `atexit`: CPython aborts the process when one of our threads
+    calls into Python while the interpreter finalizes. Swift and Kotlin apps do not need it; a
+    command-line JVM program may call it from a shutdown hook. Irreversible: listeners and the log
+    sink receive nothing afterwards. Do not call it from a listener or log sink (its own queue
+    cannot drain while it waits).
+"""
+    
+    _UniffiFfiConverterUInt32.check_lower(timeout_ms)
+    _uniffi_lowered_args = (
+        _UniffiFfiConverterUInt32.lower(timeout_ms),
+    )
+    _uniffi_lift_return = _UniffiFfiConverterBoolean.lift
+    _uniffi_error_converter = None
+    _uniffi_ffi_result = _uniffi_rust_call_with_error(
+        _uniffi_error_converter,
+        _UniffiLib.uniffi_to_device_crypto_fn_func_prepare_for_exit,
+        *_uniffi_lowered_args,
+    )
+    return _uniffi_lift_return(_uniffi_ffi_result)
 def set_log_sink(sink: typing.Optional[LogSink],max_level: LogLevel) -> None:
     """
     Forwards this crate's log lines at `max_level` and above (`Debug` includes `Info`, `Warn` and
@@ -4052,8 +4405,8 @@ def set_log_sink(sink: typing.Optional[LogSink],max_level: LogLevel) -> None:
 
 __all__ = [
     "InternalError",
-    "ErrorDomainFfi",
     "FailureReasonFfi",
+    "ErrorDomainFfi",
     "CryptoSdkFfi",
     "CryptoError",
     "DecryptionFailure",
@@ -4061,10 +4414,14 @@ __all__ = [
     "OutgoingRequestFfi",
     "ToDeviceResult",
     "DecryptedEvent",
+    "FailureReasonInfo",
     "IdentityKeysFfi",
     "PendingEvent",
     "PosthogErrorEvent",
     "ReportingPolicyFfi",
+    "all_failure_reasons",
+    "failure_reason_from_name",
+    "prepare_for_exit",
     "set_log_sink",
     "DecryptionFailureListenerImpl",
     "DecryptionFailureListener",
