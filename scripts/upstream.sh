@@ -168,12 +168,16 @@ sdk_tests_build() {
     fi
 }
 sdk_tests_run() {
-    local skips=() name
+    local skips=() name log="$cache/sdk-tests-run.log"
     while read -r name _; do
         skips+=(--skip "$name")
     done < <(grep -v '^\s*\(#\|$\)' "$harness/skipped-tests.txt")
-    (cd "$tree" && cargo test "${cargo_flags[@]}" "${patch_analytics[@]}" --quiet \
-        -p matrix-sdk-common -p matrix-sdk-crypto --lib -- --exact "${skips[@]}")
+    # cargo replays the build's warnings on stderr: shown on failure only, like the build's.
+    if ! (cd "$tree" && cargo test "${cargo_flags[@]}" "${patch_analytics[@]}" --quiet \
+        -p matrix-sdk-common -p matrix-sdk-crypto --lib -- --exact "${skips[@]}") 2>"$log"; then
+        cat "$log" >&2
+        return 1
+    fi
 }
 
 # matrix-sdk-base: the series only adds `failure_reason: None` to two struct literals, one compiled

@@ -31,6 +31,8 @@ use ruma::events::AnyToDeviceEvent;
 use ruma::serde::Raw;
 use ruma::{OneTimeKeyAlgorithm, UInt, UserId};
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use to_device_analytics::envelope::{parse_to_device_event, EnvelopeFacts, ToDeviceEnvelope};
 use to_device_analytics::{FailureReason, ToDeviceDecryptionFailure};
 
 use crate::args::{Command, StoreArgs};
@@ -269,6 +271,7 @@ async fn decrypt(
             positions.push(index);
         }
     }
+    let our_curve25519_key = machine.identity_keys().curve25519.to_base64();
     let mut failures = machine.to_device_decryption_failure_stream();
     let changed_devices = Default::default();
     let counts = Default::default();
@@ -312,12 +315,17 @@ async fn decrypt(
                 "result": "failed",
                 "name": FailureReason::MalformedEvent.analytics_name(),
                 "error": format!("not JSON ({error}); a /sync response cannot carry it, so matrix-sdk-crypto never sees it"),
+                "sender": null,
+                "sender_key": null,
+                "type": null,
             }),
-            InputEvent::Json(_) => {
+            InputEvent::Json(raw) => {
                 let Some((sdk_index, (result, _))) = results.next() else {
                     return Err(CliError::Other("fewer results than events".to_owned()));
                 };
-                result_line(index, result, item_at(sdk_index))
+                result_line(index, result, item_at(sdk_index), || {
+                    result_id(raw.get(), &our_curve25519_key)
+                })
             }
         };
         print_line(&line)?;
@@ -341,12 +349,47 @@ async fn decrypt(
     Ok(())
 }
 
-/// One output line, in our CLI's format.
+/// The `id` our CLI gives a decrypted result: the first 16 bytes, in hex, of SHA-256 over the
+/// sender's Curve25519 key, the Olm message type and the message bytes of our ciphertext entry —
+/// the hash matrix-sdk-crypto keeps as its `OlmMessageHash` for the replay check, which it does not
+/// hand out with a decrypted event, so it is computed here from the envelope (docs/UPSTREAM.md,
+/// "Allowed differences").
+fn result_id(raw: &str, our_curve25519_key: &str) -> Option<String> {
+    let mut facts = EnvelopeFacts::default();
+    let ToDeviceEnvelope::Olm(ciphertext) =
+        parse_to_device_event(raw, our_curve25519_key, &mut facts).ok()?
+    else {
+        return None;
+    };
+    let hash = Sha256::new()
+        .chain_update(ciphertext.sender_key)
+        .chain_update([ciphertext.message_type])
+        .chain_update(&ciphertext.body)
+        .finalize();
+    Some(hash[..16].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// One output line, in our CLI's format (`to-device-crypto decrypt`, README "The CLI"), except
+/// what matrix-sdk-crypto cannot know: a failed line's decrypted `type` is always null (the SDK
+/// drops the plaintext of a message that fails a check), and `pending` is always false (the SDK
+/// has no outbox of results to re-emit).
 fn result_line(
     index: usize,
     result: &ProcessedToDeviceEvent,
     failure: Option<&ToDeviceDecryptionFailure>,
+    id: impl FnOnce() -> Option<String>,
 ) -> Value {
+    let failed = |name: Option<&str>, error: String| {
+        json!({
+            "index": index,
+            "result": "failed",
+            "name": name,
+            "error": error,
+            "sender": failure.and_then(|item| item.diagnostics.sender.as_deref()),
+            "sender_key": failure.and_then(|item| item.diagnostics.sender_key.as_deref()),
+            "type": null,
+        })
+    };
     let raw_json = |raw: &Raw<AnyToDeviceEvent>| -> Value {
         serde_json::from_str(raw.json().get()).unwrap_or(Value::Null)
     };
@@ -363,7 +406,9 @@ fn result_line(
                 _ => Value::Null,
             };
             json!({
+                "id": id(),
                 "index": index,
+                "pending": false,
                 "result": "decrypted",
                 "type": event["type"],
                 "sender": encryption_info.sender.as_str(),
@@ -375,22 +420,18 @@ fn result_line(
                 "sender_device_verified": encryption_info.sender_device.is_some(),
             })
         }
-        ProcessedToDeviceEvent::UnableToDecrypt { utd_info, .. } => json!({
-            "index": index,
-            "result": "failed",
-            "name": utd_info.failure_reason.map(FailureReason::analytics_name),
-            "error": match failure {
+        ProcessedToDeviceEvent::UnableToDecrypt { utd_info, .. } => failed(
+            utd_info.failure_reason.map(FailureReason::analytics_name),
+            match failure {
                 Some(item) => item.diagnostics.error.clone(),
                 None => format!("{:?} without a failure reason", utd_info.reason),
             },
-        }),
+        ),
         ProcessedToDeviceEvent::Invalid(raw) => match failure {
-            Some(item) => json!({
-                "index": index,
-                "result": "failed",
-                "name": item.reason.analytics_name(),
-                "error": item.diagnostics.error,
-            }),
+            Some(item) => failed(
+                Some(item.reason.analytics_name()),
+                item.diagnostics.error.clone(),
+            ),
             // Not an encrypted event: a plaintext event the SDK could not read, and ignores.
             None => {
                 let event = raw_json(raw);
