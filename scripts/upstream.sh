@@ -48,6 +48,14 @@ for arg in "$@"; do
     esac
 done
 
+# Everything else comes through cargo; these are the base system's.
+for tool in cargo git python3 sha256sum awk; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "error: scripts/upstream.sh needs $tool, which is not on PATH" >&2
+        exit 1
+    fi
+done
+
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 summary=()
