@@ -4,7 +4,8 @@
 #      bindings/kotlin/src/main/jniLibs/<abi>/
 #   2. gradle assembleRelease in bindings/kotlin (AAR in bindings/kotlin/build/outputs/aar/)
 #
-# The libraries use the size-optimised `release` profile (see Cargo.toml; PROFILE overrides).
+# The libraries use the size-optimised `release` profile (see Cargo.toml; PROFILE overrides) and
+# no default features (no CLI, no bindings generator).
 #
 # Needs: ANDROID_NDK_HOME (NDK 29), cargo-ndk (>= 3, for --profile), the three Rust Android targets,
 # and gradle (or a gradle wrapper in bindings/kotlin) with ANDROID_HOME / ANDROID_SDK_ROOT. Checks all
@@ -55,8 +56,10 @@ cd "$ROOT"
 targets=()
 for abi in "${ABIS[@]}"; do targets+=(-t "$abi"); done
 # Only the cdylib (`cargo rustc`): built alongside the rlib and staticlib it comes out ~25% larger.
+# No default features: the `cli` feature (the CLI, the bindings generator and their crates) is not
+# for phones; scripts/report-size.sh checks that none of its crates is linked in.
 cargo ndk "${targets[@]}" --platform 21 -o "$MODULE/src/main/jniLibs" \
-	rustc --profile "$PROFILE" --lib --crate-type cdylib
+	rustc --profile "$PROFILE" --no-default-features --lib --crate-type cdylib
 
 "${GRADLE[@]}" -p "$MODULE" assembleRelease
 ls -l "$MODULE"/build/outputs/aar/*.aar

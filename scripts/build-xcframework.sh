@@ -5,7 +5,8 @@
 #   header and module map; then zips it and prints `swift package compute-checksum` for a
 #   `.binaryTarget(name:url:checksum:)` release.
 #
-# The libraries use the size-optimised `release` profile (see Cargo.toml; PROFILE overrides).
+# The libraries use the size-optimised `release` profile (see Cargo.toml; PROFILE overrides) and
+# no default features (no CLI, no bindings generator).
 #
 # Output: bindings/swift/ToDeviceCryptoFFI.xcframework and target/xcframework/ToDeviceCryptoFFI.xcframework.zip
 # Checks everything it needs first and fails fast, naming everything that is missing.
@@ -47,7 +48,9 @@ cd "$ROOT"
 
 for t in "${TARGETS[@]}"; do
 	# Only the staticlib: built alongside the rlib and cdylib it would not be LTO-ed (~10x larger).
-	cargo rustc --profile "$PROFILE" --lib --crate-type staticlib --target "$t"
+	# No default features: without the CLI and the bindings generator (clap, uniffi_bindgen, goblin,
+	# toml, cargo_metadata, weedle: about half of the staticlib's code before they were a feature).
+	cargo rustc --profile "$PROFILE" --no-default-features --lib --crate-type staticlib --target "$t"
 done
 
 OUT=$CARGO_TARGET_DIR/xcframework

@@ -25,16 +25,18 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 summary=()
 step() { summary+=("$1"); echo "interop: $1" >&2; }
 
-# Our CLI binary, for the separate-process tests (interop/tests/interop/cli.rs). It gets its own
-# target dir inside the interop one: the main package is also a cdylib/staticlib, so cargo writes
-# its library as an unhashed `deps/libto_device_crypto.rlib`, and the two workspaces (different
-# dependency features) would overwrite each other's copy and then link against the wrong one.
-cli_target="$CARGO_TARGET_DIR/cli"
-if [ -d "$cli_target/debug/deps" ]; then cstate="warm"; else cstate="cold"; fi
+# Our CLI binary as users build it (default features), for the separate-process tests
+# (interop/tests/interop/cli.rs). It gets its own target dir inside the interop one: the main
+# package is also a cdylib/staticlib, so cargo writes its library as an unhashed
+# `deps/libto_device_crypto.rlib`, and the two workspaces (different features) would overwrite
+# each other's copy and then link against the wrong one.
+# shellcheck source=scripts/lib/shipped-cli.sh
+source scripts/lib/shipped-cli.sh
+if [ -d "$(tdc_shipped_cli_target)/debug/deps" ]; then cstate="warm"; else cstate="cold"; fi
 t=$(now)
-CARGO_TARGET_DIR="$cli_target" nice -n 10 cargo build --locked --quiet --manifest-path Cargo.toml --bin to-device-crypto
+TO_DEVICE_CRYPTO_BIN=$(tdc_build_shipped_cli)
+export TO_DEVICE_CRYPTO_BIN
 step "build CLI (debug, $cstate): $(since "$t") s"
-export TO_DEVICE_CRYPTO_BIN="$cli_target/debug/to-device-crypto"
 
 # Not --locked: interop/Cargo.lock also records the main package's dependencies (a path
 # dependency), which other changes move; cargo then adjusts only those entries and keeps

@@ -231,16 +231,14 @@ timed "SDK unit tests of matrix-sdk-common and -crypto: build ($tstate)" sdk_tes
 timed "SDK unit tests of matrix-sdk-common and -crypto: run" sdk_tests_run
 timed "matrix-sdk-base check with e2e-encryption" sdk_base_check
 
-# Our CLI, for the comparison: the same binary and target dir as scripts/interop.sh, which CI runs
-# first (the main package is also a cdylib, so it cannot share a target dir with other workspaces).
-cli_target="${TDC_INTEROP_TARGET:-$TDC_CACHE/interop-target}/cli"
-cstate=$(state "$cli_target/debug/deps")
-build_our_cli() {
-    CARGO_TARGET_DIR="$cli_target" nice -n 10 cargo build --locked --quiet --manifest-path Cargo.toml \
-        --bin to-device-crypto
-}
+# Our CLI as users build it, for the comparison: the same binary and target dir as
+# scripts/interop.sh, which CI runs first (scripts/lib/shipped-cli.sh).
+# shellcheck source=scripts/lib/shipped-cli.sh
+source scripts/lib/shipped-cli.sh
+cstate=$(state "$(tdc_shipped_cli_target)/debug/deps")
+build_our_cli() { TO_DEVICE_CRYPTO_BIN=$(tdc_build_shipped_cli); }
 timed "our CLI ($cstate)" build_our_cli
-export TO_DEVICE_CRYPTO_BIN="$cli_target/debug/to-device-crypto"
+export TO_DEVICE_CRYPTO_BIN
 
 sstate=$(state "$CARGO_TARGET_DIR/debug/.fingerprint/sdk-olm-"*)
 timed "sdk-olm, its tests and the comparison: build ($sstate)" build_sdk_olm

@@ -218,7 +218,8 @@ pub enum StoreError {
     /// The store was wiped (logout); this machine can no longer be used.
     #[error("the store was wiped (logout): open a new machine")]
     Wiped,
-    /// Injected by tests to prove that a failed commit leaves no trace.
+    /// Injected by tests to prove that a failed commit leaves no trace (`testing` feature only).
+    #[cfg(feature = "testing")]
     #[error("simulated store failure: {0}")]
     Simulated(String),
 }

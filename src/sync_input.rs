@@ -1,4 +1,5 @@
-//! Splitting CLI/app input into individual to-device events.
+//! Splitting CLI input into individual to-device events: the CLI's own module, also exposed by
+//! the library's `testing` feature for the fuzz target and the limit tests.
 //!
 //! Accepted shapes: a JSON array of events, a whole `/sync` response (its `to_device.events`), a
 //! single event object, or JSON lines (one event per line; a line that is not JSON is kept as an
@@ -9,8 +10,9 @@ use std::collections::HashMap;
 
 use serde::Deserialize;
 
-use crate::json::{check_limits, JsonLimits};
 use serde_json::value::RawValue;
+// Through the analytics crate, not `crate::`: the CLI compiles this file as its own module too.
+use to_device_analytics::json::{check_limits, JsonLimits};
 
 /// Why the input could not be split into events.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

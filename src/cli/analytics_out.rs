@@ -73,7 +73,10 @@ impl AnalyticsOut {
             .flush()
             .and_then(|()| self.file.get_ref().sync_data())
             .map_err(|e| format!("cannot write {}: {e}", self.path.display()))?;
-        to_device_crypto::fail_point::hit("analytics_written");
+        #[cfg(feature = "testing")]
+        to_device_crypto::fail_point::reached(
+            to_device_crypto::fail_point::Phase::AnalyticsWritten,
+        );
         machine
             .acknowledge_analytics(&self.written)
             .await

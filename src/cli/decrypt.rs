@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{json, Value};
-use to_device_crypto::olm::device_keys::DeviceKeys;
-use to_device_crypto::sync_input::split_events;
+#[cfg(feature = "testing")]
+use to_device_crypto::fail_point::Phase;
+use to_device_crypto::keys::DeviceKeys;
 use to_device_crypto::{
     CryptoStore, DecryptedToDeviceEvent, FailedToDeviceEvent, OutgoingRequestKind, ToDeviceOutcome,
 };
@@ -19,6 +20,7 @@ use super::analytics_out::{cli_analytics_lease, AnalyticsOut};
 use super::input::{self, ByteLimit};
 use super::store_dir::{open_machine, OpenedMachine};
 use super::store_errors::describe;
+use super::sync_input::split_events;
 use super::{read_json_file, CliResult, CreateArgs, DeviceArgs, StoreArgs};
 
 /// The arguments of `decrypt`.
@@ -183,6 +185,8 @@ pub async fn run(args: DecryptArgs) -> CliResult {
     drop(text);
     let opened = open_machine(&args.store, &args.device, args.create.creation()).await?;
     let machine = &opened.machine;
+    #[cfg(feature = "testing")]
+    to_device_crypto::fail_point::reached(Phase::Opened);
     for path in &args.device_keys {
         let body = as_keys_query_response(read_json_file(path, "the device keys")?);
         let outcome = machine
@@ -258,11 +262,14 @@ pub async fn run(args: DecryptArgs) -> CliResult {
     out.flush()
         .map_err(|e| format!("cannot write to stdout: {e}"))?;
     drop(out);
-    to_device_crypto::fail_point::hit("after_print");
+    #[cfg(feature = "testing")]
+    to_device_crypto::fail_point::reached(Phase::Printed);
     machine
         .acknowledge(&printed)
         .await
         .map_err(|e| format!("the results were printed but not acknowledged (the next run prints them again, marked pending): {}", describe(&dir, &e)))?;
+    #[cfg(feature = "testing")]
+    to_device_crypto::fail_point::reached(Phase::Acknowledged);
     if let Some(path) = &args.requests_out {
         super::write_requests(
             machine,

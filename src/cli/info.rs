@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::Serialize;
 use serde_json::Value;
 use to_device_crypto::analytics::policy::ReportingStats;
-use to_device_crypto::olm::device_keys::DeviceKeys;
+use to_device_crypto::keys::DeviceKeys;
 use to_device_crypto::{CryptoStore, OutgoingRequest, OutgoingRequestKind};
 
 use super::store_dir::{open_machine, Creation, DB_FILE};

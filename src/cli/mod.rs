@@ -10,6 +10,9 @@ mod info;
 mod input;
 mod store_dir;
 mod store_errors;
+// Shared with the library's `testing` feature (the fuzz target and the limit tests reach it there).
+#[path = "../sync_input.rs"]
+mod sync_input;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,7 +20,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
-use to_device_crypto::olm::device_keys::parse_keys_upload_body;
+use to_device_crypto::keys::parse_keys_upload_body;
 use to_device_crypto::{FailureReason, OlmMachine};
 
 use input::ByteLimit;

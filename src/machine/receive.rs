@@ -205,9 +205,14 @@ impl OlmMachine {
         self.schedule_recovery(state, &mut batch, &outcomes, now)
             .await?;
         let changes = self.collect_changes(state, batch)?;
-        crate::fail_point::hit("before_commit");
+        #[cfg(feature = "testing")]
+        crate::fail_point::reached(crate::fail_point::Phase::Decrypted);
         self.commit(state, changes).await?;
-        crate::fail_point::hit("after_commit");
+        #[cfg(feature = "testing")]
+        crate::fail_point::reached_at_generation(
+            crate::fail_point::Phase::Committed,
+            state.generation,
+        );
         Ok(outcomes)
     }
 

@@ -6,8 +6,8 @@ use sha2::{Digest, Sha256};
 use vodozemac::olm::OlmMessage;
 use vodozemac::Curve25519PublicKey;
 
+pub use to_device_analytics::envelope::ENCRYPTED_EVENT_TYPE;
 use to_device_analytics::envelope::{parse_to_device_event, ToDeviceEnvelope};
-pub use to_device_analytics::envelope::{EnvelopeError, ENCRYPTED_EVENT_TYPE};
 
 use crate::error::DecryptionError;
 

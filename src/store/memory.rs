@@ -1,6 +1,8 @@
-//! An in-memory [`CryptoStore`] for tests, benchmarks and the demo.
+//! An in-memory [`CryptoStore`]: for apps that keep nothing across launches, for tests and
+//! benchmarks. With the `testing` feature it can also fail its next commit and be snapshotted.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+#[cfg(feature = "testing")]
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -44,11 +46,12 @@ struct PendingAnalytics {
     attempts: u32,
 }
 
-/// A store that keeps everything in memory. Cloning a snapshot of it (see
-/// [`MemoryStore::snapshot`]) simulates restoring an old backup. `Debug` prints counts.
+/// A store that keeps everything in memory, for as long as the process lives. `Debug` prints
+/// counts.
 #[derive(Default)]
 pub struct MemoryStore {
     contents: Mutex<Contents>,
+    #[cfg(feature = "testing")]
     fail_next_save: AtomicBool,
 }
 
@@ -76,7 +79,9 @@ impl MemoryStore {
         Self::default()
     }
 
-    /// A new store holding a copy of this store's current contents.
+    /// A new store holding a copy of this store's current contents: an old backup to restore
+    /// (`testing` feature only).
+    #[cfg(feature = "testing")]
     pub fn snapshot(&self) -> Self {
         Self {
             contents: Mutex::new(self.lock().clone()),
@@ -85,7 +90,8 @@ impl MemoryStore {
     }
 
     /// Makes the next [`CryptoStore::save_changes`] fail without committing anything, to test
-    /// that a failed commit leaves no trace.
+    /// that a failed commit leaves no trace (`testing` feature only).
+    #[cfg(feature = "testing")]
     pub fn fail_next_save(&self) {
         self.fail_next_save.store(true, Ordering::SeqCst);
     }
@@ -226,6 +232,7 @@ impl CryptoStore for MemoryStore {
     }
 
     async fn save_changes(&self, changes: Changes) -> Result<(), StoreError> {
+        #[cfg(feature = "testing")]
         if self.fail_next_save.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Simulated("save_changes failed".to_owned()));
         }

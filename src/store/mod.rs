@@ -1,5 +1,5 @@
-//! Where Olm state is stored: the [`CryptoStore`] trait, an in-memory store for tests and an
-//! encrypted SQLite store, the default for real use.
+//! Where Olm state is stored: the [`CryptoStore`] trait, an in-memory store and an encrypted
+//! SQLite store, the default for real use.
 //!
 //! The machine keeps a cache of what it needs and hands the store one [`Changes`] per batch, which
 //! the store must commit atomically: all of it or nothing.
@@ -10,7 +10,8 @@ use async_trait::async_trait;
 
 use crate::analytics::policy::AnalyticsOutboxStats;
 use crate::error::StoreError;
-use crate::olm::envelope::MessageHash;
+/// The replay-detection hash of an Olm message (what [`Changes::message_hashes`] hold).
+pub use crate::olm::envelope::MessageHash;
 
 pub mod cipher;
 pub mod memory;

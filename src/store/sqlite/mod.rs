@@ -16,15 +16,19 @@ use crate::error::StoreError;
 // One concern per file: `schema` (creation, migrations, meta values), `migrate_v5` (the schema-5
 // step that seals every row), `sealing` (encrypting values bound to their rows), `queries` (the
 // reads), `transaction` (a batch's writes), `rekey` (re-encrypting everything), `analytics` (the
-// analytics outbox's own claims, removals and releases).
+// analytics outbox's own claims, removals and releases), `options` (the `testing` feature's fault
+// settings).
 mod analytics;
 mod migrate_v5;
+mod options;
 mod queries;
 mod rekey;
 mod schema;
 mod sealing;
 mod transaction;
 
+#[cfg(feature = "testing")]
+pub use options::SqliteTestOptions;
 pub use schema::SCHEMA_VERSION;
 use schema::{check_version, immediate, prepare, user_version, NewStore};
 
@@ -65,8 +69,34 @@ impl SqliteStore {
         key: StoreKey,
         synchronous: Synchronous,
     ) -> Result<Self, StoreError> {
+        Self::open_configured(
+            path,
+            key,
+            synchronous,
+            &options::SqliteTestOptions::default(),
+        )
+    }
+
+    /// [`open`](Self::open) with settings that make the store fail as a real one does (read-only,
+    /// busy, full), for tests of the failure paths (the `testing` feature).
+    #[cfg(feature = "testing")]
+    pub fn open_with_options(
+        path: impl AsRef<Path>,
+        key: StoreKey,
+        synchronous: Synchronous,
+        options: &SqliteTestOptions,
+    ) -> Result<Self, StoreError> {
+        Self::open_configured(path, key, synchronous, options)
+    }
+
+    fn open_configured(
+        path: impl AsRef<Path>,
+        key: StoreKey,
+        synchronous: Synchronous,
+        options: &options::SqliteTestOptions,
+    ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
-        let connection = connect(&path, synchronous)?;
+        let connection = connect_with(&path, synchronous, options)?;
         prepare(&connection, &key).map_err(describe_store_error)?;
         Ok(Self::from_parts(connection, key, path))
     }
@@ -181,13 +211,34 @@ impl SqliteStore {
 /// is creating or migrating the store), then WAL and the durability setting. Switching to WAL
 /// writes nothing on a store that is already WAL (every store this crate made).
 fn connect(path: &Path, synchronous: Synchronous) -> Result<Connection, StoreError> {
-    let connection = Connection::open(path).map_err(describe_open_error)?;
-    connection.busy_timeout(BUSY_TIMEOUT)?;
+    connect_with(path, synchronous, &options::SqliteTestOptions::default())
+}
+
+/// [`connect`] with the `testing` feature's fault settings (the defaults change nothing).
+fn connect_with(
+    path: &Path,
+    synchronous: Synchronous,
+    options: &options::SqliteTestOptions,
+) -> Result<Connection, StoreError> {
+    let connection = if options.read_only {
+        Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    } else {
+        Connection::open(path)
+    }
+    .map_err(describe_open_error)?;
+    let busy_timeout = options.busy_timeout.unwrap_or(BUSY_TIMEOUT);
+    connection.busy_timeout(busy_timeout)?;
+    if let Some(pages) = options.max_page_count {
+        connection.pragma_update(None, "max_page_count", pages)?;
+    }
     // A new file starts in rollback-journal mode, where SQLite answers a lock conflict that could
     // deadlock with an immediate SQLITE_BUSY instead of calling the busy handler: several first
     // opens switching the same new file to WAL at once then fail at random. Retried here, within
     // the same bound as the busy handler.
-    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let deadline = std::time::Instant::now() + busy_timeout;
     loop {
         match connection.pragma_update(None, "journal_mode", "WAL") {
             Ok(()) => break,

@@ -243,11 +243,17 @@ impl CryptoStore for SqliteStore {
             .write(true)
             .open(&lock_path)?;
         let deadline = std::time::Instant::now() + LOCK_TIMEOUT;
+        #[cfg(feature = "testing")]
+        let mut announced_wait = false;
         // Polled rather than blocking, so that waiting never blocks the async runtime's thread.
         loop {
             match file.try_lock() {
                 Ok(()) => return Ok(WriteLock::file(file)),
                 Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    #[cfg(feature = "testing")]
+                    if !std::mem::replace(&mut announced_wait, true) {
+                        crate::fail_point::lock_waiting();
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
