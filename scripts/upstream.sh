@@ -76,8 +76,41 @@ rust_minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
 cargo_flags=()
 if [ "$rust_minor" -lt 96 ]; then cargo_flags+=(--ignore-rust-version); fi
 # The series depends on `to-device-analytics` as a crates.io dependency, as it would upstream;
-# here it is this repository's analytics/ crate.
-patch_analytics=(--config "patch.crates-io.to-device-analytics.path=\"$repo/analytics\"")
+# here it is this repository's analytics/ crate, through a copy at a fixed place in the cache.
+# Cargo rebuilds a path dependency when its path changes, and with it everything above it (the
+# patched SDK, sdk-olm: minutes); every CI run is a fresh clone at some other path. The copy is
+# updated file by file, only where the content differs, so unchanged files keep their times.
+analytics_copy="$cache/to-device-analytics"
+sync_analytics() {
+    python3 - "$repo/analytics" "$analytics_copy" <<'PY'
+import os, shutil, sys
+source, copy = sys.argv[1:]
+wanted = set()
+for root, dirs, files in os.walk(source):
+    dirs[:] = [d for d in dirs if d != "target"]
+    for name in files:
+        rel = os.path.relpath(os.path.join(root, name), source)
+        wanted.add(rel)
+        target = os.path.join(copy, rel)
+        with open(os.path.join(source, rel), "rb") as f:
+            data = f.read()
+        if os.path.exists(target):
+            with open(target, "rb") as f:
+                if f.read() == data:
+                    continue
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(data)
+for root, dirs, files in os.walk(copy, topdown=False):
+    for name in files:
+        path = os.path.join(root, name)
+        if os.path.relpath(path, copy) not in wanted:
+            os.remove(path)
+    if root != copy and not os.listdir(root):
+        os.rmdir(root)
+PY
+}
+patch_analytics=(--config "patch.crates-io.to-device-analytics.path=\"$analytics_copy\"")
 
 git_tree() { git -C "$tree" -c user.name=upstream.sh -c user.email=upstream@localhost "$@"; }
 
@@ -215,12 +248,14 @@ sdk_olm_bin="$CARGO_TARGET_DIR/debug/sdk-olm"
 
 if [ "$mode" = print-bin ]; then
     prepare_tree
+    sync_analytics
     build_sdk_olm
     echo "$sdk_olm_bin"
     exit 0
 fi
 
 timed "prepare the patched $UPSTREAM_VERSION tree" prepare_tree
+sync_analytics
 if [ "$mode" = prepare ]; then
     echo "$tree"
     exit 0
