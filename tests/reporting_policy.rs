@@ -190,6 +190,22 @@ async fn without_consent_nothing_is_produced_and_consent_does_not_replay() {
     );
 }
 
+/// Bob over the FFI adapter, in memory, with a policy that reports every failure (no window, no
+/// cap), so that each failure is one payload.
+async fn ffi_bob_reporting_every_failure() -> std::sync::Arc<ffi::OlmMachine> {
+    let machine = ffi::OlmMachine::open_in_memory(BOB.into(), "BOBPHONE".into())
+        .await
+        .unwrap();
+    machine
+        .set_reporting_policy(ReportingPolicyFfi {
+            analytics_enabled: true,
+            suppression_window_secs: 0,
+            max_events_per_minute: None,
+        })
+        .await;
+    machine
+}
+
 struct Blocking {
     delivered: AtomicUsize,
     block: Duration,
@@ -221,16 +237,7 @@ impl DecryptionFailureListener for Collecting {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn blocked_and_panicking_listeners_disturb_neither_decryption_nor_each_other() {
-    let machine = ffi::OlmMachine::open_in_memory(BOB.into(), "BOBPHONE".into())
-        .await
-        .unwrap();
-    machine
-        .set_reporting_policy(ReportingPolicyFfi {
-            analytics_enabled: true,
-            suppression_window_secs: 0,
-            max_events_per_minute: None,
-        })
-        .await;
+    let machine = ffi_bob_reporting_every_failure().await;
     let blocking = Arc::new(Blocking {
         delivered: AtomicUsize::new(0),
         block: Duration::from_secs(2),
@@ -298,16 +305,7 @@ async fn blocked_and_panicking_listeners_disturb_neither_decryption_nor_each_oth
 /// delivered once, however often the app flushes while listeners run).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claims_racing_with_deliveries_never_deliver_a_payload_twice() {
-    let machine = ffi::OlmMachine::open_in_memory(BOB.into(), "BOBPHONE".into())
-        .await
-        .unwrap();
-    machine
-        .set_reporting_policy(ReportingPolicyFfi {
-            analytics_enabled: true,
-            suppression_window_secs: 0,
-            max_events_per_minute: None,
-        })
-        .await;
+    let machine = ffi_bob_reporting_every_failure().await;
     let collecting = Arc::new(Collecting::default());
     let handle = machine.add_decryption_failure_listener(collecting.clone());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
