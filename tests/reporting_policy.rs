@@ -351,3 +351,26 @@ async fn claims_racing_with_deliveries_never_deliver_a_payload_twice() {
         "each payload delivered exactly once"
     );
 }
+
+/// A flush covers everything committed before it, also beyond the bound of payloads a listener's
+/// claims may hold undecided at once (`LISTENER_QUEUE_CAPACITY`): here 1,000 payloads wait in the
+/// store when the listener is added.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flush_delivers_every_pending_payload_beyond_one_claim() {
+    let machine = ffi_bob_reporting_every_failure().await;
+    let total = 1000;
+    assert!(total > ffi::LISTENER_QUEUE_CAPACITY * 3);
+    for chunk in 0..(total / 100) {
+        let batch: Vec<serde_json::Value> = (0..100)
+            .map(|i| json!({"type": "m.room.encrypted", "sender": format!("@s{}:x", chunk * 100 + i), "content": {"algorithm": "m.megolm.v1.aes-sha2"}}))
+            .collect();
+        machine
+            .receive_to_device_events(serde_json::to_string(&batch).unwrap())
+            .await
+            .unwrap();
+    }
+    let collecting = Arc::new(Collecting::default());
+    let handle = machine.add_decryption_failure_listener(collecting.clone());
+    assert!(handle.flush(30_000).await, "flushed in time");
+    assert_eq!(collecting.0.lock().unwrap().len(), total);
+}

@@ -162,6 +162,9 @@ pub(crate) struct AnalyticsDelivery {
     flush_requests: Mutex<Option<mpsc::UnboundedReceiver<FlushRequest>>>,
     /// The last claim was cut short by the bound: claim again as soon as a payload is decided.
     saturated: AtomicBool,
+    /// A flush waits for the claims to catch up (see `release_flushes`): wake the delivery task
+    /// after every delivery until they have.
+    flush_waiting: AtomicBool,
     task_started: AtomicBool,
     task_finished: AtomicBool,
 }
@@ -179,6 +182,7 @@ impl AnalyticsDelivery {
             flushes,
             flush_requests: Mutex::new(Some(flush_requests)),
             saturated: AtomicBool::new(false),
+            flush_waiting: AtomicBool::new(false),
             task_started: AtomicBool::new(false),
             task_finished: AtomicBool::new(false),
         })
@@ -263,6 +267,8 @@ impl AnalyticsDelivery {
         drop(machine);
         let delivery = Arc::clone(self);
         listener_runtime().spawn(async move {
+            // Flush requests whose marker must wait: more was pending than one claim may take.
+            let mut waiting: Vec<FlushRequest> = Vec::new();
             loop {
                 tokio::select! {
                     // In this order, so that a flush requested after a wake-up comes after its claim.
@@ -271,25 +277,50 @@ impl AnalyticsDelivery {
                         Some(item) => delivery.forward(item),
                         None => break,
                     },
-                    () = delivery.wake.notified() => delivery.claim_and_queue_logged().await,
+                    () = delivery.wake.notified() => {
+                        let cut_short = delivery.claim_and_queue_logged().await;
+                        delivery.release_flushes(&mut waiting, cut_short);
+                    }
                     Some((queue, marker)) = requests.recv() => {
                         // Everything published and committed before the request is queued first.
                         while let Some(Some(item)) = stream.next().now_or_never() {
                             delivery.forward(item);
                         }
-                        delivery.claim_and_queue_logged().await;
-                        queue.push_flush(marker);
+                        let cut_short = delivery.claim_and_queue_logged().await;
+                        waiting.push((queue, marker));
+                        delivery.release_flushes(&mut waiting, cut_short);
                     }
                 }
             }
             // The machine is gone: nothing more will be queued. Flush requests that arrived
             // meanwhile wait for their queue; closing first makes later ones go to the queue too.
             delivery.task_finished.store(true, Ordering::SeqCst);
+            for (queue, marker) in waiting.drain(..) {
+                queue.push_flush(marker);
+            }
             requests.close();
             while let Ok((queue, marker)) = requests.try_recv() {
                 queue.push_flush(marker);
             }
         });
+    }
+
+    /// Queues the markers of the waiting flushes once the last claim took everything pending
+    /// (it was not cut short by the bound of undecided payloads); until then each delivery wakes
+    /// the task for another claim, so that a flush covers every payload committed before it, not
+    /// only the first [`LISTENER_QUEUE_CAPACITY`].
+    fn release_flushes(&self, waiting: &mut Vec<FlushRequest>, cut_short: bool) {
+        if waiting.is_empty() {
+            return;
+        }
+        if cut_short {
+            self.flush_waiting.store(true, Ordering::SeqCst);
+            return;
+        }
+        self.flush_waiting.store(false, Ordering::SeqCst);
+        for (queue, marker) in waiting.drain(..) {
+            queue.push_flush(marker);
+        }
     }
 
     /// Handles one stream item. Payloads with an id are in the outbox: the claim after the batch
@@ -329,9 +360,14 @@ impl AnalyticsDelivery {
         }
     }
 
-    async fn claim_and_queue_logged(self: &Arc<Self>) {
-        if let Err(error) = self.claim_and_queue().await {
-            tracing::warn!(%error, "cannot claim pending analytics payloads for the listeners");
+    /// Claims and queues; returns whether the claim was cut short by the bound (more is pending).
+    async fn claim_and_queue_logged(self: &Arc<Self>) -> bool {
+        match self.claim_and_queue_bounded().await {
+            Ok((_, cut_short)) => cut_short,
+            Err(error) => {
+                tracing::warn!(%error, "cannot claim pending analytics payloads for the listeners");
+                false
+            }
         }
     }
 
@@ -339,27 +375,33 @@ impl AnalyticsDelivery {
     /// listener. Returns how many were queued; none without a listener (nothing is claimed then,
     /// so another process with a listener can deliver them).
     pub(crate) async fn claim_and_queue(self: &Arc<Self>) -> Result<u32, StoreError> {
+        Ok(self.claim_and_queue_bounded().await?.0)
+    }
+
+    /// [`Self::claim_and_queue`], also returning whether the claim was cut short by the bound.
+    /// That answer, not the `saturated` flag (which a delivery may clear the moment the claim's
+    /// lock is released), decides whether a flush may be released.
+    async fn claim_and_queue_bounded(self: &Arc<Self>) -> Result<(u32, bool), StoreError> {
         let _serialized = self.pump_lock.lock().await;
         let Some(machine) = self.machine.upgrade() else {
-            return Ok(0);
+            return Ok((0, false));
         };
         let listeners = lock(&self.listeners).clone();
         if listeners.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
         let undecided = lock(&self.undecided).len();
         let room = LISTENER_QUEUE_CAPACITY.saturating_sub(undecided);
         if room == 0 {
             self.saturated.store(true, Ordering::SeqCst);
-            return Ok(0);
+            return Ok((0, true));
         }
         // Our own undecided claims come back too: ask for enough to see `room` new ones.
         let limit = undecided + room;
         let claimed = machine.claim_pending_analytics(limit).await?;
         drop(machine);
-        if claimed.len() >= limit {
-            self.saturated.store(true, Ordering::SeqCst);
-        }
+        let cut_short = claimed.len() >= limit;
+        self.saturated.store(cut_short, Ordering::SeqCst);
         let mut queued = 0;
         for payload in claimed {
             if !lock(&self.undecided).insert(payload.id) {
@@ -383,7 +425,7 @@ impl AnalyticsDelivery {
             }
             queued += 1;
         }
-        Ok(queued)
+        Ok((queued, cut_short))
     }
 
     /// Records one listener's outcome for a payload and decides it: the first delivery removes
@@ -425,7 +467,8 @@ impl AnalyticsDelivery {
             }
             // Only now may a claim queue it again (a discarded payload, still ours).
             lock(&delivery.undecided).remove(&id);
-            if delivered && delivery.saturated.swap(false, Ordering::SeqCst) {
+            let flush_waiting = delivery.flush_waiting.load(Ordering::SeqCst);
+            if delivered && (delivery.saturated.swap(false, Ordering::SeqCst) || flush_waiting) {
                 delivery.wake();
             }
         };
