@@ -173,3 +173,48 @@ async fn sender_device_keys_teach_recovery_not_the_plaintext_checks() {
         "a device known from /keys/query is not remembered again"
     );
 }
+
+/// The FFI adapter hands apps the same verdicts: stored, rejected, and refused key changes with
+/// both keys.
+#[tokio::test]
+async fn ffi_apps_see_refused_key_changes() {
+    use to_device_crypto::ffi;
+    let bob = ffi::OlmMachine::open_in_memory(BOB.into(), "BOBPHONE".into())
+        .await
+        .unwrap();
+    let alice = SimulatedDevice::new(ALICE, "ALICEPHONE");
+    let outcome = bob
+        .receive_keys_query(alice.keys_query_response().to_string())
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            outcome.stored,
+            outcome.rejected.len(),
+            outcome.refused_key_changes.len()
+        ),
+        (1, 0, 0)
+    );
+    let impostor = SimulatedDevice::new(ALICE, "ALICEPHONE");
+    let outcome = bob
+        .receive_keys_query(impostor.keys_query_response().to_string())
+        .await
+        .unwrap();
+    assert_eq!(outcome.stored, 0);
+    assert_eq!(
+        outcome.refused_key_changes,
+        [ffi::RefusedKeyChangeFfi {
+            user_id: ALICE.to_owned(),
+            device_id: "ALICEPHONE".to_owned(),
+            known_ed25519: alice.ed25519_key().to_base64(),
+            received_ed25519: impostor.ed25519_key().to_base64(),
+        }]
+    );
+    // The count-only call agrees.
+    assert_eq!(
+        bob.receive_keys_query_response(alice.keys_query_response().to_string())
+            .await
+            .unwrap(),
+        1
+    );
+}

@@ -190,6 +190,22 @@ async fn without_consent_nothing_is_produced_and_consent_does_not_replay() {
     );
 }
 
+/// Bob over the FFI adapter, in memory, with a policy that reports every failure (no window, no
+/// cap), so that each failure is one payload.
+async fn ffi_bob_reporting_every_failure() -> std::sync::Arc<ffi::OlmMachine> {
+    let machine = ffi::OlmMachine::open_in_memory(BOB.into(), "BOBPHONE".into())
+        .await
+        .unwrap();
+    machine
+        .set_reporting_policy(ReportingPolicyFfi {
+            analytics_enabled: true,
+            suppression_window_secs: 0,
+            max_events_per_minute: None,
+        })
+        .await;
+    machine
+}
+
 struct Blocking {
     delivered: AtomicUsize,
     block: Duration,
@@ -221,16 +237,7 @@ impl DecryptionFailureListener for Collecting {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn blocked_and_panicking_listeners_disturb_neither_decryption_nor_each_other() {
-    let machine = ffi::OlmMachine::open_in_memory(BOB.into(), "BOBPHONE".into())
-        .await
-        .unwrap();
-    machine
-        .set_reporting_policy(ReportingPolicyFfi {
-            analytics_enabled: true,
-            suppression_window_secs: 0,
-            max_events_per_minute: None,
-        })
-        .await;
+    let machine = ffi_bob_reporting_every_failure().await;
     let blocking = Arc::new(Blocking {
         delivered: AtomicUsize::new(0),
         block: Duration::from_secs(2),
@@ -290,5 +297,57 @@ async fn blocked_and_panicking_listeners_disturb_neither_decryption_nor_each_oth
     assert_eq!(
         stats["total"]["failures"]["UnsupportedAlgorithm"]["reported"],
         total
+    );
+}
+
+/// Claims racing with deliveries: a claim that read the outbox just before a delivery's removal
+/// committed must not queue the payload again once the delivery is recorded (each payload is
+/// delivered once, however often the app flushes while listeners run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_racing_with_deliveries_never_deliver_a_payload_twice() {
+    let machine = ffi_bob_reporting_every_failure().await;
+    let collecting = Arc::new(Collecting::default());
+    let handle = machine.add_decryption_failure_listener(collecting.clone());
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flushers: Vec<_> = (0..2)
+        .map(|_| {
+            let machine = machine.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    machine.flush_pending_analytics().await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let total = 2000;
+    for chunk in 0..(total / 50) {
+        let batch: Vec<serde_json::Value> = (0..50)
+            .map(|i| json!({"type": "m.room.encrypted", "sender": format!("@s{}:x", chunk * 50 + i), "content": {"algorithm": "m.megolm.v1.aes-sha2"}}))
+            .collect();
+        machine
+            .receive_to_device_events(serde_json::to_string(&batch).unwrap())
+            .await
+            .unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    for flusher in flushers {
+        flusher.await.unwrap();
+    }
+    assert!(
+        handle.flush(20_000).await,
+        "every payload delivered in time"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_str(&machine.reporting_stats_json().await).unwrap();
+    assert_eq!(
+        stats["total"]["failures"]["UnsupportedAlgorithm"]["reported"],
+        total
+    );
+    assert_eq!(
+        collecting.0.lock().unwrap().len(),
+        total,
+        "each payload delivered exactly once"
     );
 }

@@ -409,7 +409,20 @@ class BindingsTest(unittest.TestCase):
             # Bob knows Alice's device, whose message was built on the key Carol used.
             alice_upload = json.loads(await alice.keys_for_upload())
             query = {"device_keys": {"@alice:example.org": {"ALICEDEVICE": alice_upload["device_keys"]}}}
-            self.assertEqual(await bob.receive_keys_query_response(json.dumps(query)), 1)
+            learned = await bob.receive_keys_query(json.dumps(query))
+            self.assertEqual((learned.stored, learned.rejected, learned.refused_key_changes), (1, [], []))
+            # Another account under Alice's device id: refused, reported with both keys, Alice's kept.
+            impostor = await OlmMachine.open_in_memory("@alice:example.org", "ALICEDEVICE")
+            impostor_upload = json.loads(await impostor.keys_for_upload())
+            forged = {"device_keys": {"@alice:example.org": {"ALICEDEVICE": impostor_upload["device_keys"]}}}
+            refused = await bob.receive_keys_query(json.dumps(forged))
+            self.assertEqual(refused.stored, 0)
+            [change] = refused.refused_key_changes
+            self.assertEqual(
+                (change.user_id, change.device_id, change.known_ed25519, change.received_ed25519),
+                ("@alice:example.org", "ALICEDEVICE",
+                 alice_upload["device_keys"]["keys"]["ed25519:ALICEDEVICE"],
+                 impostor_upload["device_keys"]["keys"]["ed25519:ALICEDEVICE"]))
             second = json.loads(await alice.encrypt_for(served, "m.dummy", "{}"))[0]
             with self.assertRaises(DecryptionFailure.Failed) as failure:
                 await bob.decrypt_to_device_event(json.dumps(second))

@@ -153,7 +153,8 @@ pub(crate) struct AnalyticsDelivery {
     listeners: Mutex<Vec<Arc<Queue>>>,
     /// Payloads claimed and queued, not yet decided.
     undecided: Mutex<HashSet<AnalyticsPayloadId>>,
-    /// Serializes claims, so that one payload is never queued twice at once.
+    /// Serializes claims with each other and with the recording of a decision (removal or
+    /// release, then leaving `undecided`), so that one payload is never queued twice.
     pump_lock: tokio::sync::Mutex<()>,
     wake: Notify,
     flushes: mpsc::UnboundedSender<FlushRequest>,
@@ -406,6 +407,11 @@ impl AnalyticsDelivery {
         let id = ticket.id;
         let delivery = Arc::clone(self);
         let decide = async move {
+            // Under the claims' lock: a claim that read the outbox before this removal or release
+            // committed would otherwise find the id gone from `undecided` afterwards and queue the
+            // payload again (a second delivery). With the lock, a claim sees the payload either
+            // still undecided or already gone from the store.
+            let _serialized = delivery.pump_lock.lock().await;
             let result = if delivered {
                 delivery.acknowledger.acknowledge(&[id]).await
             } else if release {

@@ -37,7 +37,8 @@ pub use requests::OutgoingRequestFfi;
 pub use taxonomy::{all_failure_reasons, failure_reason_from_name, FailureReasonInfo};
 pub use types::{
     CryptoError, CryptoSdkFfi, DecryptedEvent, DecryptionFailure, ErrorDomainFfi, FailureReasonFfi,
-    IdentityKeysFfi, PendingEvent, PosthogErrorEvent, ReportingPolicyFfi, ToDeviceResult,
+    IdentityKeysFfi, KeysQueryOutcomeFfi, PendingEvent, PosthogErrorEvent, RefusedKeyChangeFfi,
+    ReportingPolicyFfi, ToDeviceResult,
 };
 
 /// The runtime on which listener tasks run. Foreign callers are usually not inside a tokio
@@ -184,10 +185,23 @@ impl OlmMachine {
     }
 
     /// Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
+    /// [`Self::receive_keys_query`] also says what was rejected and which key changes were
+    /// refused.
     pub async fn receive_keys_query_response(&self, json: String) -> Result<u32, CryptoError> {
+        Ok(self.receive_keys_query(json).await?.stored)
+    }
+
+    /// Learns device keys from a `/keys/query` response (JSON): how many were stored, which
+    /// entries were rejected, and which tried to change a known device's Ed25519 key (refused —
+    /// surface those: the server, or a device re-created under its old id, claims another
+    /// identity for a device the user knows).
+    pub async fn receive_keys_query(
+        &self,
+        json: String,
+    ) -> Result<KeysQueryOutcomeFfi, CryptoError> {
         let body = parse_json(&json)?;
         let outcome = self.inner.receive_keys_query_response(&body).await?;
-        Ok(saturating_u32(outcome.stored))
+        Ok(outcome.into())
     }
 
     /// Decrypts one `m.room.encrypted` to-device event (JSON). On failure the error names the

@@ -331,3 +331,50 @@ impl From<crate::PendingDecryptedEvent> for PendingEvent {
         }
     }
 }
+
+/// What a `/keys/query` response changed (see `OlmMachine.receive_keys_query`).
+#[derive(Clone, Debug, PartialEq, Eq, uniffi::Record)]
+pub struct KeysQueryOutcomeFfi {
+    /// Devices whose keys were stored (new devices, and known devices whose keys are unchanged or
+    /// changed only in what the rules allow).
+    pub stored: u32,
+    /// `user_id/device_id: error` of every entry that was rejected (invalid signature, listed
+    /// under another user or device id).
+    pub rejected: Vec<String>,
+    /// Validly signed entries that tried to change the Ed25519 key of a device we already know:
+    /// refused, the known keys kept. Treat each as a possible attack by the server (or a device
+    /// re-created under its old device id); show it or log it, never accept it silently.
+    pub refused_key_changes: Vec<RefusedKeyChangeFfi>,
+}
+
+/// A `/keys/query` entry refused because it changes a known device's Ed25519 key.
+#[derive(Clone, Debug, PartialEq, Eq, uniffi::Record)]
+pub struct RefusedKeyChangeFfi {
+    /// The device's user id.
+    pub user_id: String,
+    /// The device id.
+    pub device_id: String,
+    /// The Ed25519 key we know and keep (unpadded base64).
+    pub known_ed25519: String,
+    /// The Ed25519 key the response claimed (unpadded base64).
+    pub received_ed25519: String,
+}
+
+impl From<crate::machine::KeysQueryOutcome> for KeysQueryOutcomeFfi {
+    fn from(outcome: crate::machine::KeysQueryOutcome) -> Self {
+        Self {
+            stored: u32::try_from(outcome.stored).unwrap_or(u32::MAX),
+            rejected: outcome.rejected,
+            refused_key_changes: outcome
+                .refused_key_changes
+                .into_iter()
+                .map(|change| RefusedKeyChangeFfi {
+                    user_id: change.user_id,
+                    device_id: change.device_id,
+                    known_ed25519: change.known_ed25519,
+                    received_ed25519: change.received_ed25519,
+                })
+                .collect(),
+        }
+    }
+}

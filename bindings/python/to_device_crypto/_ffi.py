@@ -575,7 +575,9 @@ def _uniffi_check_api_checksums(lib):
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events() != 28732:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
-    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response() != 1167:
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query() != 51445:
+        raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response() != 57242:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     if lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count() != 27106:
         raise InternalError("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
@@ -707,6 +709,9 @@ _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_outgoing_requests.
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events.restype = ctypes.c_uint16
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query.argtypes = (
+)
+_UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query.restype = ctypes.c_uint16
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response.argtypes = (
 )
 _UniffiLib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response.restype = ctypes.c_uint16
@@ -876,6 +881,11 @@ _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_pending_decrypted_events
     ctypes.c_uint64,
 )
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_pending_decrypted_events.restype = ctypes.c_uint64
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query.argtypes = (
+    ctypes.c_uint64,
+    _UniffiRustBuffer,
+)
+_UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query.restype = ctypes.c_uint64
 _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query_response.argtypes = (
     ctypes.c_uint64,
     _UniffiRustBuffer,
@@ -1824,6 +1834,161 @@ class _UniffiFfiConverterTypeIdentityKeysFfi(_UniffiConverterRustBuffer):
         _UniffiFfiConverterString.write(value.curve25519, buf)
         _UniffiFfiConverterString.write(value.ed25519, buf)
 
+class _UniffiFfiConverterUInt32(_UniffiConverterPrimitiveInt):
+    CLASS_NAME = "u32"
+    VALUE_MIN = 0
+    VALUE_MAX = 2**32
+
+    @staticmethod
+    def read(buf):
+        return buf.read_u32()
+
+    @staticmethod
+    def write(value, buf):
+        buf.write_u32(value)
+
+class _UniffiFfiConverterSequenceString(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterString.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterString.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterString.read(buf) for i in range(count)
+        ]
+
+@dataclass
+class RefusedKeyChangeFfi:
+    """
+    A `/keys/query` entry refused because it changes a known device's Ed25519 key.
+"""
+    def __init__(self, *, user_id:str, device_id:str, known_ed25519:str, received_ed25519:str):
+        self.user_id = user_id
+        self.device_id = device_id
+        self.known_ed25519 = known_ed25519
+        self.received_ed25519 = received_ed25519
+        
+        
+
+    
+    def __str__(self):
+        return "RefusedKeyChangeFfi(user_id={}, device_id={}, known_ed25519={}, received_ed25519={})".format(self.user_id, self.device_id, self.known_ed25519, self.received_ed25519)
+    def __eq__(self, other):
+        if self.user_id != other.user_id:
+            return False
+        if self.device_id != other.device_id:
+            return False
+        if self.known_ed25519 != other.known_ed25519:
+            return False
+        if self.received_ed25519 != other.received_ed25519:
+            return False
+        return True
+
+class _UniffiFfiConverterTypeRefusedKeyChangeFfi(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return RefusedKeyChangeFfi(
+            user_id=_UniffiFfiConverterString.read(buf),
+            device_id=_UniffiFfiConverterString.read(buf),
+            known_ed25519=_UniffiFfiConverterString.read(buf),
+            received_ed25519=_UniffiFfiConverterString.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterString.check_lower(value.user_id)
+        _UniffiFfiConverterString.check_lower(value.device_id)
+        _UniffiFfiConverterString.check_lower(value.known_ed25519)
+        _UniffiFfiConverterString.check_lower(value.received_ed25519)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterString.write(value.user_id, buf)
+        _UniffiFfiConverterString.write(value.device_id, buf)
+        _UniffiFfiConverterString.write(value.known_ed25519, buf)
+        _UniffiFfiConverterString.write(value.received_ed25519, buf)
+
+class _UniffiFfiConverterSequenceTypeRefusedKeyChangeFfi(_UniffiConverterRustBuffer):
+    @classmethod
+    def check_lower(cls, value):
+        for item in value:
+            _UniffiFfiConverterTypeRefusedKeyChangeFfi.check_lower(item)
+
+    @classmethod
+    def write(cls, value, buf):
+        items = len(value)
+        buf.write_i32(items)
+        for item in value:
+            _UniffiFfiConverterTypeRefusedKeyChangeFfi.write(item, buf)
+
+    @classmethod
+    def read(cls, buf):
+        count = buf.read_i32()
+        if count < 0:
+            raise InternalError("Unexpected negative sequence length")
+
+        return [
+            _UniffiFfiConverterTypeRefusedKeyChangeFfi.read(buf) for i in range(count)
+        ]
+
+@dataclass
+class KeysQueryOutcomeFfi:
+    """
+    What a `/keys/query` response changed (see `OlmMachine.receive_keys_query`).
+"""
+    def __init__(self, *, stored:int, rejected:typing.List[str], refused_key_changes:typing.List[RefusedKeyChangeFfi]):
+        self.stored = stored
+        self.rejected = rejected
+        self.refused_key_changes = refused_key_changes
+        
+        
+
+    
+    def __str__(self):
+        return "KeysQueryOutcomeFfi(stored={}, rejected={}, refused_key_changes={})".format(self.stored, self.rejected, self.refused_key_changes)
+    def __eq__(self, other):
+        if self.stored != other.stored:
+            return False
+        if self.rejected != other.rejected:
+            return False
+        if self.refused_key_changes != other.refused_key_changes:
+            return False
+        return True
+
+class _UniffiFfiConverterTypeKeysQueryOutcomeFfi(_UniffiConverterRustBuffer):
+    @staticmethod
+    def read(buf):
+        return KeysQueryOutcomeFfi(
+            stored=_UniffiFfiConverterUInt32.read(buf),
+            rejected=_UniffiFfiConverterSequenceString.read(buf),
+            refused_key_changes=_UniffiFfiConverterSequenceTypeRefusedKeyChangeFfi.read(buf),
+        )
+
+    @staticmethod
+    def check_lower(value):
+        _UniffiFfiConverterUInt32.check_lower(value.stored)
+        _UniffiFfiConverterSequenceString.check_lower(value.rejected)
+        _UniffiFfiConverterSequenceTypeRefusedKeyChangeFfi.check_lower(value.refused_key_changes)
+
+    @staticmethod
+    def write(value, buf):
+        _UniffiFfiConverterUInt32.write(value.stored, buf)
+        _UniffiFfiConverterSequenceString.write(value.rejected, buf)
+        _UniffiFfiConverterSequenceTypeRefusedKeyChangeFfi.write(value.refused_key_changes, buf)
+
 class _UniffiFfiConverterUInt64(_UniffiConverterPrimitiveInt):
     CLASS_NAME = "u64"
     VALUE_MIN = 0
@@ -2076,19 +2241,6 @@ class _UniffiFfiConverterTypePosthogErrorEvent(_UniffiConverterRustBuffer):
         _UniffiFfiConverterString.write(value.analytics_name, buf)
         _UniffiFfiConverterMapStringString.write(value.properties, buf)
         _UniffiFfiConverterString.write(value.json, buf)
-
-class _UniffiFfiConverterUInt32(_UniffiConverterPrimitiveInt):
-    CLASS_NAME = "u32"
-    VALUE_MIN = 0
-    VALUE_MAX = 2**32
-
-    @staticmethod
-    def read(buf):
-        return buf.read_u32()
-
-    @staticmethod
-    def write(value, buf):
-        buf.write_u32(value)
 
 class _UniffiFfiConverterOptionalUInt32(_UniffiConverterRustBuffer):
     @classmethod
@@ -3365,29 +3517,6 @@ class _UniffiFfiConverterTypeLogSink:
     def write(cls, value: LogSink, buf: _UniffiRustBuffer):
         buf.write_u64(cls.lower(value))
 
-class _UniffiFfiConverterSequenceString(_UniffiConverterRustBuffer):
-    @classmethod
-    def check_lower(cls, value):
-        for item in value:
-            _UniffiFfiConverterString.check_lower(item)
-
-    @classmethod
-    def write(cls, value, buf):
-        items = len(value)
-        buf.write_i32(items)
-        for item in value:
-            _UniffiFfiConverterString.write(item, buf)
-
-    @classmethod
-    def read(cls, buf):
-        count = buf.read_i32()
-        if count < 0:
-            raise InternalError("Unexpected negative sequence length")
-
-        return [
-            _UniffiFfiConverterString.read(buf) for i in range(count)
-        ]
-
 class _UniffiFfiConverterSequenceTypeOutgoingRequestFfi(_UniffiConverterRustBuffer):
     @classmethod
     def check_lower(cls, value):
@@ -3566,9 +3695,19 @@ class OlmMachineProtocol(typing.Protocol):
         Decrypted results not yet acknowledged (after a crash, hand them to the app again).
 """
         raise NotImplementedError
+    async def receive_keys_query(self, json: str) -> KeysQueryOutcomeFfi:
+        """
+        Learns device keys from a `/keys/query` response (JSON): how many were stored, which
+        entries were rejected, and which tried to change a known device's Ed25519 key (refused —
+        surface those: the server, or a device re-created under its old id, claims another
+        identity for a device the user knows).
+"""
+        raise NotImplementedError
     async def receive_keys_query_response(self, json: str) -> int:
         """
         Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
+        [`Self::receive_keys_query`] also says what was rejected and which key changes were
+        refused.
 """
         raise NotImplementedError
     async def receive_one_time_key_count(self, server_count: int,fallback_key_unused: bool) -> int:
@@ -4004,9 +4143,34 @@ class OlmMachine(OlmMachineProtocol):
             _uniffi_lift_return,
             _uniffi_error_converter,
         )
+    async def receive_keys_query(self, json: str) -> KeysQueryOutcomeFfi:
+        """
+        Learns device keys from a `/keys/query` response (JSON): how many were stored, which
+        entries were rejected, and which tried to change a known device's Ed25519 key (refused —
+        surface those: the server, or a device re-created under its old id, claims another
+        identity for a device the user knows).
+"""
+        
+        _UniffiFfiConverterString.check_lower(json)
+        _uniffi_lowered_args = (
+            self._uniffi_clone_handle(),
+            _UniffiFfiConverterString.lower(json),
+        )
+        _uniffi_lift_return = _UniffiFfiConverterTypeKeysQueryOutcomeFfi.lift
+        _uniffi_error_converter = _UniffiFfiConverterTypeCryptoError
+        return await _uniffi_rust_call_async(
+            _UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query(*_uniffi_lowered_args),
+            _UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            _UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer,
+            _uniffi_lift_return,
+            _uniffi_error_converter,
+        )
     async def receive_keys_query_response(self, json: str) -> int:
         """
         Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
+        [`Self::receive_keys_query`] also says what was rejected and which key changes were
+        refused.
 """
         
         _UniffiFfiConverterString.check_lower(json)
@@ -4416,6 +4580,8 @@ __all__ = [
     "DecryptedEvent",
     "FailureReasonInfo",
     "IdentityKeysFfi",
+    "RefusedKeyChangeFfi",
+    "KeysQueryOutcomeFfi",
     "PendingEvent",
     "PosthogErrorEvent",
     "ReportingPolicyFfi",

@@ -1434,7 +1434,17 @@ public protocol OlmMachineProtocol: AnyObject, Sendable {
     func pendingDecryptedEvents() async throws  -> [PendingEvent]
     
     /**
+     * Learns device keys from a `/keys/query` response (JSON): how many were stored, which
+     * entries were rejected, and which tried to change a known device's Ed25519 key (refused —
+     * surface those: the server, or a device re-created under its old id, claims another
+     * identity for a device the user knows).
+     */
+    func receiveKeysQuery(json: String) async throws  -> KeysQueryOutcomeFfi
+    
+    /**
      * Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
+     * [`Self::receive_keys_query`] also says what was rejected and which key changes were
+     * refused.
      */
     func receiveKeysQueryResponse(json: String) async throws  -> UInt32
     
@@ -1829,7 +1839,31 @@ open func pendingDecryptedEvents()async throws  -> [PendingEvent]  {
 }
     
     /**
+     * Learns device keys from a `/keys/query` response (JSON): how many were stored, which
+     * entries were rejected, and which tried to change a known device's Ed25519 key (refused —
+     * surface those: the server, or a device re-created under its old id, claims another
+     * identity for a device the user knows).
+     */
+open func receiveKeysQuery(json: String)async throws  -> KeysQueryOutcomeFfi  {
+    return
+        try  await uniffiRustCallAsync(
+            rustFutureFunc: {
+                uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query(
+                        self.uniffiCloneHandle(),FfiConverterString.lower(json)
+                )
+            },
+            pollFunc: ffi_to_device_crypto_rust_future_poll_rust_buffer,
+            completeFunc: ffi_to_device_crypto_rust_future_complete_rust_buffer,
+            freeFunc: ffi_to_device_crypto_rust_future_free_rust_buffer,
+            liftFunc: FfiConverterTypeKeysQueryOutcomeFfi_lift,
+            errorHandler: FfiConverterTypeCryptoError_lift
+        )
+}
+    
+    /**
      * Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
+     * [`Self::receive_keys_query`] also says what was rejected and which key changes were
+     * refused.
      */
 open func receiveKeysQueryResponse(json: String)async throws  -> UInt32  {
     return
@@ -2451,6 +2485,93 @@ public func FfiConverterTypeIdentityKeysFfi_lower(_ value: IdentityKeysFfi) -> R
 
 
 /**
+ * What a `/keys/query` response changed (see `OlmMachine.receive_keys_query`).
+ */
+public struct KeysQueryOutcomeFfi: Equatable, Hashable {
+    /**
+     * Devices whose keys were stored (new devices, and known devices whose keys are unchanged or
+     * changed only in what the rules allow).
+     */
+    public var stored: UInt32
+    /**
+     * `user_id/device_id: error` of every entry that was rejected (invalid signature, listed
+     * under another user or device id).
+     */
+    public var rejected: [String]
+    /**
+     * Validly signed entries that tried to change the Ed25519 key of a device we already know:
+     * refused, the known keys kept. Treat each as a possible attack by the server (or a device
+     * re-created under its old device id); show it or log it, never accept it silently.
+     */
+    public var refusedKeyChanges: [RefusedKeyChangeFfi]
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * Devices whose keys were stored (new devices, and known devices whose keys are unchanged or
+         * changed only in what the rules allow).
+         */stored: UInt32, 
+        /**
+         * `user_id/device_id: error` of every entry that was rejected (invalid signature, listed
+         * under another user or device id).
+         */rejected: [String], 
+        /**
+         * Validly signed entries that tried to change the Ed25519 key of a device we already know:
+         * refused, the known keys kept. Treat each as a possible attack by the server (or a device
+         * re-created under its old device id); show it or log it, never accept it silently.
+         */refusedKeyChanges: [RefusedKeyChangeFfi]) {
+        self.stored = stored
+        self.rejected = rejected
+        self.refusedKeyChanges = refusedKeyChanges
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension KeysQueryOutcomeFfi: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeKeysQueryOutcomeFfi: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> KeysQueryOutcomeFfi {
+        return
+            try KeysQueryOutcomeFfi(
+                stored: FfiConverterUInt32.read(from: &buf), 
+                rejected: FfiConverterSequenceString.read(from: &buf), 
+                refusedKeyChanges: FfiConverterSequenceTypeRefusedKeyChangeFfi.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: KeysQueryOutcomeFfi, into buf: inout [UInt8]) {
+        FfiConverterUInt32.write(value.stored, into: &buf)
+        FfiConverterSequenceString.write(value.rejected, into: &buf)
+        FfiConverterSequenceTypeRefusedKeyChangeFfi.write(value.refusedKeyChanges, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeKeysQueryOutcomeFfi_lift(_ buf: RustBuffer) throws -> KeysQueryOutcomeFfi {
+    return try FfiConverterTypeKeysQueryOutcomeFfi.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeKeysQueryOutcomeFfi_lower(_ value: KeysQueryOutcomeFfi) -> RustBuffer {
+    return FfiConverterTypeKeysQueryOutcomeFfi.lower(value)
+}
+
+
+/**
  * A decrypted result still waiting for `acknowledge`.
  */
 public struct PendingEvent: Equatable, Hashable {
@@ -2646,6 +2767,95 @@ public func FfiConverterTypePosthogErrorEvent_lift(_ buf: RustBuffer) throws -> 
 #endif
 public func FfiConverterTypePosthogErrorEvent_lower(_ value: PosthogErrorEvent) -> RustBuffer {
     return FfiConverterTypePosthogErrorEvent.lower(value)
+}
+
+
+/**
+ * A `/keys/query` entry refused because it changes a known device's Ed25519 key.
+ */
+public struct RefusedKeyChangeFfi: Equatable, Hashable {
+    /**
+     * The device's user id.
+     */
+    public var userId: String
+    /**
+     * The device id.
+     */
+    public var deviceId: String
+    /**
+     * The Ed25519 key we know and keep (unpadded base64).
+     */
+    public var knownEd25519: String
+    /**
+     * The Ed25519 key the response claimed (unpadded base64).
+     */
+    public var receivedEd25519: String
+
+    // Default memberwise initializers are never public by default, so we
+    // declare one manually.
+    public init(
+        /**
+         * The device's user id.
+         */userId: String, 
+        /**
+         * The device id.
+         */deviceId: String, 
+        /**
+         * The Ed25519 key we know and keep (unpadded base64).
+         */knownEd25519: String, 
+        /**
+         * The Ed25519 key the response claimed (unpadded base64).
+         */receivedEd25519: String) {
+        self.userId = userId
+        self.deviceId = deviceId
+        self.knownEd25519 = knownEd25519
+        self.receivedEd25519 = receivedEd25519
+    }
+
+    
+
+    
+}
+
+#if compiler(>=6)
+extension RefusedKeyChangeFfi: Sendable {}
+#endif
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public struct FfiConverterTypeRefusedKeyChangeFfi: FfiConverterRustBuffer {
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> RefusedKeyChangeFfi {
+        return
+            try RefusedKeyChangeFfi(
+                userId: FfiConverterString.read(from: &buf), 
+                deviceId: FfiConverterString.read(from: &buf), 
+                knownEd25519: FfiConverterString.read(from: &buf), 
+                receivedEd25519: FfiConverterString.read(from: &buf)
+        )
+    }
+
+    public static func write(_ value: RefusedKeyChangeFfi, into buf: inout [UInt8]) {
+        FfiConverterString.write(value.userId, into: &buf)
+        FfiConverterString.write(value.deviceId, into: &buf)
+        FfiConverterString.write(value.knownEd25519, into: &buf)
+        FfiConverterString.write(value.receivedEd25519, into: &buf)
+    }
+}
+
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRefusedKeyChangeFfi_lift(_ buf: RustBuffer) throws -> RefusedKeyChangeFfi {
+    return try FfiConverterTypeRefusedKeyChangeFfi.lift(buf)
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
+public func FfiConverterTypeRefusedKeyChangeFfi_lower(_ value: RefusedKeyChangeFfi) -> RustBuffer {
+    return FfiConverterTypeRefusedKeyChangeFfi.lower(value)
 }
 
 
@@ -3760,6 +3970,31 @@ fileprivate struct FfiConverterSequenceTypePendingEvent: FfiConverterRustBuffer 
 #if swift(>=5.8)
 @_documentation(visibility: private)
 #endif
+fileprivate struct FfiConverterSequenceTypeRefusedKeyChangeFfi: FfiConverterRustBuffer {
+    typealias SwiftType = [RefusedKeyChangeFfi]
+
+    public static func write(_ value: [RefusedKeyChangeFfi], into buf: inout [UInt8]) {
+        let len = Int32(value.count)
+        writeInt(&buf, len)
+        for item in value {
+            FfiConverterTypeRefusedKeyChangeFfi.write(item, into: &buf)
+        }
+    }
+
+    public static func read(from buf: inout (data: Data, offset: Data.Index)) throws -> [RefusedKeyChangeFfi] {
+        let len: Int32 = try readInt(&buf)
+        var seq = [RefusedKeyChangeFfi]()
+        seq.reserveCapacity(Int(len))
+        for _ in 0 ..< len {
+            seq.append(try FfiConverterTypeRefusedKeyChangeFfi.read(from: &buf))
+        }
+        return seq
+    }
+}
+
+#if swift(>=5.8)
+@_documentation(visibility: private)
+#endif
 fileprivate struct FfiConverterSequenceTypeFailureReasonFfi: FfiConverterRustBuffer {
     typealias SwiftType = [FailureReasonFfi]
 
@@ -4032,7 +4267,10 @@ private let initializationResult: InitializationResult = {
     if (uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events() != 28732) {
         return InitializationResult.apiChecksumMismatch
     }
-    if (uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response() != 1167) {
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query() != 51445) {
+        return InitializationResult.apiChecksumMismatch
+    }
+    if (uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response() != 57242) {
         return InitializationResult.apiChecksumMismatch
     }
     if (uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count() != 27106) {

@@ -764,6 +764,8 @@ internal object IntegrityCheckingUniffiLib {
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events(
     ): Int
+    external fun uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query(
+    ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response(
     ): Int
     external fun uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count(
@@ -869,6 +871,8 @@ internal object UniffiLib {
     external fun uniffi_to_device_crypto_fn_method_olmmachine_mark_keys_as_published(`ptr`: Long,
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_pending_decrypted_events(`ptr`: Long,
+    ): Long
+    external fun uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query(`ptr`: Long,`json`: RustBuffer.ByValue,
     ): Long
     external fun uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query_response(`ptr`: Long,`json`: RustBuffer.ByValue,
     ): Long
@@ -1109,7 +1113,10 @@ private fun uniffiCheckApiChecksums(lib: IntegrityCheckingUniffiLib) {
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_pending_decrypted_events() and 0xFFFF) != 28732) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
-    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response() and 0xFFFF) != 1167) {
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query() and 0xFFFF) != 51445) {
+        throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
+    }
+    if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_keys_query_response() and 0xFFFF) != 57242) {
         throw RuntimeException("UniFFI API checksum mismatch: try cleaning and rebuilding your project")
     }
     if ((lib.uniffi_to_device_crypto_checksum_method_olmmachine_receive_one_time_key_count() and 0xFFFF) != 27106) {
@@ -2995,7 +3002,17 @@ public interface OlmMachineInterface {
     suspend fun `pendingDecryptedEvents`(): List<PendingEvent>
     
     /**
+     * Learns device keys from a `/keys/query` response (JSON): how many were stored, which
+     * entries were rejected, and which tried to change a known device's Ed25519 key (refused —
+     * surface those: the server, or a device re-created under its old id, claims another
+     * identity for a device the user knows).
+     */
+    suspend fun `receiveKeysQuery`(`json`: kotlin.String): KeysQueryOutcomeFfi
+    
+    /**
      * Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
+     * [`Self::receive_keys_query`] also says what was rejected and which key changes were
+     * refused.
      */
     suspend fun `receiveKeysQueryResponse`(`json`: kotlin.String): kotlin.UInt
     
@@ -3447,7 +3464,37 @@ open class OlmMachine: Disposable, AutoCloseable, OlmMachineInterface
 
     
     /**
+     * Learns device keys from a `/keys/query` response (JSON): how many were stored, which
+     * entries were rejected, and which tried to change a known device's Ed25519 key (refused —
+     * surface those: the server, or a device re-created under its old id, claims another
+     * identity for a device the user knows).
+     */
+    @Throws(CryptoException::class)
+    @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
+    override suspend fun `receiveKeysQuery`(`json`: kotlin.String) : KeysQueryOutcomeFfi {
+        return uniffiRustCallAsync(
+        callWithHandle { uniffiHandle ->
+            UniffiLib.uniffi_to_device_crypto_fn_method_olmmachine_receive_keys_query(
+                uniffiHandle,
+                
+        FfiConverterString.lower(`json`),
+            )
+        },
+        { future, callback, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_poll_rust_buffer(future, callback, continuation) },
+        { future, continuation -> UniffiLib.ffi_to_device_crypto_rust_future_complete_rust_buffer(future, continuation) },
+        { future -> UniffiLib.ffi_to_device_crypto_rust_future_free_rust_buffer(future) },
+        // lift function
+        { FfiConverterTypeKeysQueryOutcomeFfi.lift(it) },
+        // Error FFI converter
+        CryptoException.ErrorHandler,
+    )
+    }
+
+    
+    /**
      * Learns device keys from a `/keys/query` response (JSON); returns how many were stored.
+     * [`Self::receive_keys_query`] also says what was rejected and which key changes were
+     * refused.
      */
     @Throws(CryptoException::class)
     @Suppress("ASSIGNED_BUT_NEVER_ACCESSED_VARIABLE")
@@ -4110,6 +4157,65 @@ public object FfiConverterTypeIdentityKeysFfi: FfiConverterRustBuffer<IdentityKe
 
 
 /**
+ * What a `/keys/query` response changed (see `OlmMachine.receive_keys_query`).
+ */
+data class KeysQueryOutcomeFfi (
+    /**
+     * Devices whose keys were stored (new devices, and known devices whose keys are unchanged or
+     * changed only in what the rules allow).
+     */
+    var `stored`: kotlin.UInt
+    , 
+    /**
+     * `user_id/device_id: error` of every entry that was rejected (invalid signature, listed
+     * under another user or device id).
+     */
+    var `rejected`: List<kotlin.String>
+    , 
+    /**
+     * Validly signed entries that tried to change the Ed25519 key of a device we already know:
+     * refused, the known keys kept. Treat each as a possible attack by the server (or a device
+     * re-created under its old device id); show it or log it, never accept it silently.
+     */
+    var `refusedKeyChanges`: List<RefusedKeyChangeFfi>
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeKeysQueryOutcomeFfi: FfiConverterRustBuffer<KeysQueryOutcomeFfi> {
+    override fun read(buf: ByteBuffer): KeysQueryOutcomeFfi {
+        return KeysQueryOutcomeFfi(
+            FfiConverterUInt.read(buf),
+            FfiConverterSequenceString.read(buf),
+            FfiConverterSequenceTypeRefusedKeyChangeFfi.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: KeysQueryOutcomeFfi) = (
+            FfiConverterUInt.allocationSize(value.`stored`) +
+            FfiConverterSequenceString.allocationSize(value.`rejected`) +
+            FfiConverterSequenceTypeRefusedKeyChangeFfi.allocationSize(value.`refusedKeyChanges`)
+    )
+
+    override fun write(value: KeysQueryOutcomeFfi, buf: ByteBuffer) {
+            FfiConverterUInt.write(value.`stored`, buf)
+            FfiConverterSequenceString.write(value.`rejected`, buf)
+            FfiConverterSequenceTypeRefusedKeyChangeFfi.write(value.`refusedKeyChanges`, buf)
+    }
+}
+
+
+
+/**
  * A decrypted result still waiting for `acknowledge`.
  */
 data class PendingEvent (
@@ -4247,6 +4353,69 @@ public object FfiConverterTypePosthogErrorEvent: FfiConverterRustBuffer<PosthogE
             FfiConverterString.write(value.`analyticsName`, buf)
             FfiConverterMapStringString.write(value.`properties`, buf)
             FfiConverterString.write(value.`json`, buf)
+    }
+}
+
+
+
+/**
+ * A `/keys/query` entry refused because it changes a known device's Ed25519 key.
+ */
+data class RefusedKeyChangeFfi (
+    /**
+     * The device's user id.
+     */
+    var `userId`: kotlin.String
+    , 
+    /**
+     * The device id.
+     */
+    var `deviceId`: kotlin.String
+    , 
+    /**
+     * The Ed25519 key we know and keep (unpadded base64).
+     */
+    var `knownEd25519`: kotlin.String
+    , 
+    /**
+     * The Ed25519 key the response claimed (unpadded base64).
+     */
+    var `receivedEd25519`: kotlin.String
+    
+){
+    
+
+    
+
+    
+    companion object
+}
+
+/**
+ * @suppress
+ */
+public object FfiConverterTypeRefusedKeyChangeFfi: FfiConverterRustBuffer<RefusedKeyChangeFfi> {
+    override fun read(buf: ByteBuffer): RefusedKeyChangeFfi {
+        return RefusedKeyChangeFfi(
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+            FfiConverterString.read(buf),
+        )
+    }
+
+    override fun allocationSize(value: RefusedKeyChangeFfi) = (
+            FfiConverterString.allocationSize(value.`userId`) +
+            FfiConverterString.allocationSize(value.`deviceId`) +
+            FfiConverterString.allocationSize(value.`knownEd25519`) +
+            FfiConverterString.allocationSize(value.`receivedEd25519`)
+    )
+
+    override fun write(value: RefusedKeyChangeFfi, buf: ByteBuffer) {
+            FfiConverterString.write(value.`userId`, buf)
+            FfiConverterString.write(value.`deviceId`, buf)
+            FfiConverterString.write(value.`knownEd25519`, buf)
+            FfiConverterString.write(value.`receivedEd25519`, buf)
     }
 }
 
@@ -5210,6 +5379,34 @@ public object FfiConverterSequenceTypePendingEvent: FfiConverterRustBuffer<List<
         buf.putInt(value.size)
         value.iterator().forEach {
             FfiConverterTypePendingEvent.write(it, buf)
+        }
+    }
+}
+
+
+
+
+/**
+ * @suppress
+ */
+public object FfiConverterSequenceTypeRefusedKeyChangeFfi: FfiConverterRustBuffer<List<RefusedKeyChangeFfi>> {
+    override fun read(buf: ByteBuffer): List<RefusedKeyChangeFfi> {
+        val len = buf.getInt()
+        return List<RefusedKeyChangeFfi>(len) {
+            FfiConverterTypeRefusedKeyChangeFfi.read(buf)
+        }
+    }
+
+    override fun allocationSize(value: List<RefusedKeyChangeFfi>): ULong {
+        val sizeForLength = 4UL
+        val sizeForItems = value.map { FfiConverterTypeRefusedKeyChangeFfi.allocationSize(it) }.sum()
+        return sizeForLength + sizeForItems
+    }
+
+    override fun write(value: List<RefusedKeyChangeFfi>, buf: ByteBuffer) {
+        buf.putInt(value.size)
+        value.iterator().forEach {
+            FfiConverterTypeRefusedKeyChangeFfi.write(it, buf)
         }
     }
 }

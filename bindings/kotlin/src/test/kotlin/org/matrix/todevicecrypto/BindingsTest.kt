@@ -272,7 +272,18 @@ val tests: List<Pair<String, suspend () -> Unit>> = listOf(
         // Bob knows Alice's device, whose message was built on the key Carol used.
         val aliceUpload = parseJson(alice.keysForUpload()!!)
         val query = mapOf("device_keys" to mapOf("@alice:example.org" to mapOf("ALICEDEVICE" to aliceUpload.obj("device_keys"))))
-        checkEquals(1u, bob.receiveKeysQueryResponse(toJson(query)))
+        val learned = bob.receiveKeysQuery(toJson(query))
+        checkEquals(Triple(1u, emptyList<String>(), emptyList<RefusedKeyChangeFfi>()), Triple(learned.stored, learned.rejected, learned.refusedKeyChanges))
+        // Another account under Alice's device id: refused, reported with both keys, Alice's kept.
+        val impostor = OlmMachine.openInMemory("@alice:example.org", "ALICEDEVICE")
+        val impostorUpload = parseJson(impostor.keysForUpload()!!)
+        val forged = mapOf("device_keys" to mapOf("@alice:example.org" to mapOf("ALICEDEVICE" to impostorUpload.obj("device_keys"))))
+        val refused = bob.receiveKeysQuery(toJson(forged))
+        checkEquals(0u, refused.stored)
+        val change = refused.refusedKeyChanges.single()
+        checkEquals(listOf("@alice:example.org", "ALICEDEVICE"), listOf(change.userId, change.deviceId))
+        checkEquals(aliceUpload.obj("device_keys").obj("keys")["ed25519:ALICEDEVICE"], change.knownEd25519)
+        checkEquals(impostorUpload.obj("device_keys").obj("keys")["ed25519:ALICEDEVICE"], change.receivedEd25519)
         val second = alice.encryptFor(served, "m.dummy", "{}").removePrefix("[").removeSuffix("]")
         checkEquals(FailureReasonFfi.UNKNOWN_ONE_TIME_KEY, expectFailure(bob, second).reason)
         // Recovery: claim one of Alice's keys, then send her an Olm-encrypted m.dummy.
