@@ -120,12 +120,10 @@ async fn time_ours(cli: &Path, dir: &Path, round: usize) -> (Duration, usize) {
     let status = child.wait().unwrap();
     let elapsed = start.elapsed();
     assert!(status.success(), "decrypt failed: {status}");
+    let needle = b"\"result\":\"decrypted\"".as_slice();
     let decrypted = printed
         .split(|&b| b == b'\n')
-        .filter(|line| {
-            line.windows(22)
-                .any(|w| w == b"\"result\":\"decrypted\"".as_slice())
-        })
+        .filter(|line| line.windows(needle.len()).any(|w| w == needle))
         .count();
     assert_eq!(decrypted, EVENTS, "every event decrypted");
     (elapsed, text.len() / EVENTS)
