@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The one test command (README, .ci/run): formatting, lints, every cargo test, fuzzing, interop,
+# the upstream change set (patched matrix-sdk-crypto, its tests, sdk-olm, the comparison),
 # the shipped CLI's and the mobile library's contents, the generated bindings' freshness, the
 # Swift, Kotlin and Python binding suites, and the Python wheel (built, installed in a fresh venv,
 # running the README's example). Installs what is missing and caches it outside the repo, in
 # ~/.cache/to-device-crypto.
 #
 # Nothing is skipped silently: a script that is missing or not executable is an error, and an
-# opt-out (TDC_SKIP_FUZZ=1) prints SKIPPED and changes the last line, which then does not say
+# opt-out (TDC_SKIP_FUZZ=1, TDC_SKIP_UPSTREAM=1) prints SKIPPED and changes the last line, which then does not say
 # "all checks passed". The end prints how long each step took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$TDC_CACHE/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 started=$SECONDS
+# What git sees before the run: the run must leave it as it found it (a lock file or generated file
+# that a step rewrites would otherwise go unnoticed in a clean-clone CI run).
+tree_before=$(git status --porcelain=v1 --untracked-files=all 2>/dev/null || true)
 timings=()
 skipped=()
 current=""
@@ -65,7 +69,7 @@ skip() {
 
 # Every script the command runs must be there and executable: a lost executable bit must fail the
 # run, not quietly drop a step.
-for script in fuzz.sh interop.sh check-shipped-cli.sh report-size.sh generate-bindings.sh test-bindings.sh \
+for script in fuzz.sh interop.sh upstream.sh check-shipped-cli.sh report-size.sh generate-bindings.sh test-bindings.sh \
     test-wheel.sh; do
     if [[ ! -e scripts/$script ]]; then
         echo "error: scripts/$script is missing" >&2
@@ -100,8 +104,24 @@ else
     step "fuzz (30 s per target)" scripts/fuzz.sh 30
 fi
 step "interop with matrix-sdk-crypto 0.18" scripts/interop.sh
+# After interop, whose build of our CLI it reuses for the side-by-side comparison.
+if [[ ${TDC_SKIP_UPSTREAM:-0} == 1 ]]; then
+    skip "upstream" "TDC_SKIP_UPSTREAM=1"
+else
+    step "upstream: patched matrix-sdk-crypto, sdk-olm" scripts/upstream.sh
+fi
 step "shipped CLI has no test seams" scripts/check-shipped-cli.sh
 step "mobile library: no build tools linked, size" scripts/report-size.sh
 step "generated bindings are up to date" scripts/generate-bindings.sh --check
 step "binding suites (Swift, Kotlin, Python)" scripts/test-bindings.sh
 step "Python wheel: fresh venv, README example" scripts/test-wheel.sh
+tree_unchanged() {
+    local after
+    after=$(git status --porcelain=v1 --untracked-files=all 2>/dev/null || true)
+    if [[ $after != "$tree_before" ]]; then
+        echo "error: the run changed the working tree:" >&2
+        diff <(echo "$tree_before") <(echo "$after") >&2 || true
+        return 1
+    fi
+}
+step "the run left the working tree as it found it" tree_unchanged

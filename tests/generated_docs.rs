@@ -2,8 +2,9 @@
 //! fails when the committed copies are stale. Run with `TDC_BLESS=1` to rewrite them.
 
 use to_device_crypto::analytics::schema::{
-    failure_table_markdown, payload_json_schema_text, upstream_schema_proposal_markdown,
+    failure_table_markdown_with_column, payload_json_schema_text, upstream_schema_proposal_markdown,
 };
+use to_device_crypto::FailureReason;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const TABLE_START: &str = "<!-- failure-table:start (generated from FailureReason; run `TDC_BLESS=1 cargo test --test generated_docs`) -->\n";
@@ -46,7 +47,20 @@ fn readme_failure_table_is_fresh() {
         .find(TABLE_END)
         .expect("README has the table end marker")
         + start;
-    let expected = failure_table_markdown();
+    // The last column comes from the side-by-side comparison with the patched matrix-sdk-crypto
+    // (upstream/sdk-olm/tests/compare.rs writes coverage.json; docs/UPSTREAM.md).
+    let coverage_path = format!("{ROOT}/upstream/sdk-olm/coverage.json");
+    let coverage: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&coverage_path).unwrap_or_else(|e| panic!("{coverage_path}: {e}")),
+    )
+    .unwrap();
+    let cell = |reason: FailureReason| -> String {
+        coverage[reason.analytics_name()]
+            .as_str()
+            .unwrap_or_else(|| panic!("{coverage_path} has no entry for {reason:?}"))
+            .to_owned()
+    };
+    let expected = failure_table_markdown_with_column(Some(("patched matrix-sdk-crypto", &cell)));
     if bless() && readme[start..end] != expected {
         let updated = format!("{}{}{}", &readme[..start], expected, &readme[end..]);
         std::fs::write(&path, updated).unwrap();
