@@ -19,8 +19,12 @@
 #   7   Rust baseline: the FFI adapter's decrypt_to_device_event on a failing event  [ratios]
 #   7   the same call from Python, Kotlin/JVM, Swift (the binding suites, against the RELEASE
 #       library) ÷ the Rust baseline of this run                          [python, kotlin, swift]
+#   8   matrix-sdk-crypto 0.18 (receive_sync_changes, memory) ÷ our CLI end to end: 2,000 pre-key
+#       events of one session from one matrix-sdk-crypto device, `to-device-crypto decrypt` as a
+#       process (start, open, commit, print, acknowledge); target >= 8x             [interop]
 # Steps: ratios = cargo bench --bench ratios (benches/ratios.rs); cli = step_cli below;
-# interop = scripts/interop.sh --bench (interop/benches/reference.rs, with the interop tests);
+# interop = scripts/interop.sh --bench (interop/benches/reference.rs, with the interop tests;
+# row 8 runs the release CLI built here, interop/benches/cli_end_to_end.rs);
 # python, kotlin, swift = TDC_BINDINGS_PROFILE=release scripts/test-bindings.sh LANG.
 #
 # Every source prints, next to its own human-readable output, one line per row:
@@ -74,6 +78,7 @@ cat >"$logs/spec.txt" <<'EOF'
 7-python|python|7 FFI decrypt_to_device_event, Python / Rust (release lib)
 7-kotlin|kotlin|7 FFI decrypt_to_device_event, Kotlin/JVM / Rust (release lib)
 7-swift|swift|7 FFI decrypt_to_device_event, Swift / Rust (release lib)
+8-cli|interop|8 matrix-sdk-crypto (memory) ÷ our CLI end to end, 2000 pre-key events
 EOF
 
 # Why a step failed, in one line, from its log.
@@ -142,7 +147,9 @@ PY
 }
 
 step_interop() {
-    scripts/interop.sh --bench
+    # Row 8 times the CLI as it ships: the release binary.
+    cargo build --locked --release --bin to-device-crypto
+    TDC_BENCH_CLI="$CARGO_TARGET_DIR/release/to-device-crypto" scripts/interop.sh --bench
 }
 
 # Row 7's base: the Rust call, from the ratios step of this run (empty if it did not run).

@@ -26,7 +26,7 @@ use to_device_crypto::{
 struct Committed {
     generation: String,
     sessions: i64,
-    message_hashes: i64,
+    replay_keys: i64,
     pending_results: i64,
 }
 
@@ -48,7 +48,7 @@ fn committed(path: &Path) -> Committed {
             )
             .unwrap_or_default(),
         sessions: count("sessions"),
-        message_hashes: count("message_hashes"),
+        replay_keys: count("replay_keys"),
         pending_results: count("pending_results"),
     }
 }
@@ -135,7 +135,7 @@ async fn retry_succeeds(bob: &OlmMachine, path: &Path, batch: &[String]) {
     }
     assert!(failures.next().now_or_never().is_none(), "no failure");
     let after = committed(path);
-    assert_eq!(after.message_hashes, before.message_hashes + 20);
+    assert_eq!(after.replay_keys, before.replay_keys + 20);
     assert_eq!(after.pending_results, before.pending_results + 20);
     assert_eq!(after.sessions, before.sessions + 2);
 }

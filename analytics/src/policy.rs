@@ -18,7 +18,7 @@
 //!
 //! This module does not depend on the Olm machine: it sees failures as a [`FailureKey`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -189,6 +189,11 @@ pub struct AnalyticsOutboxStats {
 pub struct PolicyState {
     /// Last report time per hashed (sender, sender key, name).
     windows: HashMap<String, u64>,
+    /// The same entries ordered by report time, so that expired windows are dropped from the
+    /// oldest end (O(log n) each) instead of by a scan of every window per decision. Derived
+    /// from `windows` (not stored); rebuilt whenever the two disagree in size.
+    #[serde(skip)]
+    expiry: BTreeSet<(u64, String)>,
     cap_minute_start_ms: u64,
     cap_count: u32,
     stats: ReportingStats,
@@ -260,9 +265,12 @@ impl PolicyState {
         let window_ms = policy.suppression_window_secs.saturating_mul(1000);
         let window_key = (window_ms > 0).then(|| window_key(key));
         if let Some(window_key) = &window_key {
-            self.windows
-                .retain(|_, reported| now_ms.saturating_sub(*reported) < window_ms);
-            if self.windows.contains_key(window_key) {
+            self.drop_expired_windows(now_ms, window_ms);
+            let open = self
+                .windows
+                .get(window_key)
+                .is_some_and(|reported| now_ms.saturating_sub(*reported) < window_ms);
+            if open {
                 return AnalyticsDecision::Suppressed(SuppressionRule::SuppressionWindow);
             }
         }
@@ -277,9 +285,39 @@ impl PolicyState {
             self.cap_count += 1;
         }
         if let Some(window_key) = window_key {
-            self.windows.insert(window_key, now_ms);
+            if let Some(previous) = self.windows.insert(window_key.clone(), now_ms) {
+                self.expiry.remove(&(previous, window_key.clone()));
+            }
+            self.expiry.insert((now_ms, window_key));
         }
         AnalyticsDecision::Reported(AnalyticsEvent::for_failure(key.reason))
+    }
+
+    /// Drops the windows that ended by `now_ms`, oldest first: a decision costs O(log n) per
+    /// window it drops, not a scan of every window. (A window is judged open by its own time
+    /// anyway; dropping only bounds the map to the windows still open.)
+    fn drop_expired_windows(&mut self, now_ms: u64, window_ms: u64) {
+        if self.expiry.len() != self.windows.len() {
+            // Deserialized without `from_json`, or a clock that went back: rebuild the order.
+            self.expiry = self
+                .windows
+                .iter()
+                .map(|(key, reported)| (*reported, key.clone()))
+                .collect();
+        }
+        while let Some((reported, _)) = self.expiry.first() {
+            if now_ms.saturating_sub(*reported) < window_ms {
+                break;
+            }
+            let (_, key) = self.expiry.pop_first().expect("just looked at it");
+            self.windows.remove(&key);
+        }
+    }
+
+    /// How many suppression windows the state holds (open ones, and at most the ones that ended
+    /// since the last decision).
+    pub fn window_count(&self) -> usize {
+        self.windows.len()
     }
 
     /// Counts `count` successfully decrypted events at `now_ms`.
@@ -319,7 +357,13 @@ impl PolicyState {
 
     /// Restores the state the store kept.
     pub fn from_json(json: &str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(json)
+        let mut state: Self = serde_json::from_str(json)?;
+        state.expiry = state
+            .windows
+            .iter()
+            .map(|(key, reported)| (*reported, key.clone()))
+            .collect();
+        Ok(state)
     }
 }
 
@@ -338,6 +382,57 @@ mod tests {
 
     fn reported(decision: AnalyticsDecision) -> bool {
         matches!(decision, AnalyticsDecision::Reported(_))
+    }
+
+    #[test]
+    fn ended_windows_are_dropped_and_open_ones_kept_across_a_restart() {
+        let policy = ReportingPolicy {
+            max_events_per_minute: None,
+            ..ReportingPolicy::default()
+        };
+        let window = policy.suppression_window_secs * 1000;
+        let mut state = PolicyState::default();
+        let senders: Vec<String> = (0..1000).map(|i| format!("@s{i}:x")).collect();
+        fn key_of(sender: &str) -> FailureKey<'_> {
+            FailureKey {
+                reason: FailureReason::SessionWedged,
+                sender: Some(sender),
+                sender_key: Some("KEY"),
+                already_seen: false,
+            }
+        }
+        for (i, sender) in senders.iter().enumerate() {
+            assert!(reported(state.decide(&policy, &key_of(sender), i as u64)));
+        }
+        assert_eq!(state.window_count(), 1000);
+        // Half of the windows have ended: one decision drops exactly those.
+        let mut state = PolicyState::from_json(&state.to_json()).unwrap();
+        assert_eq!(
+            state.decide(&policy, &key_of(&senders[999]), window + 499),
+            AnalyticsDecision::Suppressed(SuppressionRule::SuppressionWindow)
+        );
+        assert_eq!(state.window_count(), 500);
+        assert!(reported(state.decide(
+            &policy,
+            &key_of(&senders[0]),
+            window + 499
+        )));
+        assert_eq!(state.window_count(), 501);
+        // The re-opened window of senders[0] ends an hour after its new report, not before.
+        assert_eq!(
+            state.decide(&policy, &key_of(&senders[0]), 2 * window + 498),
+            AnalyticsDecision::Suppressed(SuppressionRule::SuppressionWindow)
+        );
+        assert_eq!(
+            state.window_count(),
+            1,
+            "only senders[0]'s window is still open"
+        );
+        assert!(reported(state.decide(
+            &policy,
+            &key_of(&senders[0]),
+            2 * window + 499
+        )));
     }
 
     #[test]

@@ -29,7 +29,8 @@ fn hash_of(event: &Value) -> String {
         .unwrap();
     let message_type = u8::try_from(entry["type"].as_u64().unwrap()).unwrap();
     let body = vodozemac::base64_decode(entry["body"].as_str().unwrap()).unwrap();
-    MessageHash::new(&sender_key, message_type, &body).to_hex()
+    let message = vodozemac::olm::OlmMessage::from_parts(message_type.into(), &body).unwrap();
+    MessageHash::replay_key(&sender_key, &message, &body).to_hex()
 }
 
 fn write(dir: &Path, name: &str, text: &str) {

@@ -22,6 +22,9 @@
 //! `@row<TAB>id<TAB>name<TAB>ours_us<TAB>base_us<TAB>base/ours<TAB>target` — ours = our receiver,
 //! base = matrix-sdk-crypto, and the ratio is theirs ÷ ours (how many times faster we are).
 //!
+//! Row 8 (the CLI end to end, against matrix-sdk-crypto on 2,000 pre-key messages) is in
+//! `cli_end_to_end.rs`; it needs the release CLI in `TDC_BENCH_CLI`.
+//!
 //! Run: `cargo bench --bench reference` in interop/ (release), or `scripts/interop.sh --bench`.
 
 use std::sync::Arc;
@@ -33,6 +36,9 @@ use to_device_crypto::simulator::{publish_machine_keys, recipient_of, Recipient,
 use to_device_crypto::store::{SqliteStore, Synchronous};
 use to_device_crypto::{MemoryStore, OlmMachine, StoreKey, ToDeviceOutcome};
 use to_device_crypto_interop::{RefOutcome, Reference};
+
+/// Row 8: the CLI end to end against matrix-sdk-crypto.
+mod cli_end_to_end;
 
 const BOB: &str = "@bob:example.org";
 const SENDERS: usize = 5;
@@ -236,6 +242,7 @@ fn main() {
         };
         rows.extend(run.measure(&rt, kind, label));
     }
+    rows.extend(cli_end_to_end::measure(&rt));
     println!();
     for row in rows {
         println!("{row}");

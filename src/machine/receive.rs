@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use vodozemac::olm::{Session, SessionPickle};
+use vodozemac::olm::{OlmMessage, Session, SessionPickle};
 use vodozemac::Curve25519PublicKey;
 
 use super::outbox::{pending_result_json, result_id};
@@ -19,7 +19,7 @@ use super::{
 use crate::analytics::policy::FailureKey;
 use crate::analytics::FailureReason;
 use crate::error::{DecryptionError, StoreError};
-use crate::olm::envelope::{parse_event, EnvelopeFacts, MessageHash, ParsedEvent};
+use crate::olm::envelope::{parse_event, EnvelopeFacts, MessageHash, OlmEnvelope, ParsedEvent};
 use crate::olm::plaintext::{check_plaintext, PlaintextContext};
 use crate::olm::sessions::{decrypt_message, prune_least_recently_used, SessionEntry};
 use crate::reporting::{FailureDiagnostics, ToDeviceDecryptionFailure};
@@ -178,11 +178,31 @@ impl OlmMachine {
                 })
                 .collect();
             batch.stored_hashes = self.store.known_message_hashes(&hashes).await?;
+            // Hashes from before replay keys: a pre-key message received then could decrypt
+            // again (on a fallback key, once its session was pruned), so it is looked up now; any
+            // other such replay fails to decrypt and is looked up then (`legacy_replay`).
+            let legacy = if self.store.has_legacy_message_hashes() {
+                self.legacy_pre_key_replays(&parsed).await?
+            } else {
+                HashMap::new()
+            };
+            batch.stored_hashes.extend(legacy.keys().copied());
             batch.stored_pending = if batch.stored_hashes.is_empty() {
                 HashMap::new()
             } else {
-                let ids: Vec<String> = batch.stored_hashes.iter().map(result_id).collect();
-                self.store.pending_results(&ids).await?
+                // A result decrypted before replay keys is pending under its old id.
+                let lookup_id = |key: &MessageHash| result_id(legacy.get(key).unwrap_or(key));
+                let ids: Vec<String> = batch.stored_hashes.iter().map(lookup_id).collect();
+                let mut found = self.store.pending_results(&ids).await?;
+                batch
+                    .stored_hashes
+                    .iter()
+                    .filter_map(|key| {
+                        found
+                            .remove(&lookup_id(key))
+                            .map(|result| (result_id(key), result))
+                    })
+                    .collect()
             };
             for (offset, (raw, (parsed, facts))) in chunk.iter().zip(parsed).enumerate() {
                 let position = EventPosition {
@@ -307,13 +327,25 @@ impl OlmMachine {
             ..
         } = state;
         let sessions = sessions.entry(sender_key_bytes).or_default();
-        let (plaintext, decrypted) = decrypt_message(
+        let decrypted = decrypt_message(
             account,
             sessions,
             &envelope.sender_key,
             &envelope.message,
             now,
-        )?;
+        );
+        let (plaintext, decrypted) = match decrypted {
+            Ok(decrypted) => decrypted,
+            // A message decrypted before replay keys fails to decrypt when it is replayed (its
+            // message key is used up): only now is its old hash worth computing.
+            Err(error) if self.store.has_legacy_message_hashes() => {
+                return match self.legacy_replay(&envelope).await? {
+                    Some(event) => Ok(Some(event)),
+                    None => Err(error),
+                };
+            }
+            Err(error) => return Err(error),
+        };
 
         // From here on the message decrypted: its ratchet step, new session, used one-time key
         // and hash are committed whatever the plaintext checks say, so that a re-delivery is a
@@ -379,6 +411,70 @@ impl OlmMachine {
             json: pending_result_json(&event, accepted_raw_content),
         });
         Ok(Some(event))
+    }
+
+    /// The pre-key messages among `parsed` that the store saw before replay keys (by their
+    /// whole-message hash), as replay key → old hash.
+    async fn legacy_pre_key_replays(
+        &self,
+        parsed: &[(Result<ParsedEvent, DecryptionError>, EnvelopeFacts)],
+    ) -> Result<HashMap<MessageHash, MessageHash>, StoreError> {
+        let old_hashes: HashMap<MessageHash, MessageHash> = parsed
+            .iter()
+            .filter_map(|(parsed, _)| match parsed {
+                Ok(ParsedEvent::Olm(envelope))
+                    if matches!(envelope.message, OlmMessage::PreKey(_)) =>
+                {
+                    Some((envelope.legacy_hash(), envelope.message_hash))
+                }
+                _ => None,
+            })
+            .collect();
+        if old_hashes.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let query: Vec<MessageHash> = old_hashes.keys().copied().collect();
+        let known = self.store.known_legacy_message_hashes(&query).await?;
+        Ok(old_hashes
+            .into_iter()
+            .filter(|(old, _)| known.contains(old))
+            .map(|(old, key)| (key, old))
+            .collect())
+    }
+
+    /// A message that failed to decrypt, looked up by its whole-message hash in a store from
+    /// before replay keys: its pending result again (re-emitted) if it has one, a
+    /// `ReplayedMessage` if it was decrypted then, `None` if it never was.
+    async fn legacy_replay(
+        &self,
+        envelope: &OlmEnvelope,
+    ) -> Result<Option<DecryptedToDeviceEvent>, DecryptionError> {
+        let old = envelope.legacy_hash();
+        if !self
+            .store
+            .known_legacy_message_hashes(&[old])
+            .await?
+            .contains(&old)
+        {
+            return Ok(None);
+        }
+        let id = result_id(&old);
+        match self
+            .store
+            .pending_results(std::slice::from_ref(&id))
+            .await?
+            .remove(&id)
+        {
+            Some(stored) => {
+                let mut event: DecryptedToDeviceEvent =
+                    serde_json::from_str(&stored.json).map_err(corrupted("decrypted result"))?;
+                event.re_emitted = true;
+                Ok(Some(event))
+            }
+            None => Err(DecryptionError::ReplayedMessage {
+                sender_key: envelope.sender_key.to_base64(),
+            }),
+        }
     }
 
     pub(super) async fn ensure_sessions_loaded(

@@ -1,6 +1,8 @@
 //! Olm sessions with one sender key and the spec's rules for picking the one that decrypts.
 
-use vodozemac::olm::{Account, OlmMessage, Session, SessionConfig, SessionCreationError};
+use vodozemac::olm::{
+    Account, OlmMessage, Session, SessionConfig, SessionCreationError, SessionKeys,
+};
 use vodozemac::Curve25519PublicKey;
 
 use crate::error::DecryptionError;
@@ -9,8 +11,11 @@ use crate::error::DecryptionError;
 pub struct SessionEntry {
     /// The vodozemac session.
     pub session: Session,
-    /// Cached `session.session_id()`, compared against every pre-key message.
+    /// Cached `session.session_id()`.
     pub session_id: String,
+    /// The keys the session id is the hash of, compared with every pre-key message's: equal keys
+    /// are equal ids, without hashing and encoding an id per message.
+    pub session_keys: SessionKeys,
     /// When the session last decrypted or encrypted (ms since the Unix epoch).
     pub last_used: u64,
     /// Whether the session changed since it was last stored.
@@ -22,6 +27,7 @@ impl SessionEntry {
     pub fn new(session: Session, last_used: u64, dirty: bool) -> Self {
         Self {
             session_id: session.session_id(),
+            session_keys: session.session_keys(),
             session,
             last_used,
             dirty,
@@ -88,8 +94,8 @@ pub fn decrypt_message(
     };
     match message {
         OlmMessage::PreKey(pre_key) => {
-            let session_id = pre_key.session_id();
-            if let Some(entry) = sessions.iter_mut().find(|e| e.session_id == session_id) {
+            let session_keys = pre_key.session_keys();
+            if let Some(entry) = sessions.iter_mut().find(|e| e.session_keys == session_keys) {
                 let plaintext = entry
                     .session
                     .decrypt(message)

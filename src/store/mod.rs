@@ -67,7 +67,7 @@ pub struct Changes {
     pub account: Option<StoredAccount>,
     /// New and updated sessions.
     pub sessions: Vec<StoredSession>,
-    /// Hashes of newly decrypted messages (replay detection).
+    /// Replay keys of newly decrypted messages ([`MessageHash::replay_key`]).
     pub message_hashes: Vec<MessageHash>,
     /// Device-keys objects learned from `/keys/query`. Each replaces the device's entry in
     /// [`recovery_devices`](Self::recovery_devices), if any: `/keys/query` is the authority.
@@ -298,12 +298,29 @@ pub trait CryptoStore: Send + Sync + std::fmt::Debug {
     /// Every device known only from a verified `sender_device_keys` (for session recovery, not
     /// for the plaintext checks); a device later stored from `/keys/query` is no longer listed.
     async fn load_recovery_devices(&self) -> Result<Vec<StoredDevice>, StoreError>;
-    /// Which of `hashes` belong to messages already decrypted: one call per batch, so that a
-    /// store can answer with one query instead of one per event.
+    /// Which of `hashes` (replay keys, [`MessageHash::replay_key`]) belong to messages already
+    /// decrypted: one call per batch, so that a store can answer with one query instead of one
+    /// per event.
     async fn known_message_hashes(
         &self,
         hashes: &[MessageHash],
     ) -> Result<HashSet<MessageHash>, StoreError>;
+    /// Whether the store holds replay hashes in the format before replay keys (whole-message
+    /// hashes, [`MessageHash::new`], written by schema-4 stores and never pruned). When it does,
+    /// the machine also looks those up, but only where a replay of such a message is possible:
+    /// for pre-key messages, and for messages that failed to decrypt. A store that never held
+    /// any (every store but a migrated SQLite one) keeps the default.
+    fn has_legacy_message_hashes(&self) -> bool {
+        false
+    }
+    /// Which of `hashes` (whole-message hashes, [`MessageHash::new`]) the store holds from before
+    /// replay keys; see [`has_legacy_message_hashes`](Self::has_legacy_message_hashes).
+    async fn known_legacy_message_hashes(
+        &self,
+        _hashes: &[MessageHash],
+    ) -> Result<HashSet<MessageHash>, StoreError> {
+        Ok(HashSet::new())
+    }
     /// Whether we already used this one-time key of another device.
     async fn is_one_time_key_claimed(&self, key: &str) -> Result<bool, StoreError>;
     /// Whether a failure with this mark was already recorded.

@@ -6,6 +6,7 @@
 //! commit.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -16,10 +17,11 @@ use crate::error::StoreError;
 // One concern per file: `schema` (creation, migrations, meta values), `migrate_v5` (the schema-5
 // step that seals every row), `sealing` (encrypting values bound to their rows), `queries` (the
 // reads), `transaction` (a batch's writes), `rekey` (re-encrypting everything), `analytics` (the
-// analytics outbox's own claims, removals and releases), `options` (the `testing` feature's fault
-// settings).
+// analytics outbox's own claims, removals and releases), `multi_row` (statements of many rows),
+// `options` (the `testing` feature's fault settings).
 mod analytics;
 mod migrate_v5;
+mod multi_row;
 mod options;
 mod queries;
 mod rekey;
@@ -34,6 +36,11 @@ use schema::{check_version, immediate, prepare, user_version, NewStore};
 
 /// How long a batch waits for another process's batch before failing.
 const LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How many prepared statements the connection keeps. A batch's commit and reads use about 30
+/// distinct statements (`transaction.rs`, `queries.rs`, `analytics.rs`); rusqlite's default of 16
+/// evicted each of them before its next use, so every batch prepared all of them again.
+const STATEMENT_CACHE_CAPACITY: usize = 64;
 
 /// How long opening waits for another process that is creating or migrating the store.
 const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -56,6 +63,10 @@ pub struct SqliteStore {
     /// open; replaced only by [`rekey`](Self::rekey).
     key: RwLock<StoreKey>,
     path: PathBuf,
+    /// Whether `message_hashes` (the version-4 replay hashes, never written since schema 5)
+    /// holds anything: read once at open, cleared by a wipe. No process adds to that table, so
+    /// it can only go from true to false.
+    legacy_message_hashes: AtomicBool,
 }
 
 impl SqliteStore {
@@ -153,11 +164,24 @@ impl SqliteStore {
     }
 
     fn from_parts(connection: Connection, key: StoreKey, path: PathBuf) -> Self {
+        // If the question fails, the old hashes are assumed present: looking them up costs time,
+        // missing one would let a replay through.
+        let legacy_message_hashes = connection
+            .query_row("SELECT EXISTS (SELECT 1 FROM message_hashes)", [], |row| {
+                row.get(0)
+            })
+            .unwrap_or(true);
         Self {
             connection: Mutex::new(connection),
             key: RwLock::new(key),
             path,
+            legacy_message_hashes: AtomicBool::new(legacy_message_hashes),
         }
+    }
+
+    /// Whether the store still holds version-4 replay hashes.
+    fn has_legacy_hashes(&self) -> bool {
+        self.legacy_message_hashes.load(Ordering::Relaxed)
     }
 
     /// The database file.
@@ -184,7 +208,8 @@ impl SqliteStore {
             connection.execute_batch(
                 "DELETE FROM account; DELETE FROM sessions; DELETE FROM devices;
                  DELETE FROM recovery_devices;
-                 DELETE FROM message_hashes; DELETE FROM claimed_one_time_keys;
+                 DELETE FROM message_hashes; DELETE FROM replay_keys;
+                 DELETE FROM claimed_one_time_keys;
                  DELETE FROM failure_marks; DELETE FROM outgoing_requests;
                  DELETE FROM recovery_attempts; DELETE FROM pending_results;
                  DELETE FROM result_batches; DELETE FROM analytics_outbox;
@@ -196,6 +221,7 @@ impl SqliteStore {
             )?;
             Ok(())
         })?;
+        self.legacy_message_hashes.store(false, Ordering::Relaxed);
         connection.execute_batch("PRAGMA wal_checkpoint(TRUNCATE); VACUUM;")?;
         Ok(())
     }
@@ -229,6 +255,7 @@ fn connect_with(
         Connection::open(path)
     }
     .map_err(describe_open_error)?;
+    connection.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     let busy_timeout = options.busy_timeout.unwrap_or(BUSY_TIMEOUT);
     connection.busy_timeout(busy_timeout)?;
     if let Some(pages) = options.max_page_count {

@@ -34,10 +34,48 @@ const LOG_TARGET: &str = "to_device_crypto::store";
 /// How many replay hashes one lookup query checks.
 const HASH_LOOKUP_CHUNK: usize = 64;
 
-static HASH_LOOKUP_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+fn hash_lookup_sql(table: &str, column: &str) -> String {
     let placeholders = vec!["?"; HASH_LOOKUP_CHUNK].join(",");
-    format!("SELECT hash FROM message_hashes WHERE hash IN ({placeholders})")
-});
+    format!("SELECT {column} FROM {table} WHERE {column} IN ({placeholders})")
+}
+
+static REPLAY_KEY_LOOKUP_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| hash_lookup_sql("replay_keys", "key"));
+
+static LEGACY_HASH_LOOKUP_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| hash_lookup_sql("message_hashes", "hash"));
+
+impl SqliteStore {
+    /// Which of `hashes` the lookup `sql` (from [`hash_lookup_sql`]) finds, chunk by chunk.
+    fn known_hashes(
+        &self,
+        sql: &str,
+        hashes: &[MessageHash],
+    ) -> Result<HashSet<MessageHash>, StoreError> {
+        let mut known = HashSet::new();
+        let Some(last) = hashes.last() else {
+            return Ok(known);
+        };
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(sql)?;
+        for chunk in hashes.chunks(HASH_LOOKUP_CHUNK) {
+            // One statement text for every chunk: a short chunk repeats its last hash.
+            let parameters =
+                (0..HASH_LOOKUP_CHUNK).map(|i| chunk.get(i).unwrap_or(last).0.as_slice());
+            let mut rows = statement.query(rusqlite::params_from_iter(parameters))?;
+            while let Some(row) = rows.next()? {
+                let bytes: Vec<u8> = row.get(0)?;
+                let hash =
+                    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| StoreError::Corrupted {
+                        what: "message hash",
+                        detail: format!("a stored hash has {} bytes, not 32", bytes.len()),
+                    })?;
+                known.insert(MessageHash(hash));
+            }
+        }
+        Ok(known)
+    }
+}
 
 #[async_trait]
 impl CryptoStore for SqliteStore {
@@ -92,28 +130,21 @@ impl CryptoStore for SqliteStore {
         &self,
         hashes: &[MessageHash],
     ) -> Result<HashSet<MessageHash>, StoreError> {
-        let mut known = HashSet::new();
-        let Some(last) = hashes.last() else {
-            return Ok(known);
-        };
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(&HASH_LOOKUP_SQL)?;
-        for chunk in hashes.chunks(HASH_LOOKUP_CHUNK) {
-            // One statement text for every chunk: a short chunk repeats its last hash.
-            let parameters =
-                (0..HASH_LOOKUP_CHUNK).map(|i| chunk.get(i).unwrap_or(last).0.as_slice());
-            let mut rows = statement.query(rusqlite::params_from_iter(parameters))?;
-            while let Some(row) = rows.next()? {
-                let bytes: Vec<u8> = row.get(0)?;
-                let hash =
-                    <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| StoreError::Corrupted {
-                        what: "message hash",
-                        detail: format!("a stored hash has {} bytes, not 32", bytes.len()),
-                    })?;
-                known.insert(MessageHash(hash));
-            }
+        self.known_hashes(&REPLAY_KEY_LOOKUP_SQL, hashes)
+    }
+
+    fn has_legacy_message_hashes(&self) -> bool {
+        self.has_legacy_hashes()
+    }
+
+    async fn known_legacy_message_hashes(
+        &self,
+        hashes: &[MessageHash],
+    ) -> Result<HashSet<MessageHash>, StoreError> {
+        if !self.has_legacy_hashes() {
+            return Ok(HashSet::new());
         }
-        Ok(known)
+        self.known_hashes(&LEGACY_HASH_LOOKUP_SQL, hashes)
     }
 
     async fn is_one_time_key_claimed(&self, key: &str) -> Result<bool, StoreError> {

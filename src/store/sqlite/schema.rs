@@ -33,6 +33,15 @@ const SCHEMA_5_ANALYTICS_OUTBOX: &str = "
                  lease_until INTEGER NOT NULL DEFAULT 0,
                  attempts INTEGER NOT NULL DEFAULT 0);";
 
+/// Schema 5, replay keys (issue 19): the keys of decrypted messages
+/// ([`MessageHash::replay_key`](crate::store::MessageHash::replay_key)), which replace the
+/// whole-message hashes of `message_hashes`. That table stays, read-only: its hashes are never
+/// pruned and still catch replays of messages decrypted before the migration (looked up only
+/// where such a replay is possible: a pre-key message, or a message that failed to decrypt).
+/// Keys start with their chain and chain index, so a batch's keys land on a few pages.
+const SCHEMA_5_REPLAY_KEYS: &str =
+    "CREATE TABLE replay_keys (key BLOB PRIMARY KEY NOT NULL) WITHOUT ROWID;";
+
 pub(super) const KEY_CHECK_PLAINTEXT: &[u8] = b"to-device-crypto store key check";
 pub(super) const KEY_CHECK_CONTEXT: &[u8] = b"key_check";
 
@@ -228,6 +237,8 @@ fn migrate(connection: &Connection, version: i64, key: &StoreKey) -> Result<(), 
         migrate_v5::seal_every_row(connection, key)?;
         // Issue 15, the analytics outbox: a new table.
         connection.execute_batch(SCHEMA_5_ANALYTICS_OUTBOX)?;
+        // Issue 19, replay keys instead of whole-message hashes: a new table.
+        connection.execute_batch(SCHEMA_5_REPLAY_KEYS)?;
         connection.execute_batch("PRAGMA user_version = 5;")?;
     }
     Ok(())
@@ -235,11 +246,8 @@ fn migrate(connection: &Connection, version: i64, key: &StoreKey) -> Result<(), 
 
 pub(super) fn meta_text(connection: &Connection, key: &str) -> Result<Option<String>, StoreError> {
     let value: Option<Vec<u8>> = connection
-        .query_row(
-            "SELECT value FROM meta WHERE key = ?1",
-            params![key],
-            |row| row.get(0),
-        )
+        .prepare_cached("SELECT value FROM meta WHERE key = ?1")?
+        .query_row(params![key], |row| row.get(0))
         .optional()?;
     value
         .map(|v| {

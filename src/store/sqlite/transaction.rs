@@ -5,10 +5,12 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::params;
+use rusqlite::types::ToSqlOutput;
 use zeroize::Zeroizing;
 
 use super::analytics::insert_analytics;
+use super::multi_row;
 use super::schema::meta_number;
 use super::sealing::{
     account_context, device_context, request_context, result_batch_context, session_context,
@@ -121,11 +123,14 @@ impl SqliteStore {
             for (sender_key, session_id) in &changes.removed_sessions {
                 statement.execute(params![sender_key, session_id])?;
             }
-            let mut statement = transaction
-                .prepare_cached("INSERT OR IGNORE INTO message_hashes (hash) VALUES (?1)")?;
-            for hash in &changes.message_hashes {
-                statement.execute(params![&hash.0[..]])?;
-            }
+            multi_row::execute(
+                &transaction,
+                "INSERT OR IGNORE INTO replay_keys (key) VALUES ",
+                "(?)",
+                "",
+                &changes.message_hashes,
+                |key, out| out.push(ToSqlOutput::from(&key.0[..])),
+            )?;
             let mut statement = transaction.prepare_cached(
                 "INSERT INTO devices (user_id, device_id, data) VALUES (?1, ?2, ?3)
                  ON CONFLICT (user_id, device_id) DO UPDATE SET data = excluded.data",
@@ -185,19 +190,19 @@ impl SqliteStore {
                     .execute(params![sealed, batch_row])?;
                 // A result id already pending keeps its row (the same message gives the same
                 // result): `remaining` counts only the rows that point here.
-                let mut statement = transaction.prepare_cached(
-                    "INSERT OR IGNORE INTO pending_results (id, batch, idx, result_batch)
-                     VALUES (?1, ?2, ?3, ?4)",
+                let remaining = multi_row::execute(
+                    &transaction,
+                    "INSERT OR IGNORE INTO pending_results (id, batch, idx, result_batch) VALUES ",
+                    "(?, ?, ?, ?)",
+                    "",
+                    results,
+                    |result, out| {
+                        out.push(ToSqlOutput::from(result.id.as_str()));
+                        out.push(ToSqlOutput::from(*batch));
+                        out.push(ToSqlOutput::from(sql_int(result.index)));
+                        out.push(ToSqlOutput::from(batch_row));
+                    },
                 )?;
-                let mut remaining = 0;
-                for result in results.iter() {
-                    remaining += statement.execute(params![
-                        result.id,
-                        batch,
-                        sql_int(result.index),
-                        batch_row
-                    ])?;
-                }
                 if remaining == 0 {
                     transaction
                         .prepare_cached("DELETE FROM result_batches WHERE id = ?1")?
@@ -209,17 +214,19 @@ impl SqliteStore {
                 }
             }
             let mut acknowledged_in = BTreeMap::<i64, i64>::new();
-            let mut statement = transaction.prepare_cached(
-                "DELETE FROM pending_results WHERE id = ?1 RETURNING result_batch",
+            multi_row::query_integers(
+                &transaction,
+                "DELETE FROM pending_results WHERE id IN (",
+                "?",
+                ") RETURNING result_batch",
+                &changes.acknowledged,
+                |id, out| out.push(ToSqlOutput::from(id.as_str())),
+                |batch_row| {
+                    if let Some(batch_row) = batch_row {
+                        *acknowledged_in.entry(batch_row).or_default() += 1;
+                    }
+                },
             )?;
-            for id in &changes.acknowledged {
-                let deleted: Option<Option<i64>> = statement
-                    .query_row(params![id], |row| row.get(0))
-                    .optional()?;
-                if let Some(Some(batch_row)) = deleted {
-                    *acknowledged_in.entry(batch_row).or_default() += 1;
-                }
-            }
             for (batch_row, count) in acknowledged_in {
                 transaction
                     .prepare_cached(
@@ -241,10 +248,7 @@ impl SqliteStore {
             let generation = meta_number(&transaction, "generation")? + 1;
             statement.execute(params!["generation", generation.to_string().as_bytes()])?;
             if let Some(policy_state) = &changes.policy_state {
-                transaction.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('policy_state', ?1)",
-                    params![policy_state.as_bytes()],
-                )?;
+                statement.execute(params!["policy_state", policy_state.as_bytes()])?;
             }
             if !changes.analytics.is_empty() {
                 insert_analytics(&transaction, &changes)?;
