@@ -349,11 +349,12 @@ async fn decrypt(
     Ok(())
 }
 
-/// The `id` our CLI gives a decrypted result: the first 16 bytes, in hex, of SHA-256 over the
-/// sender's Curve25519 key, the Olm message type and the message bytes of our ciphertext entry —
-/// the hash matrix-sdk-crypto keeps as its `OlmMessageHash` for the replay check, which it does not
-/// hand out with a decrypted event, so it is computed here from the envelope (docs/UPSTREAM.md,
-/// "Allowed differences").
+/// An `id` for a decrypted result, of the shape our CLI prints (32 hex digits, stable per message):
+/// the first 16 bytes of SHA-256 over the sender's Curve25519 key, the Olm message type and the
+/// message bytes of our ciphertext entry — the hash matrix-sdk-crypto keeps as its
+/// `OlmMessageHash` for the replay check, which it does not hand out with a decrypted event, so it
+/// is computed here from the envelope. Our crate derives its ids from replay keys instead, so the
+/// values differ and are not compared (docs/UPSTREAM.md, "Allowed differences").
 fn result_id(raw: &str, our_curve25519_key: &str) -> Option<String> {
     let mut facts = EnvelopeFacts::default();
     let ToDeviceEnvelope::Olm(ciphertext) =
