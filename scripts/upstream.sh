@@ -68,7 +68,9 @@ timed() {
     summary+=("$name: $(since "$t") s")
     note "$name: $(since "$t") s"
 }
-state() { if [ -d "$1" ]; then echo warm; else echo cold; fi; }
+# "warm" when the first argument is a directory; "cold" when it is not, or when a glob matched
+# nothing (no argument at all under nullglob: a fresh cache).
+state() { if [ $# -gt 0 ] && [ -d "$1" ]; then echo warm; else echo cold; fi; }
 
 # The published crates declare rust-version 1.96; they build and pass their tests with 1.95, the
 # newest stable here, so an older but working toolchain is allowed explicitly.
