@@ -4,6 +4,12 @@
 //!
 //! `cargo build --release --example profile_batch` then
 //! `valgrind --tool=callgrind target/release/examples/profile_batch`.
+//!
+//! `PROFILE_WORKLOAD=first-pre-key` profiles bench row 3 instead: `PROFILE_MESSAGES=n` (at most
+//! and by default 40) new senders' first pre-key messages, each decrypted with `decrypt_to_device_event` by an
+//! in-memory machine; `PROFILE_WORKLOAD=first-pre-key-raw` does row 3's baseline on the same
+//! number of messages (vodozemac's inbound session + one device-keys signature check). Their
+//! difference from `PROFILE_MESSAGES=0`, divided by n, is the cost of one message.
 
 use std::sync::Arc;
 
@@ -18,6 +24,11 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
+    match std::env::var("PROFILE_WORKLOAD").as_deref() {
+        Ok("first-pre-key") => return runtime.block_on(first_pre_key_messages(false)),
+        Ok("first-pre-key-raw") => return runtime.block_on(first_pre_key_messages(true)),
+        _ => {}
+    }
     runtime.block_on(async {
         // `PROFILE_STORE=sqlite` for the persisted path (synchronous=NORMAL, in a temporary dir).
         let dir = tempfile::tempdir().unwrap();
@@ -76,4 +87,73 @@ fn main() {
             bob.acknowledge(&ids).await.unwrap();
         }
     });
+}
+
+/// Row 3's workload: new senders' first pre-key messages (an `m.room_key` with
+/// `sender_device_keys`), all encrypted before the first is received; `raw` times row 3's
+/// baseline on the same messages instead of the machine.
+async fn first_pre_key_messages(raw: bool) {
+    let count: usize = std::env::var("PROFILE_MESSAGES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(40)
+        .min(40); // the machine keeps its 50 newest unused one-time keys
+    let bob = OlmMachine::open("@bob:example.org", "BOB", Arc::new(MemoryStore::new()))
+        .await
+        .unwrap();
+    let keys = publish_machine_keys(&bob, count.max(1)).await.unwrap();
+    let to_bob = recipient_of(&bob);
+    let content = json!({"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!r:example.org", "session_key": "A".repeat(360)});
+    let mut raw_bob = vodozemac::olm::Account::new();
+    raw_bob.generate_one_time_keys(count);
+    let raw_keys: Vec<_> = raw_bob.one_time_keys().into_values().collect();
+    let mut events = Vec::new();
+    let mut raw_messages = Vec::new();
+    for (i, raw_key) in raw_keys.iter().enumerate().take(count) {
+        let mut sender = SimulatedDevice::new(&format!("@new{i}:example.org"), "NEWDEV");
+        sender.create_session(&keys, Some(keys.one_time_keys[i].key));
+        events.push(
+            sender
+                .encrypt(&to_bob, "m.room_key", content.clone())
+                .to_string(),
+        );
+        let raw_sender = vodozemac::olm::Account::new();
+        let mut session = raw_sender
+            .create_outbound_session(
+                vodozemac::olm::SessionConfig::version_1(),
+                raw_bob.curve25519_key(),
+                *raw_key,
+            )
+            .unwrap();
+        let plaintext = sender.plaintext(&to_bob, "m.room_key", content.clone(), true);
+        let vodozemac::olm::OlmMessage::PreKey(message) =
+            session.encrypt(plaintext.to_string()).unwrap()
+        else {
+            unreachable!("a session that never received a message sends pre-key messages")
+        };
+        raw_messages.push((raw_sender.curve25519_key(), message, sender.device_keys()));
+    }
+    let start = std::time::Instant::now();
+    if raw {
+        for (sender_key, message, device_keys) in &raw_messages {
+            raw_bob
+                .create_inbound_session(
+                    vodozemac::olm::SessionConfig::version_1(),
+                    *sender_key,
+                    message,
+                )
+                .unwrap();
+            to_device_crypto::olm::device_keys::DeviceKeys::from_signed_json(device_keys).unwrap();
+        }
+    } else {
+        for event in &events {
+            bob.decrypt_to_device_event(event).await.unwrap();
+        }
+    }
+    if count > 0 {
+        eprintln!(
+            "{:.1} µs per message",
+            start.elapsed().as_secs_f64() * 1e6 / count as f64
+        );
+    }
 }
