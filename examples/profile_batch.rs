@@ -10,6 +10,12 @@
 //! in-memory machine; `PROFILE_WORKLOAD=first-pre-key-raw` does row 3's baseline on the same
 //! number of messages (vodozemac's inbound session + one device-keys signature check). Their
 //! difference from `PROFILE_MESSAGES=0`, divided by n, is the cost of one message.
+//!
+//! `PROFILE_WORKLOAD=floor` decrypts the same batches with raw vodozemac sessions (bench rows 1
+//! and 2's floor: base64, Olm decode, `Session::decrypt`, a `serde_json` parse of the plaintext).
+//! Every workload prints its receive time per message on stderr, so that a native profile of
+//! one against the other (`perf record` of each, compared symbol by symbol) shows what the
+//! machine adds to the floor.
 
 use std::sync::Arc;
 
@@ -27,6 +33,7 @@ fn main() {
     match std::env::var("PROFILE_WORKLOAD").as_deref() {
         Ok("first-pre-key") => return runtime.block_on(first_pre_key_messages(false)),
         Ok("first-pre-key-raw") => return runtime.block_on(first_pre_key_messages(true)),
+        Ok("floor") => return floor_batches(),
         _ => {}
     }
     runtime.block_on(async {
@@ -53,7 +60,9 @@ fn main() {
             let mut sender = SimulatedDevice::new(&format!("@s{i}:example.org"), "DEV");
             sender.create_session(&keys, Some(key.key));
             let first = sender.encrypt(&to_bob, "m.dummy", json!({}));
-            bob.decrypt_to_device_event(&first.to_string()).await.unwrap();
+            bob.decrypt_to_device_event(&first.to_string())
+                .await
+                .unwrap();
             let reply = bob
                 .encrypt(&sender.published_keys(), "m.dummy", &[json!({})])
                 .await
@@ -61,19 +70,21 @@ fn main() {
             sender.decrypt(&reply[0]).unwrap();
             senders.push(sender);
         }
-        let content = json!({"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!r:example.org", "session_key": "A".repeat(360)});
-        let rounds: usize = std::env::var("PROFILE_BATCHES")
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(20);
+        let content = room_key_content();
+        let rounds = batches_to_profile();
         // Encrypt everything first so that a profile of the rest is the receiving side only.
         let batches: Vec<Vec<String>> = (0..rounds)
             .map(|_| {
                 (0..100)
-                    .map(|i| senders[i % 5].encrypt(&to_bob, "m.room_key", content.clone()).to_string())
+                    .map(|i| {
+                        senders[i % 5]
+                            .encrypt(&to_bob, "m.room_key", content.clone())
+                            .to_string()
+                    })
                     .collect()
             })
             .collect();
+        let start = std::time::Instant::now();
         for batch in &batches {
             let outcomes = bob.receive_to_device_events(batch).await.unwrap();
             let ids: Vec<String> = outcomes
@@ -86,6 +97,7 @@ fn main() {
             assert_eq!(ids.len(), 100);
             bob.acknowledge(&ids).await.unwrap();
         }
+        print_per_message(start, rounds * 100);
     });
 }
 
@@ -150,10 +162,77 @@ async fn first_pre_key_messages(raw: bool) {
             bob.decrypt_to_device_event(event).await.unwrap();
         }
     }
-    if count > 0 {
+    print_per_message(start, count);
+}
+
+/// Rows 1 and 2's floor on the batch workload: raw receivers, the same senders' normal messages.
+fn floor_batches() {
+    let rounds = batches_to_profile();
+    let mut bob = SimulatedDevice::new("@bob:example.org", "BOB");
+    let keys = to_device_crypto::keys::parse_keys_upload_body(&bob.publish_keys(5)).unwrap();
+    let to_bob = to_device_crypto::simulator::Recipient::from_device(&keys.device);
+    let mut senders = Vec::new();
+    for (i, key) in keys.one_time_keys.iter().enumerate() {
+        let mut sender = SimulatedDevice::new(&format!("@s{i}:example.org"), "DEV");
+        sender.create_session(&keys, Some(key.key));
+        bob.decrypt(&sender.encrypt(&to_bob, "m.dummy", json!({})))
+            .unwrap();
+        let reply = bob.encrypt(
+            &to_device_crypto::simulator::Recipient::from_device(&sender.published_keys().device),
+            "m.dummy",
+            json!({}),
+        );
+        sender.decrypt(&reply).unwrap();
+        senders.push(sender);
+    }
+    let content = room_key_content();
+    let ours = to_bob.curve25519.to_base64();
+    let batches: Vec<Vec<_>> = (0..rounds)
+        .map(|_| {
+            (0..100)
+                .map(|i| {
+                    let sender = &mut senders[i % 5];
+                    // Through the same text as the machine's input, so that a profile of the
+                    // two workloads differs only in how the messages are received.
+                    let text = sender
+                        .encrypt(&to_bob, "m.room_key", content.clone())
+                        .to_string();
+                    let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+                    let entry = &event["content"]["ciphertext"][&ours];
+                    (
+                        sender.curve25519_key(),
+                        entry["type"].as_u64().unwrap() as usize,
+                        entry["body"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    for batch in &batches {
+        for (sender_key, message_type, body) in batch {
+            assert!(bob.decrypt_body(sender_key, *message_type, body).is_some());
+        }
+    }
+    print_per_message(start, rounds * 100);
+}
+
+fn batches_to_profile() -> usize {
+    std::env::var("PROFILE_BATCHES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20)
+}
+
+fn room_key_content() -> serde_json::Value {
+    json!({"algorithm": "m.megolm.v1.aes-sha2", "room_id": "!r:example.org", "session_key": "A".repeat(360)})
+}
+
+fn print_per_message(start: std::time::Instant, messages: usize) {
+    if messages > 0 {
         eprintln!(
-            "{:.1} µs per message",
-            start.elapsed().as_secs_f64() * 1e6 / count as f64
+            "{:.2} µs per message",
+            start.elapsed().as_secs_f64() * 1e6 / messages as f64
         );
     }
 }
