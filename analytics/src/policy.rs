@@ -352,7 +352,7 @@ impl PolicyState {
 
     /// Serializes the state for the store.
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).expect("the state holds only strings and numbers")
+        crate::json::to_compact_string(self).expect("the state holds only strings and numbers")
     }
 
     /// Restores the state the store kept.

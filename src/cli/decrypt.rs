@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{json, Value};
+use to_device_analytics::json::write_compact;
 #[cfg(feature = "testing")]
 use to_device_crypto::fail_point::Phase;
 use to_device_crypto::keys::DeviceKeys;
@@ -119,40 +120,53 @@ struct FailedLine<'a> {
     event_type: Option<&'a str>,
 }
 
-fn write_line(out: &mut impl Write, line: &impl Serialize) -> CliResult {
-    serde_json::to_writer(&mut *out, line)
-        .map_err(|e| e.to_string())
-        .and_then(|()| writeln!(out).map_err(|e| e.to_string()))
-        .map_err(|e| format!("cannot write to stdout: {e}"))
+/// stdout, one JSON line at a time.
+struct Lines<W: Write> {
+    out: W,
+    /// The line being written: built here with [`write_compact`] (serde_json writing straight
+    /// into the `BufWriter` would copy every token with its own `memmove` call), then handed to
+    /// `out` in one piece.
+    line: Vec<u8>,
 }
 
-fn write_outcome(out: &mut impl Write, index: u64, outcome: &ToDeviceOutcome) -> CliResult {
+impl<W: Write> Lines<W> {
+    fn write(&mut self, line: &impl Serialize) -> CliResult {
+        self.line.clear();
+        write_compact(&mut self.line, line)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                self.line.push(b'\n');
+                self.out.write_all(&self.line).map_err(|e| e.to_string())
+            })
+            .map_err(|e| format!("cannot write to stdout: {e}"))
+    }
+
+    fn flush(&mut self) -> CliResult {
+        self.out
+            .flush()
+            .map_err(|e| format!("cannot write to stdout: {e}"))
+    }
+}
+
+fn write_outcome(out: &mut Lines<impl Write>, index: u64, outcome: &ToDeviceOutcome) -> CliResult {
     match outcome {
-        ToDeviceOutcome::Decrypted(event) => {
-            write_line(out, &DecryptedLine::new(index, event, None))
-        }
-        ToDeviceOutcome::Plaintext(event) => write_line(
-            out,
-            &PlaintextLine {
-                content: event.get("content"),
-                index,
-                result: "plaintext",
-                sender: event.get("sender"),
-                event_type: event.get("type"),
-            },
-        ),
-        ToDeviceOutcome::Failed(failed) => write_line(
-            out,
-            &FailedLine {
-                error: failed.error.to_string(),
-                index,
-                name: failed.error.reason().analytics_name(),
-                result: "failed",
-                sender: failed.facts.sender.as_deref(),
-                sender_key: failed.facts.sender_key.as_deref(),
-                event_type: failed.facts.decrypted_type.as_deref(),
-            },
-        ),
+        ToDeviceOutcome::Decrypted(event) => out.write(&DecryptedLine::new(index, event, None)),
+        ToDeviceOutcome::Plaintext(event) => out.write(&PlaintextLine {
+            content: event.get("content"),
+            index,
+            result: "plaintext",
+            sender: event.get("sender"),
+            event_type: event.get("type"),
+        }),
+        ToDeviceOutcome::Failed(failed) => out.write(&FailedLine {
+            error: failed.error.to_string(),
+            index,
+            name: failed.error.reason().analytics_name(),
+            result: "failed",
+            sender: failed.facts.sender.as_deref(),
+            sender_key: failed.facts.sender_key.as_deref(),
+            event_type: failed.facts.decrypted_type.as_deref(),
+        }),
     }
 }
 
@@ -244,23 +258,26 @@ pub async fn run(args: DecryptArgs) -> CliResult {
         })
         .collect();
     let mut printed: Vec<String> = Vec::new();
-    let mut out = BufWriter::new(std::io::stdout().lock());
+    let mut out = Lines {
+        out: BufWriter::new(std::io::stdout().lock()),
+        line: Vec::new(),
+    };
     for pending in earlier
         .iter()
         .filter(|pending| !this_run.contains(pending.event.id.as_str()))
     {
-        write_line(
-            &mut out,
-            &DecryptedLine::new(pending.index, &pending.event, Some(pending.batch)),
-        )?;
+        out.write(&DecryptedLine::new(
+            pending.index,
+            &pending.event,
+            Some(pending.batch),
+        ))?;
         printed.push(pending.event.id.clone());
     }
     for (index, outcome) in outcomes.iter().enumerate() {
         write_outcome(&mut out, index as u64, outcome)?;
     }
     printed.extend(this_run.iter().map(|id| (*id).to_owned()));
-    out.flush()
-        .map_err(|e| format!("cannot write to stdout: {e}"))?;
+    out.flush()?;
     drop(out);
     #[cfg(feature = "testing")]
     to_device_crypto::fail_point::reached(Phase::Printed);

@@ -3,6 +3,7 @@
 //! directly from the plaintext's own `content` text instead of serializing the parsed content again.
 
 use serde_json::value::RawValue;
+use to_device_analytics::json::write_compact;
 
 use super::{corrupted, DecryptedToDeviceEvent, OlmMachine, PendingDecryptedEvent};
 use crate::error::StoreError;
@@ -99,7 +100,7 @@ pub(super) fn pending_result_json(
 fn string_field(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(name.as_bytes());
     // Writing a `&str` into a `Vec` cannot fail.
-    serde_json::to_writer(&mut *out, value).expect("a string serializes");
+    write_compact(out, value).expect("a string serializes");
 }
 
 #[cfg(test)]

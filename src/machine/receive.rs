@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use to_device_analytics::json::to_compact_string;
 use vodozemac::olm::{OlmMessage, Session, SessionPickle};
 use vodozemac::Curve25519PublicKey;
 
@@ -544,7 +545,7 @@ impl OlmMachine {
                 changes.sessions.push(StoredSession {
                     sender_key: sender_key.clone(),
                     session_id: entry.session_id.clone(),
-                    pickle: serde_json::to_string(&entry.session.pickle())
+                    pickle: to_compact_string(&entry.session.pickle())
                         .map_err(corrupted("session pickle"))?,
                     last_used: entry.last_used,
                 });

@@ -9,6 +9,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use serde_json::Value;
+use to_device_analytics::json::to_compact_string;
 use tokio::sync::Mutex;
 use vodozemac::olm::{Account, AccountPickle};
 
@@ -252,7 +253,7 @@ pub(super) fn stored_account(
     Ok(StoredAccount {
         user_id: user_id.to_owned(),
         device_id: device_id.to_owned(),
-        pickle: serde_json::to_string(&account.pickle()).map_err(corrupted("account pickle"))?,
+        pickle: to_compact_string(&account.pickle()).map_err(corrupted("account pickle"))?,
         device_keys_published,
     })
 }
