@@ -388,7 +388,13 @@ impl OlmMachine {
                 curve25519: &envelope.sender_key,
                 ed25519: &accepted.sender_ed25519,
             };
-            remember_recovery_device(recovery_devices, batch, device_keys, &sender);
+            remember_recovery_device(
+                recovery_devices,
+                batch,
+                device_keys,
+                accepted.unknown_sender_device,
+                &sender,
+            );
         }
         let accepted_raw_content = accepted.raw_content;
         let event = DecryptedToDeviceEvent {

@@ -31,11 +31,13 @@ const SIGNED_CURVE25519: &str = "signed_curve25519";
 
 /// Remembers the device that verified `sender_device_keys` identified (the message passed every
 /// check), so that a later wedged session with it can be recovered — also after a restart. Only
-/// a device that is new, or whose keys changed, is parsed and stored.
+/// a device that is new, or whose keys changed, is stored; `parsed` is the object as the
+/// plaintext check parsed it, if it did (else it is parsed here).
 pub(super) fn remember_recovery_device(
     known: &mut KnownDevices,
     batch: &mut BatchChanges,
     sender_device_keys: &RawValue,
+    parsed: Option<DeviceKeys>,
     sender: &SenderIdentity<'_>,
 ) {
     let unchanged = known
@@ -46,12 +48,18 @@ pub(super) fn remember_recovery_device(
     if unchanged {
         return;
     }
-    let Ok(value) = serde_json::from_str(sender_device_keys.get()) else {
-        return;
-    };
     // Verified by the plaintext checks (now, or this exact text earlier).
-    let Ok(device) = DeviceKeys::from_json_unverified(&value) else {
-        return;
+    let device = match parsed {
+        Some(device) => device,
+        None => {
+            let Ok(value) = serde_json::from_str(sender_device_keys.get()) else {
+                return;
+            };
+            let Ok(device) = DeviceKeys::from_json_unverified(&value) else {
+                return;
+            };
+            device
+        }
     };
     batch.recovery_devices.push(StoredDevice {
         user_id: device.user_id.clone(),

@@ -69,6 +69,10 @@ pub struct AcceptedPlaintext<'a> {
     /// The verified `sender_device_keys`, when they (not `/keys/query`) identified the sending
     /// device: the machine remembers such devices for session recovery only.
     pub unknown_sender_device_keys: Option<&'a RawValue>,
+    /// `unknown_sender_device_keys` as the check parsed them, when this message's check did (the
+    /// first message carrying this text); `None` when the verified-keys cache knew the text. Saves
+    /// the machine a second parse and key decoding of a new device.
+    pub unknown_sender_device: Option<DeviceKeys>,
 }
 
 /// Remembers `sender_device_keys` objects whose signature already verified, by their exact text,
@@ -214,12 +218,13 @@ pub fn check_plaintext<'a>(
     }
 
     let claimed_ed25519 = plaintext.keys.ed25519;
-    let sender_device = match plaintext.sender_device_keys {
-        Some(raw) => Some(
-            check_sender_device_keys(raw, &claimed_ed25519, context, cache)
-                .map_err(DecryptionError::InvalidSenderDeviceKeys)?,
-        ),
-        None => None,
+    let (sender_device, parsed_sender_device) = match plaintext.sender_device_keys {
+        Some(raw) => {
+            let (device, parsed) = check_sender_device_keys(raw, &claimed_ed25519, context, cache)
+                .map_err(DecryptionError::InvalidSenderDeviceKeys)?;
+            (Some(device), parsed)
+        }
+        None => (None, None),
     };
     let known_device = context
         .known_devices
@@ -231,9 +236,10 @@ pub fn check_plaintext<'a>(
     // Devices known only from sender_device_keys are remembered for recovery (by the machine),
     // never as known devices here: without sender_device_keys, a later message from such a
     // device is MissingSigningKey again, as in matrix-sdk-crypto.
-    let unknown_sender_device_keys = match (&known_device, &sender_device) {
-        (None, Some(_)) => plaintext.sender_device_keys,
-        _ => None,
+    let (unknown_sender_device_keys, unknown_sender_device) = match (&known_device, &sender_device)
+    {
+        (None, Some(_)) => (plaintext.sender_device_keys, parsed_sender_device),
+        _ => (None, None),
     };
     let (sender_device_id, verified) = match known_device.or(sender_device) {
         Some(device) => {
@@ -263,24 +269,27 @@ pub fn check_plaintext<'a>(
         sender_device_id,
         sender_device_verified: verified,
         unknown_sender_device_keys,
+        unknown_sender_device,
     })
 }
 
+/// Checks `sender_device_keys`; on a cache miss also returns the keys as parsed and verified.
 fn check_sender_device_keys(
     raw: &RawValue,
     claimed_ed25519: &str,
     context: &PlaintextContext<'_>,
     cache: &mut VerifiedDeviceKeysCache,
-) -> Result<SenderDevice, DeviceKeysError> {
+) -> Result<(SenderDevice, Option<DeviceKeys>), DeviceKeysError> {
     if let Some(fields) = cache.get(raw.get()) {
-        return compare_sender_device_keys(&fields, claimed_ed25519, context);
+        return compare_sender_device_keys(&fields, claimed_ed25519, context)
+            .map(|device| (device, None));
     }
     let value: Value = serde_json::from_str(raw.get()).map_err(|_| DeviceKeysError::NotAnObject)?;
     let fields = DeviceKeyFields::read(&value)?;
     let device = compare_sender_device_keys(&fields, claimed_ed25519, context)?;
-    DeviceKeys::from_signed_json(&value)?;
+    let parsed = DeviceKeys::from_signed_json(&value)?;
     cache.insert(raw.get(), &fields);
-    Ok(device)
+    Ok((device, Some(parsed)))
 }
 
 /// The checks of `sender_device_keys` against the message and the known devices.
