@@ -19,7 +19,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use to_device_crypto_interop::{first_one_time_key, RefOutcome, Reference};
+use to_device_crypto_interop::{first_one_time_key, Reference};
+
+use super::median;
 
 const EVENTS: usize = 2_000;
 const ROUNDS: usize = 5;
@@ -134,27 +136,12 @@ async fn time_reference(round: usize) -> Duration {
     let keys = bob.keys_upload_body().await.unwrap();
     let events = events_from_a_fresh_sender(round, "BOBREF", &keys).await;
     assert!(message_types(&events).iter().all(|&t| t == 0));
+    assert_eq!(events.len(), EVENTS);
     let raw = events
         .iter()
         .map(|e| serde_json::from_value(e.clone()).unwrap())
         .collect();
-    let start = Instant::now();
-    let outcomes = bob.receive_raw(raw).await;
-    let elapsed = start.elapsed();
-    assert_eq!(outcomes.len(), EVENTS);
-    assert!(
-        outcomes
-            .iter()
-            .all(|o| matches!(o, RefOutcome::Decrypted { .. })),
-        "{:?}",
-        outcomes[0]
-    );
-    elapsed
-}
-
-fn median(mut samples: Vec<f64>) -> f64 {
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
+    super::time_reference(&bob, raw).await
 }
 
 /// Measures row 8 and returns its `@row` line, or `None` when `TDC_BENCH_CLI` is not set.
@@ -170,13 +157,13 @@ pub fn measure(rt: &tokio::runtime::Runtime) -> Option<String> {
     for round in 0..ROUNDS {
         let (elapsed, bytes) = rt.block_on(time_ours(cli, dir.path(), round));
         event_bytes = bytes;
-        let ours_us = elapsed.as_secs_f64() * 1e6 / EVENTS as f64;
-        let theirs_us = rt.block_on(time_reference(round)).as_secs_f64() * 1e6 / EVENTS as f64;
-        ours.push(ours_us);
-        theirs.push(theirs_us);
-        ratios.push(theirs_us / ours_us);
+        let reference = rt.block_on(time_reference(round));
+        ours.push(elapsed);
+        theirs.push(reference);
+        ratios.push(reference.as_secs_f64() / elapsed.as_secs_f64());
     }
-    let (ours_us, theirs_us) = (median(ours), median(theirs));
+    let per_event = |d: Duration| d.as_secs_f64() * 1e6 / EVENTS as f64;
+    let (ours_us, theirs_us) = (per_event(median(ours)), per_event(median(theirs)));
     println!(
         "\nrow 8: {EVENTS} pre-key events of one matrix-sdk-crypto session, ~{event_bytes} B each, \
          {ROUNDS} rounds (medians)"
