@@ -2,7 +2,7 @@
 //! go to SQLite in a few statements of up to 64 rows each instead of one statement per row.
 
 use rusqlite::types::ToSqlOutput;
-use rusqlite::{params_from_iter, Connection};
+use rusqlite::{params_from_iter, CachedStatement, Connection};
 
 use crate::error::StoreError;
 
@@ -35,6 +35,31 @@ fn chunks<T>(mut items: &[T]) -> impl Iterator<Item = &[T]> {
     })
 }
 
+/// Prepares (through the statement cache) the statement for each chunk of `items`, binds the
+/// chunk's parameters (`bind` gives one item's, as many as `group` has placeholders) and hands
+/// both to `run`.
+fn for_each_statement<'a, T>(
+    connection: &Connection,
+    head: &str,
+    group: &str,
+    tail: &str,
+    items: &'a [T],
+    bind: impl Fn(&'a T, &mut Vec<ToSqlOutput<'a>>),
+    mut run: impl FnMut(&mut CachedStatement<'_>, &[ToSqlOutput<'a>]) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut parameters = Vec::new();
+    for chunk in chunks(items) {
+        parameters.clear();
+        for item in chunk {
+            bind(item, &mut parameters);
+        }
+        let mut statement =
+            connection.prepare_cached(&statement_text(head, group, chunk.len(), tail))?;
+        run(&mut statement, &parameters)?;
+    }
+    Ok(())
+}
+
 /// Executes `head group,group,… tail` over `items` (`bind` gives one item's parameters, as many as
 /// `group` has placeholders) and returns how many rows changed in all.
 pub(super) fn execute<'a, T>(
@@ -46,16 +71,18 @@ pub(super) fn execute<'a, T>(
     bind: impl Fn(&'a T, &mut Vec<ToSqlOutput<'a>>),
 ) -> Result<usize, StoreError> {
     let mut changed = 0;
-    let mut parameters = Vec::new();
-    for chunk in chunks(items) {
-        parameters.clear();
-        for item in chunk {
-            bind(item, &mut parameters);
-        }
-        let mut statement =
-            connection.prepare_cached(&statement_text(head, group, chunk.len(), tail))?;
-        changed += statement.execute(params_from_iter(parameters.iter()))?;
-    }
+    for_each_statement(
+        connection,
+        head,
+        group,
+        tail,
+        items,
+        bind,
+        |statement, parameters| {
+            changed += statement.execute(params_from_iter(parameters.iter()))?;
+            Ok(())
+        },
+    )?;
     Ok(changed)
 }
 
@@ -70,20 +97,21 @@ pub(super) fn query_integers<'a, T>(
     bind: impl Fn(&'a T, &mut Vec<ToSqlOutput<'a>>),
     mut each: impl FnMut(Option<i64>),
 ) -> Result<(), StoreError> {
-    let mut parameters = Vec::new();
-    for chunk in chunks(items) {
-        parameters.clear();
-        for item in chunk {
-            bind(item, &mut parameters);
-        }
-        let mut statement =
-            connection.prepare_cached(&statement_text(head, group, chunk.len(), tail))?;
-        let mut rows = statement.query(params_from_iter(parameters.iter()))?;
-        while let Some(row) = rows.next()? {
-            each(row.get(0)?);
-        }
-    }
-    Ok(())
+    for_each_statement(
+        connection,
+        head,
+        group,
+        tail,
+        items,
+        bind,
+        |statement, parameters| {
+            let mut rows = statement.query(params_from_iter(parameters.iter()))?;
+            while let Some(row) = rows.next()? {
+                each(row.get(0)?);
+            }
+            Ok(())
+        },
+    )
 }
 
 #[cfg(test)]
