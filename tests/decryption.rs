@@ -284,13 +284,7 @@ async fn sqlite_state_survives_a_reopen() {
         .unwrap();
     assert!(again.re_emitted);
     assert_eq!(again.content["seq"], 0);
-    let pending: Vec<String> = bob
-        .pending_decrypted_events()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.event.id)
-        .collect();
+    let pending = pending_result_ids(&bob).await;
     assert_eq!(pending.len(), 2);
     bob.acknowledge(&pending).await.unwrap();
     let error = bob

@@ -92,13 +92,7 @@ async fn messages_decrypted_before_the_migration_are_still_replays_after_it() {
     assert_eq!(failure_reasons(&replayed), [FailureReason::ReplayedMessage]);
 
     // Alice's three messages of the batch whose results are pending: re-emitted, same ids.
-    let pending: Vec<String> = bob
-        .pending_decrypted_events()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|p| p.event.id)
-        .collect();
+    let pending = pending_result_ids(&bob).await;
     assert_eq!(pending.len(), 3);
     let earlier = events("earlier.json");
     let outcomes = bob.receive_to_device_events(&earlier[..3]).await.unwrap();

@@ -46,6 +46,17 @@ pub fn recipient(machine: &OlmMachine) -> Recipient {
     simulator::recipient_of(machine)
 }
 
+/// The ids of the results `machine` keeps for the app, not acknowledged yet.
+pub async fn pending_result_ids(machine: &OlmMachine) -> Vec<String> {
+    machine
+        .pending_decrypted_events()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.event.id)
+        .collect()
+}
+
 /// A peer with a session to Bob whose messages are now normal (type 1): it sent a pre-key
 /// message, Bob decrypted it and replied.
 pub async fn established_peer(
